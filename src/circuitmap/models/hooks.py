@@ -1,0 +1,274 @@
+"""Hook points and controls on a Hugging Face model, through its own extension points.
+
+Hook points (per layer ``l``):
+
+- ``resid_pre``: the residual stream entering layer ``l`` (``resid_pre`` of layer 0 is the embedding output,
+  position embeddings and any embedding scale included);
+- ``attn_out``: what the attention block adds to the residual (after any post-attention norm);
+- ``mlp_in``: the MLP's input, i.e. the output of the pre-MLP norm (what a transcoder reads);
+- ``mlp_out``: what the MLP block adds to the residual (after any post-MLP norm; what a transcoder predicts);
+- ``resid_post``: the residual stream leaving layer ``l``.
+
+Model-wide points: ``resid_final`` (the residual entering the final norm) and ``final_norm`` (its output, which
+the unembedding reads).
+
+Controls: attention patterns and normalisation denominators can be recorded on a clean run and replayed as
+constants (so gradients flow only through values and the numerators of norms), and any point can be
+observed or rewritten by a function. Attention runs through a function registered in transformers'
+attention registry under the name ``circuitmap``; everything else uses ordinary module hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.models.adapters import Adapter, get_module
+
+ATTENTION_IMPLEMENTATION = "circuitmap"
+LAYER_POINTS = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
+MODEL_POINTS = ("resid_final", "final_norm")
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class _AttentionControl:
+    """Per-attention-module state: record the pattern of the next call, or replay a recorded one."""
+
+    mode: str = "record"
+    pattern: torch.Tensor | None = None
+
+
+_attention_controls: dict[int, _AttentionControl] = {}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32; float32 and float64 keep their precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def circuitmap_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager scaled dot-product attention whose softmax pattern can be recorded and replayed as a constant."""
+    if getattr(module, "sinks", None) is not None:
+        raise CircuitmapError("attention sinks are not supported by circuitmap's attention function")
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    pattern = torch.softmax(scores, dim=-1, dtype=_compute_dtype(query.dtype)).to(query.dtype)
+    control = _attention_controls.get(id(module))
+    if control is not None:
+        pattern = _apply_attention_control(control, pattern)
+    if dropout and module.training:
+        pattern = nn.functional.dropout(pattern, p=dropout)
+    output = torch.matmul(pattern, value).transpose(1, 2).contiguous()
+    return output, pattern
+
+
+def _apply_attention_control(control: _AttentionControl, pattern: torch.Tensor) -> torch.Tensor:
+    if control.mode == "record":
+        control.pattern = pattern.detach()
+        return pattern
+    recorded = control.pattern
+    if recorded.shape[1:] != pattern.shape[1:]:
+        raise CircuitmapError(
+            f"frozen attention was recorded for {recorded.shape[-1]} tokens but the model now sees "
+            f"{pattern.shape[-1]}; freeze again for the new input"
+        )
+    return recorded.expand(pattern.shape[0], *recorded.shape[1:]).to(pattern.dtype)
+
+
+def register_attention() -> None:
+    """Register circuitmap's attention function and its (eager, additive) mask with transformers."""
+    ALL_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, circuitmap_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, eager_mask)
+
+
+def _first_tensor(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _replace_first(value, tensor: torch.Tensor):
+    return (tensor, *value[1:]) if isinstance(value, tuple) else tensor
+
+
+def hook_input(module: nn.Module, fn: TensorFn, name: str = "hidden_states") -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn`` on a module's first input; a returned tensor replaces that input."""
+
+    def pre_hook(_module, args, kwargs):
+        from_kwargs = not args
+        tensor = kwargs[name] if from_kwargs else args[0]
+        new = fn(tensor)
+        if new is None:
+            return None
+        if from_kwargs:
+            return args, {**kwargs, name: new}
+        return (new, *args[1:]), kwargs
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def hook_output(module: nn.Module, fn: TensorFn) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn`` on a module's output (its first element for tuples); a returned tensor replaces it."""
+
+    def post_hook(_module, _args, output):
+        new = fn(_first_tensor(output))
+        return None if new is None else _replace_first(output, new)
+
+    return module.register_forward_hook(post_hook)
+
+
+class HookPoints:
+    """Resolves the adapter's paths on one model and installs hooks at named points."""
+
+    def __init__(self, hf_model: nn.Module, adapter: Adapter):
+        self.hf_model = hf_model
+        self.adapter = adapter
+        self.layers: nn.ModuleList = get_module(hf_model, adapter.layers)
+        self.final_norm = get_module(hf_model, adapter.final_norm)
+
+    def layer_module(self, layer: int, path: str) -> nn.Module:
+        return get_module(self.layers[layer], path)
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [self.layer_module(i, self.adapter.attn) for i in range(len(self.layers))]
+
+    def norm_modules(self) -> list[nn.Module]:
+        norms = [self.layer_module(i, p) for i in range(len(self.layers)) for p in self.adapter.residual_norms]
+        return [*norms, self.final_norm]
+
+    def install(self, point: str, layer: int | None, fn: TensorFn) -> torch.utils.hooks.RemovableHandle:
+        """Install ``fn`` at ``point`` (of ``layer`` for per-layer points)."""
+        if point in MODEL_POINTS:
+            if point == "resid_final":
+                return hook_input(self.final_norm, fn)
+            return hook_output(self.final_norm, fn)
+        if point not in LAYER_POINTS:
+            raise CircuitmapError(f"unknown hook point {point!r}; known: {', '.join(LAYER_POINTS + MODEL_POINTS)}")
+        if layer is None or not -len(self.layers) <= layer < len(self.layers):
+            raise CircuitmapError(f"layer {layer} is out of range for a model with {len(self.layers)} layers")
+        block = self.layers[layer]
+        if point == "resid_pre":
+            return hook_input(block, fn)
+        if point == "resid_post":
+            return hook_output(block, fn)
+        if point == "mlp_in":
+            return hook_input(self.layer_module(layer, self.adapter.mlp), fn)
+        if point == "mlp_out":
+            return hook_output(self.layer_module(layer, self.adapter.mlp_out), fn)
+        return hook_output(self.layer_module(layer, self.adapter.attn_out), fn)
+
+
+@dataclass
+class _NormControl:
+    """Per-norm state: record the inverse denominator of the next call, or replay a recorded one."""
+
+    module: nn.Module
+    weight_offset: float
+    mode: str = "record"
+    inverse: torch.Tensor | None = None
+
+    def __call__(self, _module, args, _output):
+        """Recompute the norm with the recorded scale, in at least float32 (some models round to float32)."""
+        x = args[0]
+        work = x.to(_compute_dtype(x.dtype))
+        is_layer_norm = isinstance(self.module, nn.LayerNorm)
+        centred = work - work.mean(-1, keepdim=True) if is_layer_norm else work
+        if self.mode == "record":
+            eps = getattr(self.module, "variance_epsilon", None) or self.module.eps
+            self.inverse = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
+        elif self.inverse.shape[1:] != x.shape[1:-1] + (1,):
+            raise CircuitmapError("frozen norms were recorded for another input length; freeze again")
+        normed = centred * self.inverse.to(work.dtype)
+        weight = self.module.weight.to(work.dtype) + self.weight_offset
+        result = normed * weight
+        bias = getattr(self.module, "bias", None)
+        if bias is not None:
+            result = result + bias.to(work.dtype)
+        return result.to(x.dtype)
+
+
+@dataclass
+class FrozenState:
+    """Constants recorded on a clean run; active while the ``freeze`` context is open."""
+
+    logits: torch.Tensor
+    mlp_outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+@contextmanager
+def freeze(
+    points: HookPoints,
+    run: Callable[[], torch.Tensor],
+    *,
+    attention: bool = True,
+    norms: bool = True,
+    mlps: bool = False,
+) -> Iterator[FrozenState]:
+    """Record patterns, norm denominators (and MLP outputs) on ``run()``, then replay them as constants.
+
+    Inside the context the model computes with the clean run's attention patterns and normalisation scales;
+    with ``mlps=True`` every MLP block also returns its clean output, which makes the whole model affine in
+    the residual stream.
+    """
+    with ExitStack() as stack:
+        attention_controls: list[_AttentionControl] = []
+        if attention:
+            for module in points.attention_modules():
+                control = _AttentionControl()
+                _attention_controls[id(module)] = control
+                attention_controls.append(control)
+                stack.callback(_attention_controls.pop, id(module), None)
+        norm_controls: list[_NormControl] = []
+        if norms:
+            for module in points.norm_modules():
+                control = _NormControl(module, points.adapter.rms_weight_offset)
+                stack.enter_context(module.register_forward_hook(control))
+                norm_controls.append(control)
+        mlp_outputs: list[torch.Tensor] = []
+        recorders = [
+            points.install("mlp_out", layer, lambda t: mlp_outputs.append(t.detach()))
+            for layer in range(len(points.layers))
+        ] if mlps else []
+        with torch.no_grad():
+            logits = run()
+        for handle in recorders:
+            handle.remove()
+        for control in attention_controls + norm_controls:
+            control.mode = "replay"
+        if mlps:
+            for layer, clean in enumerate(mlp_outputs):
+                stack.enter_context(points.install("mlp_out", layer, _constant(clean)))
+        yield FrozenState(logits=logits, mlp_outputs=mlp_outputs)
+
+
+def _constant(clean: torch.Tensor) -> TensorFn:
+    def replace(current: torch.Tensor) -> torch.Tensor:
+        return clean.expand_as(current).to(current.dtype)
+
+    return replace

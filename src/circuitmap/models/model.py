@@ -1,0 +1,207 @@
+"""``Model``: a Hugging Face causal LM with its tokenizer, hook points and the controls circuitmap needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.models.adapters import Adapter, adapter_for, get_module
+from circuitmap.models.hooks import (
+    ATTENTION_IMPLEMENTATION,
+    LAYER_POINTS,
+    MODEL_POINTS,
+    FrozenState,
+    HookPoints,
+    TensorFn,
+    freeze,
+    register_attention,
+)
+
+Inputs = str | torch.Tensor
+
+
+class Model:
+    """A causal LM ready for circuit tracing: tokenise, run, read and patch its internals."""
+
+    def __init__(self, hf_model: nn.Module, tokenizer, name: str = "model"):
+        register_attention()
+        hf_model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+        hf_model.eval()
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.adapter: Adapter = adapter_for(hf_model)
+        self.points = HookPoints(hf_model, self.adapter)
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.name!r}, family={self.adapter.family}, layers={self.n_layers}, "
+            f"d_model={self.d_model}, vocab={self.d_vocab}, dtype={self.dtype})"
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.points.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.hf_model.config.get_text_config().hidden_size
+
+    @property
+    def d_vocab(self) -> int:
+        return self.unembedding.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """The unembedding matrix, ``d_vocab × d_model`` (rows are output-token directions)."""
+        return get_module(self.hf_model, self.adapter.unembed).weight
+
+    @property
+    def unembedding_bias(self) -> torch.Tensor | None:
+        return getattr(get_module(self.hf_model, self.adapter.unembed), "bias", None)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final logit soft-capping (Gemma 2/3), applied as ``cap · tanh(logits / cap)``; None elsewhere."""
+        return getattr(self.hf_model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Model:
+        self.hf_model.to(device=device, dtype=dtype)
+        return self
+
+    def encode(self, text: Inputs) -> torch.Tensor:
+        """Token ids ``[1, T]`` for ``text`` as the tokenizer adds special tokens by default (ids pass through)."""
+        if isinstance(text, torch.Tensor):
+            ids = text if text.ndim == 2 else text.unsqueeze(0)
+            return ids.to(self.device)
+        if not isinstance(text, str) or not text.strip():
+            raise CircuitmapError("the prompt is empty")
+        ids = self.tokenizer(text, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def token_strings(self, ids: torch.Tensor) -> list[str]:
+        """Decoded text of each token id, one string per token."""
+        return [self.tokenizer.decode([int(i)]) for i in ids.reshape(-1)]
+
+    def logits(self, inputs: Inputs) -> torch.Tensor:
+        """Logits ``[batch, T, d_vocab]`` for text or ids."""
+        with torch.no_grad():
+            return self.hf_model(input_ids=self.encode(inputs), use_cache=False).logits
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for ``input_ids`` with gradients enabled (for attribution and tests)."""
+        return self.hf_model(input_ids=input_ids, use_cache=False).logits
+
+    def top_next_tokens(self, text: Inputs, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` most likely next tokens after ``text`` with their probabilities."""
+        probs = self.logits(text)[0, -1].float().softmax(-1)
+        values, indices = probs.topk(min(k, probs.numel()))
+        return [(self.tokenizer.decode([int(i)]), float(p)) for i, p in zip(indices, values)]
+
+    def generate(
+        self,
+        text: Inputs,
+        max_new_tokens: int = 40,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """Continue ``text`` and return only the new text (greedy by default)."""
+        ids = self.encode(text)
+        if seed is not None:
+            torch.manual_seed(seed)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.hf_model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                temperature=temperature if not greedy else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+            )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    def run_with_cache(
+        self, inputs: Inputs, points: Sequence[str] = LAYER_POINTS + MODEL_POINTS
+    ) -> tuple[torch.Tensor, dict[tuple[str, int | None], torch.Tensor]]:
+        """Run once and return the logits and every requested point's activation.
+
+        Keys are ``(point, layer)`` for per-layer points and ``(point, None)`` for model-wide ones.
+        """
+        cache: dict[tuple[str, int | None], torch.Tensor] = {}
+
+        def saver(key):
+            def save(tensor: torch.Tensor) -> None:
+                cache[key] = tensor.detach()
+
+            return save
+
+        with ExitStack() as stack:
+            for point in points:
+                layers = [None] if point in MODEL_POINTS else range(self.n_layers)
+                for layer in layers:
+                    stack.enter_context(self.points.install(point, layer, saver((point, layer))))
+            logits = self.logits(inputs)
+        return logits, cache
+
+    @contextmanager
+    def hooks(self, *hooks: tuple[str, int | None, TensorFn]) -> Iterator[None]:
+        """Install ``(point, layer, fn)`` hooks for the duration of the context; ``fn`` may return a new tensor."""
+        with ExitStack() as stack:
+            for point, layer, fn in hooks:
+                stack.enter_context(self.points.install(point, layer, fn))
+            yield
+
+    def patch_mlp_output(self, layer: int, replacement: torch.Tensor | TensorFn):
+        """Context: replace layer ``layer``'s MLP output by a tensor or by ``fn(clean_output)``."""
+        fn = replacement if callable(replacement) else (lambda current: replacement.expand_as(current))
+        return self.hooks(("mlp_out", layer, fn))
+
+    def add_to_residual(
+        self, layer: int, vector: torch.Tensor, positions: Sequence[int] | None = None, point: str = "resid_pre"
+    ):
+        """Context: add ``vector`` to the residual stream at ``layer`` (all positions, or only ``positions``)."""
+        if point not in ("resid_pre", "resid_post"):
+            raise CircuitmapError(f"add_to_residual acts on resid_pre or resid_post, not {point!r}")
+
+        def add(resid: torch.Tensor) -> torch.Tensor:
+            delta = vector.to(device=resid.device, dtype=resid.dtype)
+            if positions is None:
+                return resid + delta
+            n_tokens = resid.shape[1]
+            bad = [p for p in positions if not -n_tokens <= p < n_tokens]
+            if bad:
+                raise CircuitmapError(f"position {bad[0]} is beyond the {n_tokens}-token input")
+            resid = resid.clone()
+            resid[:, list(positions)] += delta
+            return resid
+
+        return self.hooks((point, layer, add))
+
+    def freeze(
+        self, inputs: Inputs, *, attention: bool = True, norms: bool = True, mlps: bool = False
+    ) -> Iterator[FrozenState]:
+        """Context: record the clean run on ``inputs`` and replay its attention patterns and norm scales.
+
+        Inside, gradients flow only through attention values and norm numerators; with ``mlps=True`` MLP
+        outputs are held at their clean values too, so the model is affine in the residual stream.
+        """
+        ids = self.encode(inputs)
+        return freeze(self.points, lambda: self.forward(ids), attention=attention, norms=norms, mlps=mlps)
