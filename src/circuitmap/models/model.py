@@ -82,7 +82,7 @@ class Model:
         return self
 
     def encode(self, text: Inputs) -> torch.Tensor:
-        """Token ids ``[1, T]`` for ``text`` as the tokenizer adds special tokens by default (ids pass through)."""
+        """Token ids ``[1, T]``, special tokens added as the tokenizer does by default; ids pass through."""
         if isinstance(text, torch.Tensor):
             ids = text if text.ndim == 2 else text.unsqueeze(0)
             return ids.to(self.device)
@@ -90,6 +90,22 @@ class Model:
             raise CircuitmapError("the prompt is empty")
         ids = self.tokenizer(text, return_tensors="pt").input_ids
         return ids.to(self.device)
+
+    def decode_after(self, ids: torch.Tensor, new_ids: Sequence[int] | torch.Tensor) -> str:
+        """Text that ``new_ids`` add after ``ids``, leading space included.
+
+        Decoding in context matters: SentencePiece-style decoders drop the leading space of a sequence's
+        first token, and byte-fallback tokens only form characters together.
+        """
+        prefix = [int(i) for i in ids.reshape(-1)]
+        new = [int(i) for i in torch.as_tensor(new_ids).reshape(-1)]
+        base = self.tokenizer.decode(prefix, skip_special_tokens=True)
+        full = self.tokenizer.decode(prefix + new, skip_special_tokens=True)
+        return (
+            full[len(base) :]
+            if full.startswith(base)
+            else self.tokenizer.decode(new, skip_special_tokens=True)
+        )
 
     def token_strings(self, ids: torch.Tensor) -> list[str]:
         """Decoded text of each token id, one string per token."""
@@ -106,9 +122,10 @@ class Model:
 
     def top_next_tokens(self, text: Inputs, k: int = 10) -> list[tuple[str, float]]:
         """The ``k`` most likely next tokens after ``text`` with their probabilities."""
-        probs = self.logits(text)[0, -1].float().softmax(-1)
+        ids = self.encode(text)
+        probs = self.logits(ids)[0, -1].float().softmax(-1)
         values, indices = probs.topk(min(k, probs.numel()))
-        return [(self.tokenizer.decode([int(i)]), float(p)) for i, p in zip(indices, values)]
+        return [(self.decode_after(ids, [i]), float(p)) for i, p in zip(indices, values, strict=True)]
 
     def generate(
         self,
@@ -136,7 +153,7 @@ class Model:
                 top_k=None,
                 pad_token_id=pad,
             )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return self.decode_after(ids, out[0, ids.shape[1] :])
 
     def run_with_cache(
         self, inputs: Inputs, points: Sequence[str] = LAYER_POINTS + MODEL_POINTS
@@ -163,7 +180,7 @@ class Model:
 
     @contextmanager
     def hooks(self, *hooks: tuple[str, int | None, TensorFn]) -> Iterator[None]:
-        """Install ``(point, layer, fn)`` hooks for the duration of the context; ``fn`` may return a new tensor."""
+        """Install ``(point, layer, fn)`` hooks inside the context; ``fn`` may return a replacement tensor."""
         with ExitStack() as stack:
             for point, layer, fn in hooks:
                 stack.enter_context(self.points.install(point, layer, fn))
@@ -175,9 +192,13 @@ class Model:
         return self.hooks(("mlp_out", layer, fn))
 
     def add_to_residual(
-        self, layer: int, vector: torch.Tensor, positions: Sequence[int] | None = None, point: str = "resid_pre"
+        self,
+        layer: int,
+        vector: torch.Tensor,
+        positions: Sequence[int] | None = None,
+        point: str = "resid_pre",
     ):
-        """Context: add ``vector`` to the residual stream at ``layer`` (all positions, or only ``positions``)."""
+        """Context: add ``vector`` to the residual at ``layer`` (all positions, or only ``positions``)."""
         if point not in ("resid_pre", "resid_post"):
             raise CircuitmapError(f"add_to_residual acts on resid_pre or resid_post, not {point!r}")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -46,18 +45,26 @@ from circuitmap.transcoders.transcoders import (
     PerLayerTranscoders,
     Transcoders,
     one_line,
+    read_safetensor,
 )
 
-_KINDS: dict[str, type[Transcoders]] = {"transcoder_set": PerLayerTranscoders,
-                                        "cross_layer_transcoder": CrossLayerTranscoder}
+_KINDS: dict[str, type[Transcoders]] = {
+    "transcoder_set": PerLayerTranscoders,
+    "cross_layer_transcoder": CrossLayerTranscoder,
+}
 _ACTIVATIONS = ("relu", "jumprelu", "topk")
 _PLT_FILE, _ENC_FILE, _DEC_FILE = "layer_{}.safetensors", "W_enc_{}.safetensors", "W_dec_{}.safetensors"
 _HUB_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<path>(?:/[\w.-]+)*)(?:@(?P<rev>[\w./-]+))?")
 _HUB_FILE_SUFFIXES = (".safetensors", ".npz", ".yaml")
 
 
-def load_transcoders(source: str | Path, *, device: str | torch.device | None = None,
-                     dtype: torch.dtype | None = None, lazy_decoders: bool = True) -> Transcoders:
+def load_transcoders(
+    source: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    lazy_decoders: bool = True,
+) -> Transcoders:
     """Load a transcoder set from a folder, a config.yaml, a GemmaScope params.npz or a hub reference."""
     if dtype is not None and not dtype.is_floating_point:
         raise TranscoderLoadError(f"transcoder dtype must be a floating-point type, got {dtype}")
@@ -87,7 +94,8 @@ def save_transcoders(transcoders: Transcoders, folder: str | Path, *, overwrite:
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise CircuitmapError(f"cannot save transcoders to {folder}: it is not empty (use overwrite=True)")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.saving-"))
+    staging = folder.with_name(f".{folder.name}.saving-{uuid.uuid4().hex}")
+    staging.mkdir()
     try:
         _write(transcoders, staging)
         if folder.exists():
@@ -107,8 +115,13 @@ def _write(transcoders: Transcoders, folder: Path) -> None:
     key = transcoders.file_key
     for i, layer in enumerate(transcoders.layers):
         threshold = layer.activation.threshold if isinstance(layer.activation, JumpReLU) else None
-        weights = {"W_enc": layer.W_enc, "b_enc": layer.b_enc, "b_dec": layer.b_dec, "threshold": threshold,
-                   "W_skip": layer.W_skip}
+        weights = {
+            "W_enc": layer.W_enc,
+            "b_enc": layer.b_enc,
+            "b_dec": layer.b_dec,
+            "threshold": threshold,
+            "W_skip": layer.W_skip,
+        }
         encoder = {key(name, i): tensor for name, tensor in weights.items() if tensor is not None}
         decoder = {key("W_dec", i): layer.decoder.read()}
         if transcoders.kind == "plt":
@@ -158,8 +171,9 @@ def _read_config(path: Path) -> dict:
     if config["model_kind"] not in _KINDS:
         raise TranscoderLoadError(f"{path}: unknown model_kind {config['model_kind']!r} (expected {kinds})")
     if config.get("activation") not in (None, *_ACTIVATIONS):
-        raise TranscoderLoadError(f"{path}: unknown activation {config['activation']!r} "
-                                  f"(expected {', '.join(_ACTIVATIONS)})")
+        raise TranscoderLoadError(
+            f"{path}: unknown activation {config['activation']!r} (expected {', '.join(_ACTIVATIONS)})"
+        )
     k = config.get("k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise TranscoderLoadError(f"{path}: k must be a positive integer, got {k!r}")
@@ -191,16 +205,23 @@ def _load_circuit_tracer(folder: Path, lazy: bool) -> Transcoders:
         layers = [_read_clt_layer(enc, decoders[i], i, lazy) for i, enc in enumerate(encoders)]
         sources = [f"{enc} / {decoders[i].name}" for i, enc in enumerate(encoders)]
     activations = _activations(layers, config.get("activation"), config.get("k"), config_path)
-    return cls([layer["W_enc"] for layer in layers], [layer["b_enc"] for layer in layers],
-               [layer["W_dec"] for layer in layers], [layer["b_dec"] for layer in layers], activations,
-               [layer.get("W_skip") for layer in layers], model_name=config.get("model_name"),
-               input_hook=config.get("feature_input_hook", DEFAULT_INPUT_HOOK),
-               output_hook=config.get("feature_output_hook", DEFAULT_OUTPUT_HOOK), layer_sources=sources)
+    return cls(
+        [layer["W_enc"] for layer in layers],
+        [layer["b_enc"] for layer in layers],
+        [layer["W_dec"] for layer in layers],
+        [layer["b_dec"] for layer in layers],
+        activations,
+        [layer.get("W_skip") for layer in layers],
+        model_name=config.get("model_name"),
+        input_hook=config.get("feature_input_hook", DEFAULT_INPUT_HOOK),
+        output_hook=config.get("feature_output_hook", DEFAULT_OUTPUT_HOOK),
+        layer_sources=sources,
+    )
 
 
 def _listed_file(entry: str, folder: Path) -> Path:
     """A `transcoders:` entry of config.yaml as a local file (downloading hf:// URIs)."""
-    path = _download(entry[len("hf://"):], entry) if entry.startswith("hf://") else folder / entry
+    path = _download(entry[len("hf://") :], entry) if entry.startswith("hf://") else folder / entry
     if not path.is_file():
         raise TranscoderLoadError(f"missing layer file {path} (listed in {folder / 'config.yaml'})")
     return path
@@ -223,16 +244,24 @@ def _in_layer_order(found: dict[int, Path], pattern: str, where: Path) -> list[P
     return [found[i] for i in sorted(found)]
 
 
-def _read_safetensors(path: Path, keys: dict[str, str], required: tuple[str, ...],
-                      k_keys: tuple[str, ...] = (), lazy: bool = False) -> dict:
+def _read_safetensors(
+    path: Path,
+    keys: dict[str, str],
+    required: tuple[str, ...],
+    k_keys: tuple[str, ...] = (),
+    lazy: bool = False,
+) -> dict:
     """Tensors of `path` by our names (`keys`: name → key); W_dec as a LazyTensor when lazy; k as an int."""
     try:
         with safe_open(path, framework="pt") as f:
             present = set(f.keys())
-            out = {name: f.get_tensor(key) for name, key in keys.items()
-                   if key in present and not (lazy and name == "W_dec")}
+            out = {
+                name: read_safetensor(f, key)
+                for name, key in keys.items()
+                if key in present and not (lazy and name == "W_dec")
+            }
             k_key = next((key for key in k_keys if key in present), None)
-            k = f.get_tensor(k_key) if k_key is not None else None
+            k = read_safetensor(f, k_key) if k_key is not None else None
     except Exception as error:  # safetensors raises several types for bad files; rewrap them all
         raise TranscoderLoadError(f"cannot read {path}: {one_line(error)}") from None
     missing = [keys[name] for name in required if keys[name] not in present]
@@ -252,15 +281,17 @@ def _read_plt_layer(path: Path, layer: int, lazy: bool) -> dict:
         return _read_npz(path)
     names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip")
     key = PerLayerTranscoders.file_key
-    return _read_safetensors(path, {name: key(name, layer) for name in names}, names[:4],
-                             (key("k", layer), "k"), lazy)
+    return _read_safetensors(
+        path, {name: key(name, layer) for name in names}, names[:4], (key("k", layer), "k"), lazy
+    )
 
 
 def _read_clt_layer(encoder: Path, decoder: Path, layer: int, lazy: bool) -> dict:
     names = ("W_enc", "b_enc", "b_dec", "threshold", "W_skip")
     key = CrossLayerTranscoder.file_key
-    weights = _read_safetensors(encoder, {name: key(name, layer) for name in names}, names[:3],
-                                (key("k", layer), "k"))
+    weights = _read_safetensors(
+        encoder, {name: key(name, layer) for name in names}, names[:3], (key("k", layer), "k")
+    )
     return weights | _read_safetensors(decoder, {"W_dec": key("W_dec", layer)}, ("W_dec",), lazy=lazy)
 
 
@@ -269,8 +300,10 @@ def _activations(layers: list[dict], name: str | None, k: int | None, config: Pa
     stored in the files and config.yaml names none)."""
     file_ks = {layer["k"] for layer in layers if "k" in layer}
     if len(file_ks) > 1 or (k is not None and file_ks and file_ks != {k}):
-        raise TranscoderLoadError(f"{config}: TopK k disagrees between config.yaml ({k}) and the layer files "
-                                  f"({', '.join(map(str, sorted(file_ks)))})")
+        raise TranscoderLoadError(
+            f"{config}: TopK k disagrees between config.yaml ({k}) and the layer files "
+            f"({', '.join(map(str, sorted(file_ks)))})"
+        )
     k = k if k is not None else next(iter(file_ks), None)
     if name is None and k is not None:
         name = "topk"
@@ -305,17 +338,21 @@ def _gemmascope_files(folder: Path) -> list[Path]:
             continue
         params = [path] if m[2] else sorted(path.rglob("params.npz"))
         if len(params) > 1:
-            raise TranscoderLoadError(f"{path} holds {len(params)} params.npz files; list the ones to use in "
-                                      f"a config.yaml `transcoders:` list")
+            raise TranscoderLoadError(
+                f"{path} holds {len(params)} params.npz files; list the ones to use in "
+                f"a config.yaml `transcoders:` list"
+            )
         layer = int(m[1])
         if params and layer in found:
-            raise TranscoderLoadError(f"{folder} has two files for layer {layer}: "
-                                      f"{found[layer]} and {params[0]}")
+            raise TranscoderLoadError(
+                f"{folder} has two files for layer {layer}: {found[layer]} and {params[0]}"
+            )
         if params:
             found[layer] = params[0]
     if not found:
-        raise TranscoderLoadError(f"{folder} has no config.yaml and no GemmaScope layer_*.npz or "
-                                  f"layer_*/**/params.npz files")
+        raise TranscoderLoadError(
+            f"{folder} has no config.yaml and no GemmaScope layer_*.npz or layer_*/**/params.npz files"
+        )
     return _in_layer_order(found, "layer_{}.npz", folder)
 
 
@@ -326,8 +363,11 @@ def _read_npz(path: Path) -> dict:
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise TranscoderLoadError(f"{path} is not an .npz archive")
         with npz:
-            arrays = {name: npz[name] for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-                      if name in npz.files}
+            arrays = {
+                name: npz[name]
+                for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+                if name in npz.files
+            }
     except TranscoderLoadError:
         raise
     except Exception as error:  # numpy and zipfile raise many types for bad archives; rewrap them all
@@ -343,10 +383,14 @@ def _read_npz(path: Path) -> dict:
 
 def _load_gemmascope(files: list[Path]) -> Transcoders:
     layers = [_read_npz(path) for path in files]
-    return PerLayerTranscoders([layer["W_enc"] for layer in layers], [layer["b_enc"] for layer in layers],
-                               [layer["W_dec"] for layer in layers], [layer["b_dec"] for layer in layers],
-                               [JumpReLU(layer["threshold"]) for layer in layers],
-                               layer_sources=[str(path) for path in files])
+    return PerLayerTranscoders(
+        [layer["W_enc"] for layer in layers],
+        [layer["b_enc"] for layer in layers],
+        [layer["W_dec"] for layer in layers],
+        [layer["b_dec"] for layer in layers],
+        [JumpReLU(layer["threshold"]) for layer in layers],
+        layer_sources=[str(path) for path in files],
+    )
 
 
 # --- Hugging Face hub --------------------------------------------------------------------------------
@@ -357,7 +401,7 @@ def _local_path(source: str | Path) -> Path:
     if isinstance(source, Path):
         return source
     if source.startswith("hf://"):
-        return _download(source[len("hf://"):], source)
+        return _download(source[len("hf://") :], source)
     path = Path(source).expanduser()
     if path.exists() or not _HUB_REF.fullmatch(source):
         return path
@@ -373,10 +417,18 @@ def _download(ref: str, shown: str) -> Path:
         raise TranscoderLoadError(f"not a hub reference: {shown} (expected hf://org/repo[/path][@revision])")
     repo, sub, revision = m["repo"], m["path"].strip("/"), m["rev"]
     if sub.endswith(_HUB_FILE_SUFFIXES):
-        return Path(_from_hub(shown, huggingface_hub.hf_hub_download, repo_id=repo, filename=sub,
-                              revision=revision))
-    snapshot = Path(_from_hub(shown, huggingface_hub.snapshot_download, repo_id=repo, revision=revision,
-                              allow_patterns=[f"{sub}/*"] if sub else None))
+        return Path(
+            _from_hub(shown, huggingface_hub.hf_hub_download, repo_id=repo, filename=sub, revision=revision)
+        )
+    snapshot = Path(
+        _from_hub(
+            shown,
+            huggingface_hub.snapshot_download,
+            repo_id=repo,
+            revision=revision,
+            allow_patterns=[f"{sub}/*"] if sub else None,
+        )
+    )
     if not (snapshot / sub).is_dir():
         raise TranscoderLoadError(f"cannot load {shown}: the hub repository {repo} has no folder {sub}")
     return snapshot / sub
@@ -391,8 +443,10 @@ def _from_hub(shown: str, fetch, **kwargs) -> str:
         return fetch(**kwargs, cache_dir=cache, local_files_only=offline)
     except LocalEntryNotFoundError:
         mode = ", offline mode" if offline else ""
-        raise TranscoderLoadError(f"cannot download {shown}: the hub is unreachable and it is not in the "
-                                  f"local cache ({cache}{mode})") from None
+        raise TranscoderLoadError(
+            f"cannot download {shown}: the hub is unreachable and it is not in the "
+            f"local cache ({cache}{mode})"
+        ) from None
     except (OSError, ValueError, EntryNotFoundError) as error:
         raise TranscoderLoadError(f"cannot download {shown}: {one_line(error)}") from None
 

@@ -28,11 +28,24 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-class LazyTensor:
-    """A tensor held in memory, or kept in a safetensors file and read (memory-mapped) on first use."""
+def read_safetensor(file, key: str) -> Tensor:
+    """Tensor `key` of an open safetensors file, copied into a fresh torch allocation.
 
-    def __init__(self, tensor: Tensor | None, shape: tuple[int, ...], path: Path | None = None,
-                 key: str = ""):
+    safetensors returns buffers of arbitrary alignment, and BLAS rounding depends on alignment: the copy makes
+    a loaded set compute bit-identically to the same weights built in memory.
+    """
+    return file.get_tensor(key).clone()
+
+
+class LazyTensor:
+    """A tensor held in memory, or kept in a safetensors file until first use.
+
+    Reads go through `safe_open`, which memory-maps the file, so only this tensor's bytes are read.
+    """
+
+    def __init__(
+        self, tensor: Tensor | None, shape: tuple[int, ...], path: Path | None = None, key: str = ""
+    ):
         self._tensor = tensor
         self.shape = shape
         self.path = path
@@ -65,7 +78,7 @@ class LazyTensor:
             return self._tensor
         try:
             with safe_open(self.path, framework="pt") as f:
-                tensor = f.get_tensor(self.key)
+                tensor = read_safetensor(f, self.key)
         except Exception as error:  # safetensors raises several types for bad files; rewrap them all
             raise TranscoderLoadError(f"cannot read {self.key} from {self.path}: {one_line(error)}") from None
         if tuple(tensor.shape) != self.shape:
@@ -91,8 +104,15 @@ class LazyTensor:
 class _Layer(nn.Module):
     """One layer's weights: encoder, biases, optional skip, activation and (possibly lazy) decoder."""
 
-    def __init__(self, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor | LazyTensor, b_dec: Tensor,
-                 activation: Activation, W_skip: Tensor | None):
+    def __init__(
+        self,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor | LazyTensor,
+        b_dec: Tensor,
+        activation: Activation,
+        W_skip: Tensor | None,
+    ):
         super().__init__()
         self.register_buffer("W_enc", W_enc)
         self.register_buffer("b_enc", b_enc)
@@ -125,19 +145,29 @@ class Transcoders(nn.Module):
 
     kind: str
 
-    def __init__(self, W_enc: Sequence[Tensor], b_enc: Sequence[Tensor], W_dec: Sequence[Tensor | LazyTensor],
-                 b_dec: Sequence[Tensor], activations: Sequence[Activation],
-                 W_skip: Sequence[Tensor | None] | None = None, *, model_name: str | None = None,
-                 input_hook: str = DEFAULT_INPUT_HOOK, output_hook: str = DEFAULT_OUTPUT_HOOK,
-                 layer_sources: Sequence[str] | None = None):
+    def __init__(
+        self,
+        W_enc: Sequence[Tensor],
+        b_enc: Sequence[Tensor],
+        W_dec: Sequence[Tensor | LazyTensor],
+        b_dec: Sequence[Tensor],
+        activations: Sequence[Activation],
+        W_skip: Sequence[Tensor | None] | None = None,
+        *,
+        model_name: str | None = None,
+        input_hook: str = DEFAULT_INPUT_HOOK,
+        output_hook: str = DEFAULT_OUTPUT_HOOK,
+        layer_sources: Sequence[str] | None = None,
+    ):
         super().__init__()
         n = len(W_enc)
         skips = list(W_skip) if W_skip is not None else [None] * n
         sources = list(layer_sources) if layer_sources is not None else [f"layer {i}" for i in range(n)]
         lengths = [len(x) for x in (W_enc, b_enc, W_dec, b_dec, activations, skips, sources)]
         if n == 0 or len(set(lengths)) != 1:
-            raise TranscoderLoadError(f"a transcoder set needs one entry per layer for each weight, "
-                                      f"got lengths {lengths}")
+            raise TranscoderLoadError(
+                f"a transcoder set needs one entry per layer for each weight, got lengths {lengths}"
+            )
         self.model_name = model_name
         self.input_hook = input_hook
         self.output_hook = output_hook
@@ -157,26 +187,34 @@ class Transcoders(nn.Module):
         """Raise TranscoderLoadError naming the source unless layers agree on widths, activation and skip."""
         first = self.layers[0]
         if first.W_enc.ndim != 2:
-            raise TranscoderLoadError(f"{sources[0]}: {self.file_key('W_enc', 0)} must be 2-D, "
-                                      f"got shape {tuple(first.W_enc.shape)}")
+            raise TranscoderLoadError(
+                f"{sources[0]}: {self.file_key('W_enc', 0)} must be 2-D, got shape {tuple(first.W_enc.shape)}"
+            )
         f, d = first.W_enc.shape
         for i, (layer, where) in enumerate(zip(self.layers, sources, strict=True)):
-            shapes = {"W_enc": (layer.W_enc.shape, (f, d)), "b_enc": (layer.b_enc.shape, (f,)),
-                      "b_dec": (layer.b_dec.shape, (d,)),
-                      "W_dec": (layer.decoder.shape, self._decoder_shape(i))}
+            shapes = {
+                "W_enc": (layer.W_enc.shape, (f, d)),
+                "b_enc": (layer.b_enc.shape, (f,)),
+                "b_dec": (layer.b_dec.shape, (d,)),
+                "W_dec": (layer.decoder.shape, self._decoder_shape(i)),
+            }
             if layer.W_skip is not None:
                 shapes["W_skip"] = (layer.W_skip.shape, (d, d))
             if isinstance(layer.activation, JumpReLU):
                 shapes["threshold"] = (layer.activation.threshold.shape, (f,))
             for name, (shape, expected) in shapes.items():
                 if tuple(shape) != expected:
-                    raise TranscoderLoadError(f"{where}: {self.file_key(name, i)} has shape {tuple(shape)}, "
-                                              f"expected {expected} (d_features={f}, d_model={d})")
+                    raise TranscoderLoadError(
+                        f"{where}: {self.file_key(name, i)} has shape {tuple(shape)}, "
+                        f"expected {expected} (d_features={f}, d_model={d})"
+                    )
             if (layer.W_skip is None) != (first.W_skip is None):
                 raise TranscoderLoadError(f"{where}: W_skip is present in some layers but not in others")
             if _describe(layer.activation) != _describe(first.activation):
-                raise TranscoderLoadError(f"{where}: activation {_describe(layer.activation)} differs from "
-                                          f"layer 0's {_describe(first.activation)}")
+                raise TranscoderLoadError(
+                    f"{where}: activation {_describe(layer.activation)} differs from "
+                    f"layer 0's {_describe(first.activation)}"
+                )
         if self.k is not None and self.k > f:
             raise TranscoderLoadError(f"{sources[0]}: TopK k={self.k} is larger than d_features={f}")
 
@@ -214,9 +252,11 @@ class Transcoders(nn.Module):
         return self.layers[0].W_enc.device
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind}, n_layers={self.n_layers}, d_model={self.d_model}, "
-                f"d_features={self.d_features}, activation={_describe(self.layers[0].activation)}, "
-                f"skip={self.has_skip}")
+        return (
+            f"kind={self.kind}, n_layers={self.n_layers}, d_model={self.d_model}, "
+            f"d_features={self.d_features}, activation={_describe(self.layers[0].activation)}, "
+            f"skip={self.has_skip}"
+        )
 
     def _layer(self, layer: int) -> _Layer:
         if not 0 <= layer < self.n_layers:
@@ -228,14 +268,16 @@ class Transcoders(nn.Module):
         if (n_layers, d_model) != (self.n_layers, self.d_model):
             raise IncompatibleTranscodersError(
                 f"transcoders have {self.n_layers} layers of width {self.d_model} "
-                f"but the model has {n_layers} layers of width {d_model}")
+                f"but the model has {n_layers} layers of width {d_model}"
+            )
 
     def pre_activations(self, layer: int, x: Tensor) -> Tensor:
         """`W_enc x + b_enc` for MLP inputs x [..., d_model] (cast to the set's dtype) → [..., d_features]."""
         weights = self._layer(layer)
         if x.shape[-1] != self.d_model:
             raise IncompatibleTranscodersError(
-                f"input has width {x.shape[-1]} but the transcoders have d_model {self.d_model}")
+                f"input has width {x.shape[-1]} but the transcoders have d_model {self.d_model}"
+            )
         return F.linear(x.to(weights.W_enc.dtype), weights.W_enc, weights.b_enc)
 
     def encode(self, layer: int, x: Tensor) -> Tensor:
@@ -275,8 +317,9 @@ class Transcoders(nn.Module):
         """The layers whose features write to MLP output `out_layer`."""
         raise NotImplementedError
 
-    def decoder_vectors(self, layer: int, feature_ids: Tensor | slice,
-                        out_layer: int | None = None) -> Tensor:
+    def decoder_vectors(
+        self, layer: int, feature_ids: Tensor | slice, out_layer: int | None = None
+    ) -> Tensor:
         """Decoder rows of features `feature_ids` of `layer` ([n, d_model] for one output layer)."""
         raise NotImplementedError
 
@@ -287,8 +330,9 @@ class Transcoders(nn.Module):
     def reconstruct(self, inputs: Sequence[Tensor]) -> list[Tensor]:
         """Predicted MLP outputs [..., d_model] (skip included), one per layer, from all MLP inputs."""
         if len(inputs) != self.n_layers:
-            raise CircuitmapError(f"reconstruct needs the MLP inputs of all {self.n_layers} layers, "
-                                  f"got {len(inputs)}")
+            raise CircuitmapError(
+                f"reconstruct needs the MLP inputs of all {self.n_layers} layers, got {len(inputs)}"
+            )
         acts = [self.encode(i, x) for i, x in enumerate(inputs)]
         return [self.decode(acts, m) + self.skip(m, x) for m, x in enumerate(inputs)]
 
@@ -317,12 +361,14 @@ class PerLayerTranscoders(Transcoders):
     def _sources_of(self, out_layer: int) -> range:
         return range(out_layer, out_layer + 1)
 
-    def decoder_vectors(self, layer: int, feature_ids: Tensor | slice,
-                        out_layer: int | None = None) -> Tensor:
+    def decoder_vectors(
+        self, layer: int, feature_ids: Tensor | slice, out_layer: int | None = None
+    ) -> Tensor:
         """Rows [n, d_model] of W_dec; `out_layer`, if given, must be `layer` (the only one they write to)."""
         if out_layer is not None and out_layer != layer:
-            raise CircuitmapError(f"per-layer transcoder features of layer {layer} do not write to "
-                                  f"layer {out_layer}")
+            raise CircuitmapError(
+                f"per-layer transcoder features of layer {layer} do not write to layer {out_layer}"
+            )
         return self._layer(layer).W_dec[feature_ids]
 
 
@@ -345,13 +391,16 @@ class CrossLayerTranscoder(Transcoders):
     def _sources_of(self, out_layer: int) -> range:
         return range(out_layer + 1)
 
-    def decoder_vectors(self, layer: int, feature_ids: Tensor | slice,
-                        out_layer: int | None = None) -> Tensor:
+    def decoder_vectors(
+        self, layer: int, feature_ids: Tensor | slice, out_layer: int | None = None
+    ) -> Tensor:
         """Vectors [n, d_model] written to `out_layer` (layer ≤ out_layer < L), or [n, L-layer, d_model]."""
         W_dec = self._layer(layer).W_dec
         if out_layer is None:
             return W_dec[feature_ids]
         if not layer <= out_layer < self.n_layers:
-            raise CircuitmapError(f"features of layer {layer} write to layers {layer}..{self.n_layers - 1}, "
-                                  f"not to layer {out_layer}")
+            raise CircuitmapError(
+                f"features of layer {layer} write to layers {layer}..{self.n_layers - 1}, "
+                f"not to layer {out_layer}"
+            )
         return W_dec[feature_ids, out_layer - layer]
