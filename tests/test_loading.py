@@ -186,3 +186,33 @@ def test_default_model_says_paris():
         model.top_next_tokens("When Mary and John went to the store, John gave a drink to", 1)[0][0]
         == " Mary"
     )
+
+
+def test_cli_transcoders_checks_the_model(tiny_folder, tmp_path, capsys):
+    from circuitmap.transcoders import TopK
+    from circuitmap.transcoders.transcoders import PerLayerTranscoders
+
+    def random_set(n_layers: int) -> PerLayerTranscoders:
+        f, d = 48, 32
+        return PerLayerTranscoders(
+            W_enc=[torch.randn(f, d) for _ in range(n_layers)],
+            b_enc=[torch.zeros(f) for _ in range(n_layers)],
+            W_dec=[torch.randn(f, d) for _ in range(n_layers)],
+            b_dec=[torch.zeros(d) for _ in range(n_layers)],
+            activations=[TopK(4) for _ in range(n_layers)],
+        )
+
+    random_set(3).save(tmp_path / "fits")
+    assert (
+        main(["transcoders", str(tmp_path / "fits"), "--model", str(tiny_folder), "--prompt", "Hi there"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "kind=plt, n_layers=3, d_model=32, d_features=48, activation=topk (k=4)" in out
+    assert out.splitlines()[-1].split()[:2] == ["2", "4.0"], "layer 2 has L0 = k"
+    random_set(2).save(tmp_path / "too-shallow")
+    assert main(["transcoders", str(tmp_path / "too-shallow"), "--model", str(tiny_folder)]) == 2
+    assert (
+        "transcoders have 2 layers of width 32 but the model has 3 layers of width 32"
+        in capsys.readouterr().err
+    )

@@ -8,6 +8,7 @@ import time
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import DEFAULT_MODEL, load_model
+from circuitmap.transcoders import load_transcoders
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -45,6 +46,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transcoders(args: argparse.Namespace) -> int:
+    transcoders = load_transcoders(args.source)
+    print(f"{args.source}: {transcoders.extra_repr()}")
+    if args.model is None:
+        return 0
+    model = _load(args)
+    transcoders.check_model(model.n_layers, model.d_model)
+    _, cache = model.run_with_cache(args.prompt, points=["mlp_in", "mlp_out"])
+    inputs = [cache["mlp_in", layer][0, 1:] for layer in range(model.n_layers)]
+    predicted = transcoders.reconstruct(inputs)
+    print(f"on {args.prompt!r} (first position excluded):")
+    print("layer     L0     FVU")
+    for layer, prediction in enumerate(predicted):
+        target = cache["mlp_out", layer][0, 1:].to(prediction.dtype)
+        l0 = (transcoders.encode(layer, inputs[layer]) != 0).sum(-1).float().mean()
+        fvu = (target - prediction).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-30)
+        print(f"{layer:>5} {float(l0):>6.1f} {float(fvu):>7.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitmap", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen_parser.add_argument("--temperature", type=float, default=1.0)
     gen_parser.add_argument("--seed", type=int)
     gen_parser.set_defaults(run=_cmd_generate)
+
+    tc_parser = commands.add_parser(
+        "transcoders", help="describe a transcoder set; with --model, check it fits and print L0 and FVU"
+    )
+    tc_parser.add_argument("source", help="folder, config.yaml, GemmaScope .npz or hub reference")
+    _add_model_args(tc_parser)
+    tc_parser.set_defaults(model=None)
+    tc_parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    tc_parser.set_defaults(run=_cmd_transcoders)
     return parser
 
 
