@@ -1,6 +1,8 @@
 """circuitmap: attribution graphs, interventions and persona vectors for Hugging Face causal LMs."""
 
+from circuitmap.attribution import Direction, attribute
 from circuitmap.errors import CircuitmapError
+from circuitmap.graphs import Graph, export_graph_json, graph_scores, load_graph, prune, subgraph_scores
 from circuitmap.models import DEFAULT_MODEL, Model, load_model, supported_families
 from circuitmap.transcoders import (
     CrossLayerTranscoder,
@@ -16,11 +18,19 @@ __all__ = [
     "DEFAULT_MODEL",
     "CircuitmapError",
     "CrossLayerTranscoder",
+    "Direction",
+    "Graph",
     "Model",
     "PerLayerTranscoders",
     "Transcoders",
+    "attribute",
+    "export_graph_json",
+    "graph_scores",
+    "load_graph",
     "load_model",
     "load_transcoders",
+    "prune",
     "save_transcoders",
+    "subgraph_scores",
     "supported_families",
 ]

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from circuitmap import __version__
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import DEFAULT_MODEL, load_model
 from circuitmap.transcoders import load_transcoders
@@ -68,6 +69,7 @@ def _cmd_transcoders(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitmap", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"circuitmap {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     next_parser = commands.add_parser("next", help="print the most likely next tokens for a prompt")

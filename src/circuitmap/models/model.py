@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -186,7 +186,9 @@ class Model:
                 stack.enter_context(self.points.install(point, layer, fn))
             yield
 
-    def patch_mlp_output(self, layer: int, replacement: torch.Tensor | TensorFn):
+    def patch_mlp_output(
+        self, layer: int, replacement: torch.Tensor | TensorFn
+    ) -> AbstractContextManager[None]:
         """Context: replace layer ``layer``'s MLP output by a tensor or by ``fn(clean_output)``."""
         fn = replacement if callable(replacement) else (lambda current: replacement.expand_as(current))
         return self.hooks(("mlp_out", layer, fn))
@@ -218,7 +220,7 @@ class Model:
 
     def freeze(
         self, inputs: Inputs, *, attention: bool = True, norms: bool = True, mlps: bool = False
-    ) -> Iterator[FrozenState]:
+    ) -> AbstractContextManager[FrozenState]:
         """Context: record the clean run on ``inputs`` and replay its attention patterns and norm scales.
 
         Inside, gradients flow only through attention values and norm numerators; with ``mlps=True`` MLP

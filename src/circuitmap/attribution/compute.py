@@ -1,0 +1,311 @@
+"""``attribute``: compute the attribution graph that explains one prediction.
+
+Steps: build the replacement model's autograd graph (``replacement.py``); resolve the targets
+(``targets.py``); collect active features (the first position is excluded by convention: its features and
+error belong to the constant term, as it mostly acts as an attention sink); when ``max_feature_nodes`` caps
+the graph, choose which features to keep by estimated influence; then compute every row (``rows.py``) against
+the kept sources (``sources.py``), with dropped features folded into the error nodes of their layer and
+position, and store the rows as a sparse graph.
+
+Selection under a cap: after the target rows, each active feature's influence is estimated as the
+probability-weighted share of the targets' normalised input it provides; features are visited in order of
+that estimate, and each visited row adds its own estimate times its normalised input to the estimates of
+the features it reads from. The visited features are the kept ones. When the visited rows fit in memory they
+are reused (their columns folded); otherwise the kept rows are computed again against the folded sources.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from circuitmap.attribution.replacement import ReplacementRun, replacement_run
+from circuitmap.attribution.rows import RowSpec, batched_rows, concat_specs, row_values
+from circuitmap.attribution.sources import ActiveFeatures, Sources, active_features, build_sources
+from circuitmap.attribution.targets import Target, TargetSpec, resolve_targets
+from circuitmap.errors import CircuitmapError
+from circuitmap.graphs.graph import Graph, NodeKind
+from circuitmap.models import Model
+from circuitmap.transcoders import Transcoders
+
+FIRST_POSITION = 1
+DENSE_ROW_BUDGET_BYTES = 2 * 2**30
+GRADIENT_BUDGET_BYTES = 2**30
+MAX_BATCH_SIZE = 512
+
+
+def default_batch_size(model: Model, n_tokens: int) -> int:
+    """Rows per backward pass: as many as keep the batch's gradients within about 1 GiB, at most 512."""
+    per_row = n_tokens * model.d_model * (model.n_layers + 2) * model.dtype.itemsize * 4
+    return int(min(MAX_BATCH_SIZE, max(1, GRADIENT_BUDGET_BYTES // per_row)))
+
+
+def _check_inputs(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> None:
+    transcoders.check_model(model.n_layers, model.d_model)
+    n_tokens = ids.shape[1]
+    context = getattr(model.hf_model.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and n_tokens > context:
+        raise CircuitmapError(f"the prompt has {n_tokens} tokens but the model's context is {context}")
+    if n_tokens <= FIRST_POSITION:
+        raise CircuitmapError("the prompt needs at least two tokens (the first position is excluded)")
+
+
+def _feature_rows(transcoders: Transcoders, features: ActiveFeatures) -> RowSpec:
+    vectors = torch.empty(
+        len(features), transcoders.d_model, dtype=transcoders.dtype, device=transcoders.device
+    )
+    for layer in features.layer.unique().tolist():
+        members = features.layer == layer
+        vectors[members] = transcoders.encoder_vectors(layer, features.index[members])
+    return RowSpec(["mlp_in"] * len(features), features.layer, features.position, vectors)
+
+
+def _target_rows(targets: Sequence[Target], n_tokens: int, n_layers: int) -> RowSpec:
+    return RowSpec(
+        [target.point for target in targets],
+        torch.full((len(targets),), n_layers),
+        torch.full((len(targets),), n_tokens - 1),
+        torch.stack([target.vector for target in targets]),
+    )
+
+
+def _target_values(run: ReplacementRun, targets: Sequence[Target]) -> torch.Tensor:
+    return torch.tensor(
+        [
+            float(run.readouts[t.point].detach()[0, -1] @ t.vector.to(run.embed.dtype)) + t.offset
+            for t in targets
+        ],
+        dtype=torch.float64,
+    )
+
+
+def _normalised(values: torch.Tensor) -> torch.Tensor:
+    magnitudes = values.abs().double()
+    return magnitudes / magnitudes.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _error_column(features: ActiveFeatures, n_tokens: int) -> torch.Tensor:
+    """Index, among error nodes, of the error node of each feature's layer and position."""
+    return features.layer * (n_tokens - FIRST_POSITION) + features.position - FIRST_POSITION
+
+
+def _fold(values: torch.Tensor, features: ActiveFeatures, kept: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Columns over all active features → columns over kept features, with dropped ones added to errors."""
+    n_features = len(features)
+    folded = torch.cat([values[:, :n_features][:, kept], values[:, n_features:]], dim=1)
+    dropped = (~kept).nonzero(as_tuple=True)[0]
+    targets = int(kept.sum()) + _error_column(features.subset(dropped), n_tokens)
+    folded.index_add_(1, targets, values[:, dropped])
+    return folded
+
+
+def _select_features(
+    run: ReplacementRun,
+    transcoders: Transcoders,
+    features: ActiveFeatures,
+    target_spec: RowSpec,
+    weights: torch.Tensor,
+    max_feature_nodes: int,
+    batch_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Visit up to ``max_feature_nodes`` features by estimated influence; return the kept mask and, when
+    they fit in memory, the rows (targets first, then kept features in graph order) with folded columns."""
+    n_tokens = run.embed.shape[1]
+    sources = build_sources(run, transcoders, features, None, FIRST_POSITION)
+    n_features = len(features)
+    target_values = row_values(run, sources, target_spec, slice(0, len(target_spec)))
+    estimate = (weights[:, None] * _normalised(target_values)[:, :n_features]).sum(0)
+    row_bytes = sources.n_columns * run.embed.dtype.itemsize
+    keep_rows = (max_feature_nodes + len(target_spec)) * row_bytes <= DENSE_ROW_BUDGET_BYTES
+    spec = _feature_rows(transcoders, features)
+    visited = torch.zeros(n_features, dtype=torch.bool)
+    stored: dict[int, torch.Tensor] = {}
+    with tqdm(
+        total=max_feature_nodes, desc="selecting features", unit="row", disable=not progress, leave=False
+    ) as bar:
+        while int(visited.sum()) < max_feature_nodes:
+            count = min(batch_size, max_feature_nodes - int(visited.sum()))
+            chosen = estimate.masked_fill(visited, -1.0).topk(count).indices.sort().values
+            batch = RowSpec(
+                [spec.point[i] for i in chosen.tolist()],
+                spec.layer[chosen],
+                spec.position[chosen],
+                spec.vectors[chosen],
+            )
+            values = row_values(run, sources, batch, slice(0, count))
+            estimate += (estimate[chosen, None] * _normalised(values)[:, :n_features]).sum(0)
+            visited[chosen] = True
+            if keep_rows:
+                stored.update(zip(chosen.tolist(), values, strict=True))
+            bar.update(count)
+    if not keep_rows:
+        return visited, None
+    kept_rows = [stored[i] for i in visited.nonzero(as_tuple=True)[0].tolist()]
+    rows = torch.cat([torch.stack(kept_rows), target_values])
+    return visited, _fold(rows, features, visited, n_tokens)
+
+
+def attribute(
+    model: Model,
+    transcoders: Transcoders,
+    prompt: str | torch.Tensor,
+    *,
+    targets: Sequence[TargetSpec] | TargetSpec | None = None,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Graph:
+    """Attribution graph of ``prompt``'s next-token prediction on the local replacement model.
+
+    ``targets``: None for the salient logits; or tokens, ``(a, b)`` logit differences and ``Direction``s.
+    ``max_feature_nodes`` caps the features kept (the rest are folded into error nodes); ``batch_size`` is
+    the number of rows per backward pass (default: sized to the prompt). The transcoders are moved to the
+    model's device and dtype.
+    """
+    started = time.perf_counter()
+    ids = model.encode(prompt)
+    _check_inputs(model, transcoders, ids)
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise CircuitmapError("max_feature_nodes must be zero or more")
+    transcoders.to(device=model.device, dtype=model.dtype)
+    n_tokens = ids.shape[1]
+    batch_size = batch_size or default_batch_size(model, n_tokens)
+    with replacement_run(model, transcoders, ids) as run:
+        resolved = resolve_targets(model, run.logits[-1], targets, max_n_logits, desired_logit_prob)
+        weights = torch.tensor([t.weight for t in resolved], dtype=torch.float64)
+        features = active_features(run, FIRST_POSITION)
+        if len(features) == 0:
+            raise CircuitmapError("no transcoder feature is active on this prompt (first position excluded)")
+        target_spec = _target_rows(resolved, n_tokens, model.n_layers)
+        kept, rows = None, None
+        if max_feature_nodes is not None and len(features) > max_feature_nodes:
+            kept, rows = _select_features(
+                run, transcoders, features, target_spec, weights, max_feature_nodes, batch_size, progress
+            )
+        kept_features = features if kept is None else features.subset(kept)
+        sources = build_sources(run, transcoders, features, kept, FIRST_POSITION)
+        spec = concat_specs([_feature_rows(transcoders, kept_features), target_spec])
+        if rows is None:
+            batches = batched_rows(run, sources, spec, batch_size, progress, "attribution")
+        else:
+            batches = iter([(slice(0, len(spec)), rows)])
+        values = torch.cat([kept_features.pre_activation.double(), _target_values(run, resolved)])
+        edges = _sparse_rows(batches, values)
+        graph = _assemble(model, transcoders, ids, run, resolved, kept_features, sources, edges)
+    if isinstance(prompt, str):
+        graph.prompt = prompt
+    graph.info.update(
+        n_active_features=len(features),
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+        first_position=FIRST_POSITION,
+        dtype=str(model.dtype).removeprefix("torch."),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return graph
+
+
+def _sparse_rows(batches, values: torch.Tensor) -> tuple[list, list, list, np.ndarray]:
+    """Keep each row's nonzero entries: per-batch counts, indices and weights, and each row's constant."""
+    counts, indices, weights = [], [], []
+    constants = np.empty(len(values), dtype=np.float64)
+    for rows, batch in batches:
+        batch = batch.detach().cpu()
+        constants[rows] = (values[rows] - batch.double().sum(1)).numpy()
+        nonzero = batch != 0
+        counts.append(nonzero.sum(1).numpy())
+        row_index, column = nonzero.nonzero(as_tuple=True)
+        indices.append(column.to(torch.int32).numpy())
+        weights.append(batch[row_index, column].numpy())
+    return counts, indices, weights, constants
+
+
+def _assemble(
+    model: Model,
+    transcoders: Transcoders,
+    ids: torch.Tensor,
+    run: ReplacementRun,
+    targets: Sequence[Target],
+    features: ActiveFeatures,
+    sources: Sources,
+    edges: tuple[list, list, list, np.ndarray],
+) -> Graph:
+    counts, indices, weights, constants = edges
+    n_features, n_errors, n_tokens, n_targets = (
+        len(features),
+        sources.n_errors,
+        sources.n_tokens,
+        len(targets),
+    )
+    n_nodes = n_features + n_errors + n_tokens + n_targets
+    row_counts = np.concatenate(counts)
+    per_node = np.zeros(n_nodes, dtype=np.int64)
+    per_node[:n_features] = row_counts[:n_features]
+    per_node[n_nodes - n_targets :] = row_counts[n_features:]
+    indptr = np.zeros(n_nodes + 1, dtype=np.int64)
+    np.cumsum(per_node, out=indptr[1:])
+    kind = np.concatenate(
+        [
+            np.full(count, kind, dtype=np.int8)
+            for count, kind in [
+                (n_features, NodeKind.FEATURE),
+                (n_errors, NodeKind.ERROR),
+                (n_tokens, NodeKind.TOKEN),
+                (n_targets, NodeKind.TARGET),
+            ]
+        ]
+    )
+    token_ids = ids[0].cpu().numpy().astype(np.int64)
+    no_value = np.full(n_errors + n_tokens, np.nan)
+    value = np.concatenate(
+        [features.pre_activation.double().cpu().numpy(), no_value, _target_values(run, targets).numpy()]
+    )
+    constant = np.concatenate([constants[:n_features], no_value, constants[n_features:]])
+    target_weight = np.zeros(n_nodes)
+    target_weight[n_nodes - n_targets :] = [t.weight for t in targets]
+    return Graph(
+        prompt=model.tokenizer.decode(token_ids.tolist()),
+        tokens=token_ids.tolist(),
+        token_strings=model.token_strings(ids),
+        n_layers=model.n_layers,
+        kind=kind,
+        layer=np.concatenate(
+            [
+                features.layer.numpy(),
+                sources.error_layer.numpy(),
+                np.full(n_tokens, -1),
+                np.full(n_targets, model.n_layers),
+            ]
+        ).astype(np.int32),
+        position=np.concatenate(
+            [
+                features.position.numpy(),
+                sources.error_position.numpy(),
+                np.arange(n_tokens),
+                np.full(n_targets, n_tokens - 1),
+            ]
+        ).astype(np.int32),
+        index=np.concatenate(
+            [features.index.numpy(), np.full(n_errors, -1), token_ids, [t.token_id for t in targets]]
+        ).astype(np.int64),
+        activation=np.concatenate(
+            [features.activation.double().cpu().numpy(), np.zeros(n_errors + n_tokens + n_targets)]
+        ).astype(np.float32),
+        value=value,
+        constant=constant,
+        target_weight=target_weight,
+        target_names=[t.name for t in targets],
+        target_probs=np.array([t.prob for t in targets], dtype=np.float64),
+        indptr=indptr,
+        indices=np.concatenate(indices).astype(np.int32),
+        weights=np.concatenate(weights),
+        model_name=model.name,
+        transcoders_name=transcoders.model_name or "",
+    )

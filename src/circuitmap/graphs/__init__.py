@@ -1,0 +1,27 @@
+"""Attribution graphs: the data structure, pruning and scores, files and viewer JSON."""
+
+from circuitmap.graphs.export import export_graph_json
+from circuitmap.graphs.files import load_graph, save_graph
+from circuitmap.graphs.graph import Graph, NodeKind
+from circuitmap.graphs.pruning import (
+    PruneResult,
+    Scores,
+    graph_scores,
+    node_influence,
+    prune,
+    subgraph_scores,
+)
+
+__all__ = [
+    "Graph",
+    "NodeKind",
+    "PruneResult",
+    "Scores",
+    "export_graph_json",
+    "graph_scores",
+    "load_graph",
+    "node_influence",
+    "prune",
+    "save_graph",
+    "subgraph_scores",
+]

@@ -1,0 +1,271 @@
+"""Influence, pruning, and the replacement and completeness scores of an attribution graph.
+
+Everything here works on the graph's CSR edges with NumPy vector operations: no dense ``n_nodes × n_nodes``
+matrix is ever built, and the only sorts are over node or edge scores, so 10M edges prune in seconds.
+
+Definitions:
+
+- **Normalised weights** ``Â``: ``|A|`` with each target row scaled to sum to 1 over the row's incoming edges
+  (a row whose weights are all zero stays zero). ``Â[t, s]`` is the share of ``t``'s input due to ``s``.
+- **Influence** on the targets: ``w·(Â + Â² + Â³ + …)`` with ``w`` the targets' weights, plus each target's
+  own weight. It is computed as repeated vector–matrix products ``x ← x·Â`` starting from ``x = w``; the graph
+  is a DAG, so ``x`` becomes zero after at most ``n_nodes`` steps (more means a cycle: an error). Influence is
+  mass flowing from the targets down to tokens and error nodes, split at each node by its row of ``Â``.
+- **Node pruning**: features and error nodes are candidates; sorted by influence (descending, ties in graph
+  order), the smallest prefix whose cumulative influence reaches ``node_threshold`` × their total is kept;
+  token and target nodes are always kept. Equivalently, the largest tail of least influential candidates whose
+  influence sums to at most ``(1 − node_threshold)`` × total is dropped: that form is what is computed, as it
+  sums small values first and makes a threshold of 1 keep exactly the candidates with positive influence.
+- **Edge pruning**: among edges whose two ends survived node pruning, each edge ``s → t`` scores
+  ``Â[t, s] × influence(t)``; the smallest set of highest-scored edges whose scores reach ``edge_threshold`` ×
+  their total is kept (same tail rule). Then, until nothing changes, features and error nodes with no kept
+  outgoing edge and features with no kept incoming edge are dropped, with the edges touching them. Tokens and
+  targets stay. Raising ``edge_threshold`` only ever adds nodes and edges, and so does raising
+  ``node_threshold`` when ``edge_threshold`` is 1; otherwise a larger node set can change which edges make the
+  cut, so the result need not grow.
+- **Kept structure**: a node mask and an edge mask; an edge is live only if it and both its ends are kept.
+  Tokens and targets always count as kept. ``Â`` stays normalised over *all* of a row's edges, so the share
+  of a row carried by edges that are not live is mass lost to error.
+- **Replacement score**: propagate influence from the targets over live edges only. Mass ends at token nodes
+  (explained by the input), at kept error nodes, or is lost at a kept feature or target: the part of its row
+  not carried by live edges, which is all of it for a row with no incoming weight. Replacement = token mass /
+  (token mass + error mass + lost mass). In the unpruned graph every feature normally has inputs, so nothing
+  is lost and it is token mass / (token + error mass); a feature whose row is all zero absorbs its mass as
+  lost.
+- **Completeness score**: over kept nodes ``t`` with incoming weight (features and targets whose row is not
+  all zero), ``Σ infl(t) · c(t) / Σ infl(t)``, where ``c(t)`` is the share of ``t``'s normalised input that
+  comes through live edges from non-error sources and ``infl`` is the influence over live edges (a target's is
+  its weight). It measures how much of the kept nodes' inputs the kept graph explains without error nodes.
+- **Subgraph**: the user's kept nodes, the members of their supernodes, tokens and targets form the node mask;
+  the edges between those nodes form the edge mask; everything left out counts as error (mass lost).
+
+Either score is NaN when its denominator is zero (no target weight; no influential node with inputs).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.graphs.graph import Graph, NodeKind
+from circuitmap.graphs.ids import index_by_id
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` keeps, and the full graph's influence it was decided from."""
+
+    node_mask: np.ndarray
+    edge_mask: np.ndarray
+    influence: np.ndarray
+
+
+@dataclass
+class Scores:
+    """Replacement and completeness scores of a graph or of a kept part of it (see the module docstring)."""
+
+    replacement: float
+    completeness: float
+
+
+def normalized_weights(graph: Graph) -> np.ndarray:
+    """``Â``: ``|A|`` with each row scaled to sum to 1 (zero rows stay zero), aligned with the edges."""
+    return _normalize(graph, graph.target_indices())[0]
+
+
+def node_influence(graph: Graph, edge_mask: np.ndarray | None = None) -> np.ndarray:
+    """Influence of every node on the targets (float64 ``[n_nodes]``); targets get their own weight.
+
+    With ``edge_mask``, only the masked-in edges carry influence; ``Â`` is still normalised over all edges.
+    """
+    rows = graph.target_indices()
+    sources = graph.indices.astype(np.intp, copy=False)
+    flow = _normalize(graph, rows)[0]
+    if edge_mask is not None:
+        keep = _checked_mask(edge_mask, graph.n_edges, "edge_mask")
+        rows, sources, flow = rows[keep], sources[keep], flow[keep]
+    return _propagate(rows, sources, flow, _start(graph))
+
+
+def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+    """Keep the nodes and edges that carry most of the influence on the targets (see the module docstring)."""
+    _check_threshold("node_threshold", node_threshold)
+    _check_threshold("edge_threshold", edge_threshold)
+    rows = graph.target_indices()
+    sources = graph.indices.astype(np.intp, copy=False)
+    flow = _normalize(graph, rows)[0]
+    influence = _propagate(rows, sources, flow, _start(graph))
+
+    node_mask = _always_kept(graph)
+    candidates = np.flatnonzero(~node_mask)
+    node_mask[candidates[_top_share(influence[candidates], node_threshold)]] = True
+
+    edge_ids = np.flatnonzero(node_mask[rows] & node_mask[sources])
+    scores = flow[edge_ids] * influence[rows[edge_ids]]
+    edge_ids = edge_ids[_top_share(scores, edge_threshold)]
+    node_mask, edge_ids = _drop_dangling(graph, node_mask, edge_ids, rows, sources)
+
+    edge_mask = np.zeros(graph.n_edges, dtype=bool)
+    edge_mask[edge_ids] = True
+    return PruneResult(node_mask=node_mask, edge_mask=edge_mask, influence=influence)
+
+
+def graph_scores(
+    graph: Graph, node_mask: np.ndarray | None = None, edge_mask: np.ndarray | None = None
+) -> Scores:
+    """Replacement and completeness of the kept structure (all of the graph by default).
+
+    Tokens and targets count as kept whatever ``node_mask`` says; an edge counts only if it and both its ends
+    are kept.
+    """
+    kept = np.ones(graph.n_nodes, dtype=bool)
+    if node_mask is not None:
+        kept = _checked_mask(node_mask, graph.n_nodes, "node_mask").copy()
+    kept |= _always_kept(graph)
+    rows = graph.target_indices()
+    sources = graph.indices.astype(np.intp, copy=False)
+    flow, row_totals = _normalize(graph, rows)
+    live = kept[rows] & kept[sources]
+    if edge_mask is not None:
+        live &= _checked_mask(edge_mask, graph.n_edges, "edge_mask")
+    rows, sources, flow = rows[live], sources[live], flow[live]
+
+    influence = _propagate(rows, sources, flow, _start(graph))
+    kind = graph.kind
+    live_share = np.bincount(rows, weights=flow, minlength=graph.n_nodes)
+    clean_share = np.bincount(rows, weights=flow * (kind[sources] != NodeKind.ERROR), minlength=graph.n_nodes)
+
+    token_mass = influence[kind == NodeKind.TOKEN].sum()
+    error_mass = influence[kind == NodeKind.ERROR].sum()
+    absorbing = (kind == NodeKind.FEATURE) | (kind == NodeKind.TARGET)
+    lost_mass = (influence[absorbing] * (1.0 - live_share[absorbing])).sum()
+    with_input = kept & (row_totals > 0)
+    return Scores(
+        replacement=_ratio(token_mass, token_mass + error_mass + lost_mass),
+        completeness=_ratio(
+            (influence[with_input] * clean_share[with_input]).sum(), influence[with_input].sum()
+        ),
+    )
+
+
+def subgraph_scores(
+    graph: Graph, kept: Iterable[int | str], supernodes: Iterable[Iterable[int | str]] = ()
+) -> Scores:
+    """Scores of a user's subgraph: ``kept`` nodes and supernode members (indices or node ids), tokens and
+    targets, with the edges between them; everything else counts as error."""
+    members = [*kept, *(member for group in supernodes for member in group)]
+    node_mask = _always_kept(graph)
+    node_mask[_node_indices(graph, members)] = True
+    rows = graph.target_indices()
+    edge_mask = node_mask[rows] & node_mask[graph.indices]
+    return graph_scores(graph, node_mask, edge_mask)
+
+
+def _normalize(graph: Graph, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``Â`` aligned with the edges, and each row's total ``|A|`` (both float64)."""
+    magnitude = np.abs(graph.weights).astype(np.float64)
+    row_totals = np.bincount(rows, weights=magnitude, minlength=graph.n_nodes)
+    edge_totals = row_totals[rows]
+    flow = np.divide(magnitude, edge_totals, out=np.zeros_like(magnitude), where=edge_totals > 0)
+    return flow, row_totals
+
+
+def _start(graph: Graph) -> np.ndarray:
+    """The influence vector the propagation starts from: the targets' weights, zero elsewhere."""
+    return np.asarray(graph.target_weight, dtype=np.float64)
+
+
+def _propagate(rows: np.ndarray, sources: np.ndarray, flow: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """``start·(I + Â + Â² + …)`` over the given edges, by sparse vector–matrix products until a term is zero.
+
+    In a DAG the k-th term is zero once k exceeds the longest path, so ``n_nodes`` steps always suffice; a
+    term still nonzero after that means the edges contain a cycle.
+    """
+    n_nodes = len(start)
+    total = start.copy()
+    term = start
+    for _ in range(n_nodes):
+        term = np.bincount(sources, weights=term[rows] * flow, minlength=n_nodes)
+        if not term.any():
+            return total
+        total += term
+    raise CircuitmapError(
+        f"influence did not vanish after {n_nodes} steps: the graph's edges contain a cycle"
+    )
+
+
+def _top_share(values: np.ndarray, fraction: float) -> np.ndarray:
+    """Positions of the largest ``values`` (ties: earlier first) whose sum reaches ``fraction`` of the total.
+
+    Computed as the complement of the largest tail of smallest values summing to at most ``(1 − fraction)`` of
+    the total: small values are summed first, and ``fraction == 1`` drops exactly the zero values.
+    """
+    order = np.argsort(-values, kind="stable")
+    tail_sums = np.cumsum(values[order[::-1]])
+    n_drop = int(np.searchsorted(tail_sums, (1.0 - fraction) * values.sum(), side="right"))
+    return order[: len(order) - n_drop]
+
+
+def _drop_dangling(
+    graph: Graph, node_mask: np.ndarray, edge_ids: np.ndarray, rows: np.ndarray, sources: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Repeatedly drop features and errors without a kept outgoing edge and features without a kept incoming
+    edge, with the edges touching them, until none is left; returns the new node mask and kept edge ids."""
+    node_mask = node_mask.copy()
+    need_output = (graph.kind == NodeKind.FEATURE) | (graph.kind == NodeKind.ERROR)
+    need_input = graph.kind == NodeKind.FEATURE
+    kept_rows, kept_sources = rows[edge_ids], sources[edge_ids]
+    while True:
+        has_output = np.bincount(kept_sources, minlength=graph.n_nodes) > 0
+        has_input = np.bincount(kept_rows, minlength=graph.n_nodes) > 0
+        drop = node_mask & ((need_output & ~has_output) | (need_input & ~has_input))
+        if not drop.any():
+            return node_mask, edge_ids
+        node_mask &= ~drop
+        keep = node_mask[kept_rows] & node_mask[kept_sources]
+        edge_ids, kept_rows, kept_sources = edge_ids[keep], kept_rows[keep], kept_sources[keep]
+
+
+def _always_kept(graph: Graph) -> np.ndarray:
+    """Mask of the token and target nodes, which pruning and subgraphs always keep."""
+    return (graph.kind == NodeKind.TOKEN) | (graph.kind == NodeKind.TARGET)
+
+
+def _node_indices(graph: Graph, nodes: list[int | str]) -> np.ndarray:
+    """Node indices for a list of indices and node ids; unknown ids and out-of-range indices are errors."""
+    by_id = index_by_id(graph) if any(isinstance(node, str) for node in nodes) else {}
+    indices = []
+    for node in nodes:
+        if isinstance(node, str):
+            if node not in by_id:
+                raise CircuitmapError(f"unknown node id {node!r}")
+            indices.append(by_id[node])
+        else:
+            index = operator.index(node)
+            if not 0 <= index < graph.n_nodes:
+                raise CircuitmapError(f"node index {index} out of range: graph has {graph.n_nodes} nodes")
+            indices.append(index)
+    return np.asarray(indices, dtype=np.intp)
+
+
+def _checked_mask(mask: np.ndarray, length: int, name: str) -> np.ndarray:
+    """``mask`` as an array, if it is a bool vector of ``length`` entries."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ or mask.shape != (length,):
+        raise CircuitmapError(f"{name} must be bool of length {length}, not {mask.dtype} {mask.shape}")
+    return mask
+
+
+def _check_threshold(name: str, value: float) -> None:
+    """Thresholds are cumulative fractions: in (0, 1]; NaN fails too."""
+    if not 0.0 < value <= 1.0:
+        raise CircuitmapError(f"{name} must be in (0, 1], got {value}")
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator`` as a float, NaN when the denominator is zero."""
+    return float(numerator / denominator) if denominator > 0 else float("nan")
