@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from circuitmap.attribution.edges import EdgeWriter
 from circuitmap.attribution.replacement import ReplacementRun, replacement_run
 from circuitmap.attribution.rows import RowSpec, batched_rows, concat_specs, row_values
 from circuitmap.attribution.sources import ActiveFeatures, Sources, active_features, build_sources
@@ -34,13 +35,13 @@ from circuitmap.transcoders import Transcoders
 
 FIRST_POSITION = 1
 DENSE_ROW_BUDGET_BYTES = 2 * 2**30
-GRADIENT_BUDGET_BYTES = 2**30
+GRADIENT_BUDGET_BYTES = 4 * 2**30
 MAX_BATCH_SIZE = 512
 
 
 def default_batch_size(model: Model, n_tokens: int) -> int:
-    """Rows per backward pass: as many as keep the batch's gradients within about 1 GiB, at most 512."""
-    per_row = n_tokens * model.d_model * (model.n_layers + 2) * model.dtype.itemsize * 4
+    """Rows per backward pass: as many as keep the batch's gradients within about 4 GiB, at most 512."""
+    per_row = n_tokens * model.d_model * (model.n_layers + 2) * model.dtype.itemsize * 2
     return int(min(MAX_BATCH_SIZE, max(1, GRADIENT_BUDGET_BYTES // per_row)))
 
 
@@ -197,7 +198,9 @@ def attribute(
         else:
             batches = iter([(slice(0, len(spec)), rows)])
         values = torch.cat([kept_features.pre_activation.double(), _target_values(run, resolved)])
-        edges = _sparse_rows(batches, values)
+        edges = EdgeWriter(spec, sources, values, model.dtype)
+        for batch_rows, batch in batches:
+            edges.write(batch_rows, batch)
         graph = _assemble(model, transcoders, ids, run, resolved, kept_features, sources, edges)
     if isinstance(prompt, str):
         graph.prompt = prompt
@@ -212,21 +215,6 @@ def attribute(
     return graph
 
 
-def _sparse_rows(batches, values: torch.Tensor) -> tuple[list, list, list, np.ndarray]:
-    """Keep each row's nonzero entries: per-batch counts, indices and weights, and each row's constant."""
-    counts, indices, weights = [], [], []
-    constants = np.empty(len(values), dtype=np.float64)
-    for rows, batch in batches:
-        batch = batch.detach().cpu()
-        constants[rows] = (values[rows] - batch.double().sum(1)).numpy()
-        nonzero = batch != 0
-        counts.append(nonzero.sum(1).numpy())
-        row_index, column = nonzero.nonzero(as_tuple=True)
-        indices.append(column.to(torch.int32).numpy())
-        weights.append(batch[row_index, column].numpy())
-    return counts, indices, weights, constants
-
-
 def _assemble(
     model: Model,
     transcoders: Transcoders,
@@ -235,9 +223,9 @@ def _assemble(
     targets: Sequence[Target],
     features: ActiveFeatures,
     sources: Sources,
-    edges: tuple[list, list, list, np.ndarray],
+    edges: EdgeWriter,
 ) -> Graph:
-    counts, indices, weights, constants = edges
+    row_counts, constants = edges.row_counts, edges.constants
     n_features, n_errors, n_tokens, n_targets = (
         len(features),
         sources.n_errors,
@@ -245,7 +233,6 @@ def _assemble(
         len(targets),
     )
     n_nodes = n_features + n_errors + n_tokens + n_targets
-    row_counts = np.concatenate(counts)
     per_node = np.zeros(n_nodes, dtype=np.int64)
     per_node[:n_features] = row_counts[:n_features]
     per_node[n_nodes - n_targets :] = row_counts[n_features:]
@@ -304,8 +291,8 @@ def _assemble(
         target_names=[t.name for t in targets],
         target_probs=np.array([t.prob for t in targets], dtype=np.float64),
         indptr=indptr,
-        indices=np.concatenate(indices).astype(np.int32),
-        weights=np.concatenate(weights),
+        indices=edges.indices,
+        weights=edges.weights,
         model_name=model.name,
         transcoders_name=transcoders.model_name or "",
     )

@@ -64,14 +64,18 @@ def row_values(run: ReplacementRun, sources: Sources, spec: RowSpec, rows: slice
         outputs, inputs, grads, retain_graph=True, is_grads_batched=True, allow_unused=True
     )
     n_written = sources.n_features + sources.n_errors
-    values = torch.zeros(sources.n_columns, batch, dtype=run.embed.dtype, device=run.embed.device)
+    last = int(positions.max())
+    values = torch.zeros(batch, sources.n_columns, dtype=run.embed.dtype, device=run.embed.device)
     for out_layer, gradient in enumerate(gradients[:-1]):
-        if gradient is not None:
-            values[:n_written] += sources.writes[out_layer] @ gradient.reshape(batch, -1).T
+        if gradient is None:
+            continue
+        for position, columns, vectors in sources.writes[out_layer]:
+            if position <= last:
+                values.index_add_(1, columns, gradient[:, 0, position] @ vectors.T)
     embed_gradient = gradients[-1]
     if embed_gradient is not None:
-        values[n_written:] = torch.einsum("btd,td->tb", embed_gradient[:, 0], sources.embed)
-    return values.T
+        values[:, n_written:] = torch.einsum("btd,td->bt", embed_gradient[:, 0], sources.embed)
+    return values
 
 
 def batched_rows(

@@ -1,11 +1,11 @@
-"""Source nodes and what they write: feature, error and token nodes as sparse write matrices.
+"""Source nodes and what they write: feature, error and token nodes, grouped by where they write.
 
 A source's direct effect on a target row is the dot product of the row's gradient at the place the source
 writes with the source's output there. Features write ``activation × decoder vector`` to MLP output ``m`` at
 their position (one ``m`` for per-layer transcoders, every ``m ≥ layer`` for cross-layer ones); error nodes
 write their error vector; tokens write their embedding. For each MLP output ``m`` the feature and error
-outputs are stored as a CSR matrix ``[n_feature + n_error columns, T·d]`` so that a whole batch of rows is
-one sparse-dense product per layer.
+outputs are grouped by position, so that a whole batch of rows costs one dense product per layer and
+position.
 
 Active features that are not kept as nodes are folded into the error node of their layer and position: the
 error node's output becomes the error vector plus those features' outputs, so every row still sums to the
@@ -14,7 +14,6 @@ true value.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +27,10 @@ class Sources:
     """The column nodes of a graph: kept features, error nodes and tokens, with their write matrices.
 
     ``feature_layer/position/index/activation`` describe the kept features (graph order); error nodes are
-    every (layer, position ≥ first_position); tokens are every position. ``writes[m]`` is the CSR write
-    matrix onto MLP output ``m``; ``embed`` [T, d] the tokens' outputs.
+    every (layer, position ≥ first_position); tokens are every position. ``writes[m]`` lists, per position,
+    the columns writing onto MLP output ``m`` there and their output vectors; ``embed`` [T, d] holds the
+    tokens' outputs. ``column_layer``/``column_position`` give every column's layer (-1 for tokens) and
+    position.
     """
 
     feature_layer: torch.Tensor
@@ -39,8 +40,16 @@ class Sources:
     error_layer: torch.Tensor
     error_position: torch.Tensor
     n_tokens: int
-    writes: list[torch.Tensor]
+    writes: list[list[tuple[int, torch.Tensor, torch.Tensor]]]
     embed: torch.Tensor
+    column_layer: torch.Tensor
+    column_position: torch.Tensor
+
+    def support(self, layer: int, position: int) -> torch.Tensor:
+        """Columns that can have a direct effect on a row reading layer ``layer``'s MLP input at ``position``:
+        features and errors of lower layers at positions up to it, and tokens up to it (causal attention)."""
+        below = (self.column_layer < layer) & (self.column_position <= position)
+        return below.nonzero(as_tuple=True)[0]
 
     @property
     def n_features(self) -> int:
@@ -107,34 +116,33 @@ def build_sources(
     n_errors = len(error_layer)
     dtype, device = run.embed.dtype, run.embed.device
 
-    writes = []
+    columns = {}
     for out_layer in range(n_layers):
-        rows, blocks, vectors = [], [], []
+        ids, positions, vectors = [], [], []
         for layer in range(out_layer + 1):
             if out_layer not in _output_layers(transcoders, layer):
                 continue
             in_layer = kept_features.layer == layer
             decoders = transcoders.decoder_vectors(layer, kept_features.index[in_layer], out_layer)
-            rows.append(in_layer.nonzero(as_tuple=True)[0])
-            blocks.append(kept_features.position[in_layer])
+            ids.append(in_layer.nonzero(as_tuple=True)[0])
+            positions.append(kept_features.position[in_layer])
             vectors.append(decoders * kept_features.activation[in_layer, None])
             folded = _folded_outputs(transcoders, dropped, layer, out_layer, n_tokens, d_model)
             if layer == out_layer:
                 folded = folded + run.errors[layer]
-            error_rows = torch.arange(n_errors)[error_layer == layer]
-            rows.append(len(kept_features) + error_rows)
-            blocks.append(error_positions)
+            ids.append(len(kept_features) + torch.arange(n_errors)[error_layer == layer])
+            positions.append(error_positions)
             vectors.append(folded[error_positions])
-        writes.append(
-            _block_csr(
-                torch.cat(rows),
-                torch.cat(blocks),
-                torch.cat(vectors),
-                len(kept_features) + n_errors,
-                n_tokens,
-                d_model,
-            ).to(device=device, dtype=dtype)
-        )
+        columns[out_layer] = _by_position(torch.cat(ids), torch.cat(positions), torch.cat(vectors), n_tokens)
+    writes = [
+        [
+            (position, ids.to(device), vectors.to(device=device, dtype=dtype))
+            for position, ids, vectors in blocks
+        ]
+        for blocks in columns.values()
+    ]
+    column_layer = torch.cat([kept_features.layer, error_layer, torch.full((n_tokens,), -1)])
+    column_position = torch.cat([kept_features.position, error_position, torch.arange(n_tokens)])
     return Sources(
         kept_features.layer,
         kept_features.position,
@@ -145,7 +153,24 @@ def build_sources(
         n_tokens,
         writes,
         run.embed.detach()[0],
+        column_layer,
+        column_position,
     )
+
+
+def _by_position(
+    ids: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, n_tokens: int
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Split columns writing to one MLP output into ``(position, column ids, output vectors)`` blocks."""
+    order = torch.argsort(positions, stable=True)
+    ids, positions, vectors = ids[order], positions[order], vectors[order]
+    counts = torch.bincount(positions, minlength=n_tokens).tolist()
+    blocks = zip(range(n_tokens), ids.split(counts), vectors.split(counts), strict=True)
+    return [
+        (position, block_ids, block_vectors)
+        for position, block_ids, block_vectors in blocks
+        if len(block_ids)
+    ]
 
 
 def _folded_outputs(
@@ -158,20 +183,3 @@ def _folded_outputs(
         decoders = transcoders.decoder_vectors(layer, dropped.index[in_layer], out_layer)
         folded.index_add_(0, dropped.position[in_layer], decoders * dropped.activation[in_layer, None])
     return folded
-
-
-def _block_csr(
-    rows: torch.Tensor, blocks: torch.Tensor, vectors: torch.Tensor, n_rows: int, n_blocks: int, width: int
-) -> torch.Tensor:
-    """CSR matrix [n_rows, n_blocks·width]; row ``rows[i]`` holds ``vectors[i]`` in block ``blocks[i]``."""
-    order = torch.argsort(rows, stable=True)
-    rows, blocks, vectors = rows[order], blocks[order], vectors[order]
-    counts = torch.bincount(rows, minlength=n_rows) * width
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64)
-    crow[1:] = torch.cumsum(counts, 0)
-    columns = (blocks[:, None] * width + torch.arange(width)).reshape(-1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(
-            crow, columns, vectors.reshape(-1), size=(n_rows, n_blocks * width), check_invariants=False
-        )
