@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
+from pathlib import Path
+
+import numpy as np
 
 from circuitmap import __version__
+from circuitmap.attribution import Direction, attribute
+from circuitmap.attribution.estimate import available_memory, estimate_attribution
 from circuitmap.errors import CircuitmapError
+from circuitmap.graphs import Graph, NodeKind, export_graph_json, graph_scores, prune
 from circuitmap.models import DEFAULT_MODEL, load_model
 from circuitmap.transcoders import load_transcoders
 
@@ -67,6 +74,93 @@ def _cmd_transcoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def _direction(text: str) -> Direction:
+    """``NAME=FILE``: a direction stored as the only tensor of a safetensors file."""
+    from safetensors.torch import load_file
+
+    name, _, path = text.partition("=")
+    if not path:
+        raise CircuitmapError(f"--direction takes NAME=FILE.safetensors, got {text!r}")
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors raises several types for missing or corrupt files
+        raise CircuitmapError(f"cannot read direction {name!r} from {path}: {error}") from None
+    if len(tensors) != 1:
+        raise CircuitmapError(f"{path} must hold exactly one tensor (the direction), found {len(tensors)}")
+    return Direction(name, next(iter(tensors.values())))
+
+
+def _targets(args: argparse.Namespace) -> list | None:
+    targets = [*args.target, *(tuple(pair) for pair in args.logit_diff), *map(_direction, args.direction)]
+    return targets or None
+
+
+def _summary(graph: Graph, node_threshold: float, edge_threshold: float, top: int) -> list[str]:
+    """Counts before and after pruning, both scores, and the most influential features."""
+    pruned = prune(graph, node_threshold, edge_threshold)
+    full, kept = graph_scores(graph), graph_scores(graph, pruned.node_mask, pruned.edge_mask)
+    kinds = {kind: int(np.count_nonzero(graph.kind == kind)) for kind in NodeKind}
+    kept_features = int(np.count_nonzero(pruned.node_mask & (graph.kind == NodeKind.FEATURE)))
+    targets = ", ".join(
+        f"{name!r} (p={prob:.3f})" if np.isfinite(prob) else repr(name)
+        for name, prob in zip(graph.target_names, graph.target_probs, strict=True)
+    )
+    lines = [
+        f"prompt: {graph.prompt!r} ({len(graph.tokens)} tokens); targets: {targets}",
+        f"graph: {kinds[NodeKind.FEATURE]:,} features, {kinds[NodeKind.ERROR]:,} error nodes, "
+        f"{kinds[NodeKind.TOKEN]:,} tokens, {kinds[NodeKind.TARGET]:,} targets; {graph.n_edges:,} edges",
+        f"pruned ({node_threshold} / {edge_threshold}): {int(pruned.node_mask.sum()):,} nodes "
+        f"({kept_features:,} features), {int(pruned.edge_mask.sum()):,} edges",
+        f"replacement score: {full.replacement:.3f} full, {kept.replacement:.3f} pruned; "
+        f"completeness: {full.completeness:.3f} full, {kept.completeness:.3f} pruned",
+        "most influential features:",
+    ]
+    features = graph.nodes_of(NodeKind.FEATURE)
+    for node in features[np.argsort(-pruned.influence[features], kind="stable")[:top]]:
+        token = graph.token_strings[graph.position[node]]
+        lines.append(
+            f"  layer {graph.layer[node]:>2} feature {graph.index[node]:>6} at {graph.position[node]:>3} "
+            f"({token!r}): influence {pruned.influence[node]:.4f}, activation {graph.activation[node]:.3f}"
+        )
+    return lines
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    model = _load(args)
+    transcoders = load_transcoders(args.transcoders)
+    targets = _targets(args)
+    settings = dict(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
+    if args.estimate or not args.force:
+        estimate = estimate_attribution(model, transcoders, args.prompt, timed=args.estimate, **settings)
+        print(f"estimate: {estimate.describe()}")
+        available = available_memory()
+        if estimate.peak_bytes > available and not args.force:
+            raise CircuitmapError(
+                f"the estimated peak memory ({estimate.peak_bytes / 2**30:.1f} GiB) exceeds the available "
+                f"{available / 2**30:.1f} GiB; lower --max-feature-nodes or --batch-size, or pass --force"
+            )
+        if args.estimate:
+            return 0
+    graph = attribute(model, transcoders, args.prompt, targets=targets, progress=True, **settings)
+    started = time.perf_counter()
+    lines = _summary(graph, args.node_threshold, args.edge_threshold, args.top)
+    pruning_seconds = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    graph_file = graph.save(out / "graph.safetensors")
+    json_file = export_graph_json(
+        graph, out / "graph.json", node_threshold=args.node_threshold, edge_threshold=args.edge_threshold
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("\n".join(lines))
+    print(
+        f"time: attribution {graph.info['seconds']:.1f} s, pruning and scores {pruning_seconds:.1f} s; "
+        f"peak memory {peak:.2f} GiB"
+    )
+    print(f"wrote {graph_file} and {json_file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitmap", description=__doc__)
     parser.add_argument("--version", action="version", version=f"circuitmap {__version__}")
@@ -95,6 +189,44 @@ def build_parser() -> argparse.ArgumentParser:
     tc_parser.set_defaults(model=None)
     tc_parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     tc_parser.set_defaults(run=_cmd_transcoders)
+
+    at_parser = commands.add_parser(
+        "attribute", help="compute the attribution graph of a prompt, save it and its viewer JSON"
+    )
+    _add_model_args(at_parser)
+    at_parser.add_argument(
+        "--transcoders", required=True, help="transcoder set (folder, npz or hub reference)"
+    )
+    at_parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    at_parser.add_argument("--target", action="append", default=[], help="explicit target token (repeatable)")
+    at_parser.add_argument(
+        "--logit-diff",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="target logit(A) − logit(B)",
+    )
+    at_parser.add_argument(
+        "--direction", action="append", default=[], metavar="NAME=FILE", help="residual direction target"
+    )
+    at_parser.add_argument(
+        "--max-feature-nodes", type=int, help="cap on feature nodes (others fold into errors)"
+    )
+    at_parser.add_argument(
+        "--batch-size", type=int, help="rows per backward pass (default: sized to the prompt)"
+    )
+    at_parser.add_argument("--node-threshold", type=float, default=0.8)
+    at_parser.add_argument("--edge-threshold", type=float, default=0.98)
+    at_parser.add_argument("--top", type=int, default=10, help="how many influential features to list")
+    at_parser.add_argument("--out", required=True, help="folder for graph.safetensors and graph.json")
+    at_parser.add_argument(
+        "--estimate", action="store_true", help="print expected memory and time, then stop"
+    )
+    at_parser.add_argument(
+        "--force", action="store_true", help="run even if the estimate exceeds free memory"
+    )
+    at_parser.set_defaults(run=_cmd_attribute)
     return parser
 
 

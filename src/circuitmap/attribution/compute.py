@@ -45,7 +45,8 @@ def default_batch_size(model: Model, n_tokens: int) -> int:
     return int(min(MAX_BATCH_SIZE, max(1, GRADIENT_BUDGET_BYTES // per_row)))
 
 
-def _check_inputs(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> None:
+def check_inputs(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> None:
+    """Clear errors for transcoders that do not fit, prompts longer than the context or too short."""
     transcoders.check_model(model.n_layers, model.d_model)
     n_tokens = ids.shape[1]
     context = getattr(model.hf_model.config.get_text_config(), "max_position_embeddings", None)
@@ -55,7 +56,8 @@ def _check_inputs(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> 
         raise CircuitmapError("the prompt needs at least two tokens (the first position is excluded)")
 
 
-def _feature_rows(transcoders: Transcoders, features: ActiveFeatures) -> RowSpec:
+def feature_rows(transcoders: Transcoders, features: ActiveFeatures) -> RowSpec:
+    """Rows of the given features: their encoder rows, injected at their layer's MLP input."""
     vectors = torch.empty(
         len(features), transcoders.d_model, dtype=transcoders.dtype, device=transcoders.device
     )
@@ -123,7 +125,7 @@ def _select_features(
     estimate = (weights[:, None] * _normalised(target_values)[:, :n_features]).sum(0)
     row_bytes = sources.n_columns * run.embed.dtype.itemsize
     keep_rows = (max_feature_nodes + len(target_spec)) * row_bytes <= DENSE_ROW_BUDGET_BYTES
-    spec = _feature_rows(transcoders, features)
+    spec = feature_rows(transcoders, features)
     visited = torch.zeros(n_features, dtype=torch.bool)
     stored: dict[int, torch.Tensor] = {}
     with tqdm(
@@ -172,7 +174,7 @@ def attribute(
     """
     started = time.perf_counter()
     ids = model.encode(prompt)
-    _check_inputs(model, transcoders, ids)
+    check_inputs(model, transcoders, ids)
     if max_feature_nodes is not None and max_feature_nodes < 0:
         raise CircuitmapError("max_feature_nodes must be zero or more")
     transcoders.to(device=model.device, dtype=model.dtype)
@@ -192,7 +194,7 @@ def attribute(
             )
         kept_features = features if kept is None else features.subset(kept)
         sources = build_sources(run, transcoders, features, kept, FIRST_POSITION)
-        spec = concat_specs([_feature_rows(transcoders, kept_features), target_spec])
+        spec = concat_specs([feature_rows(transcoders, kept_features), target_spec])
         if rows is None:
             batches = batched_rows(run, sources, spec, batch_size, progress, "attribution")
         else:

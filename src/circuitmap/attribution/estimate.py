@@ -1,0 +1,151 @@
+"""Predict an attribution's peak memory and time before running it.
+
+The model runs once on the prompt (cheap next to attribution) to count active features; the number of rows
+and the edges each row keeps follow from that exactly (up to which features a cap keeps). Time comes from one
+measured batch of rows of the median layer, scaled to the number of batches; memory adds the model, the
+transcoders, the edge arrays, one batch's gradients and, under a cap, the rows kept while selecting.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from circuitmap.attribution import compute
+from circuitmap.attribution.replacement import replacement_run
+from circuitmap.attribution.rows import row_values
+from circuitmap.attribution.sources import active_features, build_sources
+from circuitmap.errors import CircuitmapError
+from circuitmap.models import Model
+from circuitmap.transcoders import Transcoders
+
+
+@dataclass
+class Estimate:
+    """Predicted cost of one ``attribute`` call."""
+
+    n_tokens: int
+    n_active_features: int
+    n_feature_nodes: int
+    n_rows: int
+    n_edges: int
+    peak_bytes: int
+    seconds: float | None
+
+    def describe(self) -> str:
+        timing = "" if self.seconds is None else f", time {self.seconds:.0f} s"
+        return (
+            f"{self.n_tokens} tokens, {self.n_active_features:,} active features, "
+            f"{self.n_feature_nodes:,} feature nodes, {self.n_rows:,} rows to compute, "
+            f"about {self.n_edges:,} edges; expected peak memory {self.peak_bytes / 2**30:.2f} GiB{timing}"
+        )
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; physical pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _support_sizes(
+    column_layer: torch.Tensor, column_position: torch.Tensor, rows, n_layers: int, n_tokens: int
+) -> torch.Tensor:
+    """For each row (a feature at layer l, position p): how many of these columns have layer < l and
+    position ≤ p, counted through a cumulative (layer, position) histogram."""
+    histogram = torch.zeros(n_layers + 2, n_tokens, dtype=torch.float64)
+    histogram.index_put_(
+        (column_layer + 1, column_position),
+        torch.ones(len(column_layer), dtype=torch.float64),
+        accumulate=True,
+    )
+    below = histogram.cumsum(0).cumsum(1)
+    return below[rows.layer, rows.position]
+
+
+def estimate_attribution(
+    model: Model,
+    transcoders: Transcoders,
+    prompt: str | torch.Tensor,
+    *,
+    max_feature_nodes: int | None = None,
+    batch_size: int | None = None,
+    n_targets: int = 10,
+    timed: bool = True,
+) -> Estimate:
+    """Predict peak memory and (when ``timed``) time of ``attribute`` with the same arguments.
+
+    ``n_targets`` is the number of targets to plan for (the default salient logits are at most 10).
+    """
+    ids = model.encode(prompt)
+    compute.check_inputs(model, transcoders, ids)
+    transcoders.to(device=model.device, dtype=model.dtype)
+    n_tokens, itemsize = ids.shape[1], model.dtype.itemsize
+    batch_size = batch_size or compute.default_batch_size(model, n_tokens)
+    with replacement_run(model, transcoders, ids) as run:
+        features = active_features(run, compute.FIRST_POSITION)
+        if len(features) == 0:
+            raise CircuitmapError("no transcoder feature is active on this prompt (first position excluded)")
+        capped = max_feature_nodes is not None and len(features) > max_feature_nodes
+        n_kept = max_feature_nodes if capped else len(features)
+        sources = build_sources(run, transcoders, features, None, compute.FIRST_POSITION)
+        batch_seconds = _time_one_batch(run, transcoders, features, sources, batch_size) if timed else None
+        share = n_kept / len(features)
+        is_feature = torch.arange(sources.n_columns) < sources.n_features
+        feature_support = _support_sizes(
+            sources.column_layer[is_feature],
+            sources.column_position[is_feature],
+            features,
+            model.n_layers,
+            n_tokens,
+        )
+        other_support = _support_sizes(
+            sources.column_layer[~is_feature],
+            sources.column_position[~is_feature],
+            features,
+            model.n_layers,
+            n_tokens,
+        )
+        per_row = feature_support * share + other_support
+        n_columns = n_kept + sources.n_errors + sources.n_tokens
+        n_edges = int(per_row.sum() * share) + n_targets * n_columns
+    n_rows = n_kept + n_targets + (n_kept if capped else 0)
+    n_batches = -(-n_rows // batch_size)
+    gradients = batch_size * n_tokens * model.d_model * (model.n_layers + 2) * itemsize * 2
+    values = batch_size * sources.n_columns * itemsize * 2
+    selection = (n_kept + n_targets) * sources.n_columns * itemsize if capped else 0
+    if selection > compute.DENSE_ROW_BUDGET_BYTES:
+        selection = 0
+    peak = (
+        _tensor_bytes(model.hf_model)
+        + _tensor_bytes(transcoders)
+        + transcoders.n_layers * transcoders.d_features * transcoders.d_model * itemsize
+        + n_edges * (4 + itemsize)
+        + gradients
+        + values
+        + selection
+    )
+    seconds = None if batch_seconds is None else batch_seconds * n_batches
+    return Estimate(n_tokens, len(features), n_kept, n_rows, n_edges, int(peak), seconds)
+
+
+def _time_one_batch(run, transcoders: Transcoders, features, sources, batch_size: int) -> float:
+    """Seconds for one batch of rows of the median layer (rows are processed in layer order)."""
+    median_layer = int(features.layer.median())
+    sample = (features.layer == median_layer).nonzero(as_tuple=True)[0][:batch_size]
+    spec = compute.feature_rows(transcoders, features.subset(sample))
+    started = time.perf_counter()
+    row_values(run, sources, spec, slice(0, len(spec)))
+    return time.perf_counter() - started

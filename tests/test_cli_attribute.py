@@ -1,0 +1,114 @@
+"""``circuitmap attribute``: files written, summary printed, estimates, refusals and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_hf_model
+from test_attribution import random_transcoders
+
+from circuitmap import Graph, load_model
+from circuitmap.attribution import attribute
+from circuitmap.attribution.estimate import estimate_attribution
+from circuitmap.cli import main
+from circuitmap.graphs.export import json_schema
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli-attribute")
+    tiny_hf_model("llama").save_pretrained(folder / "model")
+    char_tokenizer().save_pretrained(folder / "model")
+    random_transcoders("plt-topk-skip", 3, 32).save(folder / "transcoders")
+    return folder
+
+
+def _args(setup, *extra: str) -> list[str]:
+    return [
+        "attribute",
+        "--model",
+        str(setup / "model"),
+        "--transcoders",
+        str(setup / "transcoders"),
+        "--prompt",
+        "The cat sat on",
+        *extra,
+    ]
+
+
+def test_writes_graph_and_viewer_json(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(setup, "--out", str(out), "--top", "3")) == 0
+    printed = capsys.readouterr().out
+    for expected in ("graph:", "pruned (0.8 / 0.98):", "replacement score:", "completeness:", "time:"):
+        assert expected in printed
+    assert printed.count(" feature ") >= 3
+    graph = Graph.load(out / "graph.safetensors")
+    assert graph.prompt == "The cat sat on" and graph.n_features > 0
+    document = json.loads((out / "graph.json").read_text())
+    jsonschema.validate(document, json_schema())
+    assert document["metadata"]["prompt"] == "The cat sat on"
+
+
+def test_explicit_targets(setup, tmp_path):
+    out = tmp_path / "out"
+    assert main(_args(setup, "--out", str(out), "--target", "a", "--logit-diff", "e", "o")) == 0
+    assert Graph.load(out / "graph.safetensors").target_names == ["a", "e − o"]
+
+
+def test_estimate_prints_and_writes_nothing(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(setup, "--out", str(out), "--estimate")) == 0
+    assert "expected peak memory" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_estimated_edges_are_exact_without_a_cap(setup):
+    model = load_model(setup / "model", dtype="float64")
+    transcoders = random_transcoders("plt-topk-skip", 3, 32)
+    graph = attribute(model, transcoders, "The cat sat on", progress=False)
+    estimate = estimate_attribution(model, transcoders, "The cat sat on", n_targets=len(graph.target_names))
+    assert estimate.n_edges == graph.n_edges
+    assert estimate.n_rows == graph.n_features + len(graph.target_names)
+    assert estimate.seconds is not None and estimate.peak_bytes > 0
+
+
+def test_refused_when_the_estimate_exceeds_memory_unless_forced(setup, tmp_path, capsys, monkeypatch):
+    import circuitmap.cli as cli
+
+    monkeypatch.setattr(cli, "available_memory", lambda: 1024)
+    assert main(_args(setup, "--out", str(tmp_path / "refused"))) == 2
+    error = capsys.readouterr().err
+    assert "exceeds the available 0.0 GiB" in error and "--force" in error
+    assert not (tmp_path / "refused").exists()
+    assert main(_args(setup, "--out", str(tmp_path / "forced"), "--force")) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "ab"], "not a single token"),
+        (["--direction", "nameonly"], "NAME=FILE"),
+        (["--max-feature-nodes", "-1"], "zero or more"),
+    ],
+)
+def test_bad_input(setup, tmp_path, capsys, extra, message):
+    assert main(_args(setup, "--out", str(tmp_path / "out"), "--force", *extra)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("circuitmap: error:") and message in errors[0]
+
+
+def test_direction_target_from_a_file(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"direction": torch.randn(32)}, tmp_path / "direction.safetensors")
+    out = tmp_path / "out"
+    assert (
+        main(_args(setup, "--out", str(out), "--direction", f"up={tmp_path / 'direction.safetensors'}")) == 0
+    )
+    graph = Graph.load(out / "graph.safetensors")
+    assert graph.target_names == ["up"] and np.isnan(graph.target_probs[0])
