@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import STORIES, needs_shared, tiny_model
+from conftest import FAMILIES, STORIES, needs_shared, tiny_model
 
 from circuitmap import CircuitmapError, load_model
 from circuitmap.attribution import Direction, attribute, compute
@@ -202,7 +202,7 @@ def _check_exact(model, transcoders, graph: Graph, targets, n_sampled_features: 
         oracle.close()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_edges_match_perturbations_of_the_frozen_model(family, kind):
     model = tiny_model(family, torch.float64)
@@ -224,10 +224,11 @@ def test_explicit_difference_and_direction_targets():
 
 
 @pytest.mark.parametrize("kind", ["plt-jumprelu", "clt-jumprelu-skip"])
-@pytest.mark.parametrize("keep_rows", [True, False])
-def test_capped_graph_is_the_uncapped_graph_with_dropped_features_folded(kind, keep_rows, monkeypatch):
-    if not keep_rows:
-        monkeypatch.setattr(compute, "DENSE_ROW_BUDGET_BYTES", 0)
+@pytest.mark.parametrize("pool_factor", [1, 0])
+def test_capped_graph_is_the_uncapped_graph_with_dropped_features_folded(kind, pool_factor, monkeypatch):
+    """With no candidates beyond the visited features, early rows miss kept features and are recomputed."""
+    monkeypatch.setattr(compute, "POOL_FACTOR", pool_factor)
+    monkeypatch.setattr(compute, "POOL_BUDGET_BYTES", 0)
     model = tiny_model("gemma2", torch.float64)
     transcoders = random_transcoders(kind, model.n_layers, model.d_model)
     full = attribute(model, transcoders, PROMPT, progress=False)

@@ -5,13 +5,8 @@ Steps: build the replacement model's autograd graph (``replacement.py``); resolv
 error belong to the constant term, as it mostly acts as an attention sink); when ``max_feature_nodes`` caps
 the graph, choose which features to keep by estimated influence; then compute every row (``rows.py``) against
 the kept sources (``sources.py``), with dropped features folded into the error nodes of their layer and
-position, and store the rows as a sparse graph.
-
-Selection under a cap: after the target rows, each active feature's influence is estimated as the
-probability-weighted share of the targets' normalised input it provides; features are visited in order of
-that estimate, and each visited row adds its own estimate times its normalised input to the estimates of
-the features it reads from. The visited features are the kept ones. When the visited rows fit in memory they
-are reused (their columns folded); otherwise the kept rows are computed again against the folded sources.
+position, and store the rows as a sparse graph. Under a cap, rows visited while selecting (``selection.py``)
+are reused; only those whose candidate pool missed a kept feature are computed again.
 """
 
 from __future__ import annotations
@@ -21,11 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from circuitmap.attribution.edges import EdgeWriter
 from circuitmap.attribution.replacement import ReplacementRun, replacement_run
 from circuitmap.attribution.rows import RowSpec, batched_rows, concat_specs, row_values
+from circuitmap.attribution.selection import Selection, select_features
 from circuitmap.attribution.sources import ActiveFeatures, Sources, active_features, build_sources
 from circuitmap.attribution.targets import Target, TargetSpec, resolve_targets
 from circuitmap.errors import CircuitmapError
@@ -34,7 +29,8 @@ from circuitmap.models import Model
 from circuitmap.transcoders import Transcoders
 
 FIRST_POSITION = 1
-DENSE_ROW_BUDGET_BYTES = 2 * 2**30
+POOL_FACTOR = 4
+POOL_BUDGET_BYTES = 2**30
 GRADIENT_BUDGET_BYTES = 4 * 2**30
 MAX_BATCH_SIZE = 512
 
@@ -86,71 +82,42 @@ def _target_values(run: ReplacementRun, targets: Sequence[Target]) -> torch.Tens
     )
 
 
-def _normalised(values: torch.Tensor) -> torch.Tensor:
-    magnitudes = values.abs().double()
-    return magnitudes / magnitudes.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-
-
 def _error_column(features: ActiveFeatures, n_tokens: int) -> torch.Tensor:
     """Index, among error nodes, of the error node of each feature's layer and position."""
     return features.layer * (n_tokens - FIRST_POSITION) + features.position - FIRST_POSITION
 
 
-def _fold(values: torch.Tensor, features: ActiveFeatures, kept: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Columns over all active features → columns over kept features, with dropped ones added to errors."""
-    n_features = len(features)
-    folded = torch.cat([values[:, :n_features][:, kept], values[:, n_features:]], dim=1)
-    dropped = (~kept).nonzero(as_tuple=True)[0]
-    targets = int(kept.sum()) + _error_column(features.subset(dropped), n_tokens)
-    folded.index_add_(1, targets, values[:, dropped])
-    return folded
+def pool_extra(max_feature_nodes: int, n_targets: int, dtype: torch.dtype) -> int:
+    """Candidates each visited row keeps beyond the visited features: a multiple of the cap, or as many as
+    about 1 GiB holds over all visited rows, whichever is larger."""
+    affordable = POOL_BUDGET_BYTES // ((max_feature_nodes + n_targets) * dtype.itemsize)
+    return max(POOL_FACTOR * max_feature_nodes, affordable)
 
 
-def _select_features(
+def _final_batches(
     run: ReplacementRun,
-    transcoders: Transcoders,
-    features: ActiveFeatures,
-    target_spec: RowSpec,
-    weights: torch.Tensor,
-    max_feature_nodes: int,
+    sources: Sources,
+    spec: RowSpec,
+    selection: Selection | None,
     batch_size: int,
     progress: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Visit up to ``max_feature_nodes`` features by estimated influence; return the kept mask and, when
-    they fit in memory, the rows (targets first, then kept features in graph order) with folded columns."""
-    n_tokens = run.embed.shape[1]
-    sources = build_sources(run, transcoders, features, None, FIRST_POSITION)
-    n_features = len(features)
-    target_values = row_values(run, sources, target_spec, slice(0, len(target_spec)))
-    estimate = (weights[:, None] * _normalised(target_values)[:, :n_features]).sum(0)
-    row_bytes = sources.n_columns * run.embed.dtype.itemsize
-    keep_rows = (max_feature_nodes + len(target_spec)) * row_bytes <= DENSE_ROW_BUDGET_BYTES
-    spec = feature_rows(transcoders, features)
-    visited = torch.zeros(n_features, dtype=torch.bool)
-    stored: dict[int, torch.Tensor] = {}
-    with tqdm(
-        total=max_feature_nodes, desc="selecting features", unit="row", disable=not progress, leave=False
-    ) as bar:
-        while int(visited.sum()) < max_feature_nodes:
-            count = min(batch_size, max_feature_nodes - int(visited.sum()))
-            chosen = estimate.masked_fill(visited, -1.0).topk(count).indices.sort().values
-            batch = RowSpec(
-                [spec.point[i] for i in chosen.tolist()],
-                spec.layer[chosen],
-                spec.position[chosen],
-                spec.vectors[chosen],
-            )
-            values = row_values(run, sources, batch, slice(0, count))
-            estimate += (estimate[chosen, None] * _normalised(values)[:, :n_features]).sum(0)
-            visited[chosen] = True
-            if keep_rows:
-                stored.update(zip(chosen.tolist(), values, strict=True))
-            bar.update(count)
-    if not keep_rows:
-        return visited, None
-    kept_rows = [stored[i] for i in visited.nonzero(as_tuple=True)[0].tolist()]
-    rows = torch.cat([torch.stack(kept_rows), target_values])
-    return visited, _fold(rows, features, visited, n_tokens)
+):
+    """Yield ``(rows, values)`` for every row of ``spec``: known rows from the selection, others computed."""
+    if selection is None:
+        yield from batched_rows(run, sources, spec, batch_size, progress, "attribution")
+        return
+    missing = (~selection.complete).nonzero(as_tuple=True)[0]
+    rows = selection.rows
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        sub = RowSpec(
+            [spec.point[i] for i in chunk.tolist()],
+            spec.layer[chunk],
+            spec.position[chunk],
+            spec.vectors[chunk],
+        )
+        rows[chunk] = row_values(run, sources, sub, slice(0, len(chunk))).to(rows.dtype)
+    yield slice(0, len(spec)), rows
 
 
 def attribute(
@@ -187,18 +154,27 @@ def attribute(
         if len(features) == 0:
             raise CircuitmapError("no transcoder feature is active on this prompt (first position excluded)")
         target_spec = _target_rows(resolved, n_tokens, model.n_layers)
-        kept, rows = None, None
+        selection = None
         if max_feature_nodes is not None and len(features) > max_feature_nodes:
-            kept, rows = _select_features(
-                run, transcoders, features, target_spec, weights, max_feature_nodes, batch_size, progress
+            selection = select_features(
+                run,
+                build_sources(run, transcoders, features, None, FIRST_POSITION),
+                features,
+                feature_rows(transcoders, features),
+                target_spec,
+                weights,
+                _error_column(features, n_tokens),
+                max_feature_nodes,
+                batch_size,
+                pool_extra(max_feature_nodes, len(resolved), model.dtype),
+                progress,
             )
-        kept_features = features if kept is None else features.subset(kept)
-        sources = build_sources(run, transcoders, features, kept, FIRST_POSITION)
+        kept_features = features if selection is None else features.subset(selection.kept)
+        sources = build_sources(
+            run, transcoders, features, None if selection is None else selection.kept, FIRST_POSITION
+        )
         spec = concat_specs([feature_rows(transcoders, kept_features), target_spec])
-        if rows is None:
-            batches = batched_rows(run, sources, spec, batch_size, progress, "attribution")
-        else:
-            batches = iter([(slice(0, len(spec)), rows)])
+        batches = _final_batches(run, sources, spec, selection, batch_size, progress)
         values = torch.cat([kept_features.pre_activation.double(), _target_values(run, resolved)])
         edges = EdgeWriter(spec, sources, values, model.dtype)
         for batch_rows, batch in batches:

@@ -2,8 +2,9 @@
 
 The model runs once on the prompt (cheap next to attribution) to count active features; the number of rows
 and the edges each row keeps follow from that exactly (up to which features a cap keeps). Time comes from one
-measured batch of rows of the median layer, scaled to the number of batches; memory adds the model, the
-transcoders, the edge arrays, one batch's gradients and, under a cap, the rows kept while selecting.
+measured batch of rows of the median layer, scaled to the number of batches (rows recomputed after a
+selection that missed are not foreseen); memory adds the model, the transcoders, the edge arrays, one
+batch's gradients and, under a cap, the rows kept while selecting.
 """
 
 from __future__ import annotations
@@ -121,13 +122,14 @@ def estimate_attribution(
         per_row = feature_support * share + other_support
         n_columns = n_kept + sources.n_errors + sources.n_tokens
         n_edges = int(per_row.sum() * share) + n_targets * n_columns
-    n_rows = n_kept + n_targets + (n_kept if capped else 0)
+    n_rows = n_kept + n_targets
     n_batches = -(-n_rows // batch_size)
     gradients = batch_size * n_tokens * model.d_model * (model.n_layers + 2) * itemsize * 2
     values = batch_size * sources.n_columns * itemsize * 2
-    selection = (n_kept + n_targets) * sources.n_columns * itemsize if capped else 0
-    if selection > compute.DENSE_ROW_BUDGET_BYTES:
-        selection = 0
+    n_final_columns = n_kept + sources.n_errors + sources.n_tokens
+    pool = min(len(features), n_kept + compute.pool_extra(n_kept, n_targets, model.dtype))
+    per_visited_row = pool + sources.n_errors * 2 + sources.n_tokens
+    selection = (n_kept + n_targets) * (per_visited_row + n_final_columns) * itemsize if capped else 0
     peak = (
         _tensor_bytes(model.hf_model)
         + _tensor_bytes(transcoders)
