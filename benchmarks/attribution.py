@@ -7,6 +7,7 @@ usage: python benchmarks/attribution.py [a] [b] [long] [--runs 3]
   b     SmolLM2-135M, plt-topk 30 576 4096 --topk 32 --seed 0, "The capital of France is", 4,096-feature
         cap, batch 256
   long  SmolLM2-135M with the transcoders of b, a 1,000-token prompt from a corpus, 4,096-feature cap
+        (hours on two CPU cores: each row's backward pass pays for attention over the whole prompt)
 
 Transcoders are written by ../shared/tools/make_transcoders.py (the reference layout). Each run is a fresh
 process; the time covers ``attribute`` only (model and transcoder loading excluded); peak RSS is the whole
