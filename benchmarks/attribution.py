@@ -9,7 +9,9 @@ usage: python benchmarks/attribution.py [a] [b] [long] [--runs 3]
   long  SmolLM2-135M with the transcoders of b, a 1,000-token prompt from a corpus, 4,096-feature cap
         (hours on two CPU cores: each row's backward pass pays for attention over the whole prompt)
 
-Transcoders are written by ../shared/tools/make_transcoders.py (the reference layout). Each run is a fresh
+Transcoders are written by make_transcoders.py from the shared data folder beside the repository
+(../shared/tools, seeded random sets in the reference layout), so figures compare across implementations;
+stories260K comes from the same folder. Each run is a fresh
 process; the time covers ``attribute`` only (model and transcoder loading excluded); peak RSS is the whole
 process's. Figures are medians over the runs.
 """
@@ -79,9 +81,7 @@ def run_once(name: str, transcoders_dir: str) -> dict:
         progress=False,
     )
     seconds = time.perf_counter() - start
-    n_rows = graph.n_features + len(graph.target_names)
-    if graph.info["max_feature_nodes"] is not None and graph.info["n_active_features"] > graph.n_features:
-        n_rows += graph.n_features
+    n_rows = graph.n_features + len(graph.target_names) + graph.info["recomputed_rows"]
     return {
         "seconds": seconds,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

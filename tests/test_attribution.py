@@ -318,3 +318,24 @@ def test_exact_on_stories260k(kind):
     )
     assert graph.n_features == 200
     _check_exact(model, transcoders, graph, None, n_sampled_features=20, atol=1e-8)
+
+
+def test_settings_out_of_range_and_batched_prompts():
+    model = tiny_model("llama", torch.float64)
+    transcoders = random_transcoders("plt-topk-skip", model.n_layers, model.d_model)
+    for batch_size in (0, -3):
+        with pytest.raises(CircuitmapError, match="batch_size must be at least 1"):
+            attribute(model, transcoders, PROMPT, batch_size=batch_size, progress=False)
+    ids = model.encode(PROMPT).repeat(2, 1)
+    with pytest.raises(CircuitmapError, match="one prompt at a time, got a batch of 2"):
+        attribute(model, transcoders, ids, progress=False)
+
+
+def test_bfloat16_model_gives_a_float32_graph_close_to_float64():
+    exact = attribute(
+        tiny_model("llama", torch.float64), random_transcoders("plt-topk-skip", 3, 32), PROMPT, progress=False
+    )
+    model = tiny_model("llama", torch.bfloat16)
+    graph = attribute(model, random_transcoders("plt-topk-skip", 3, 32), PROMPT, progress=False)
+    assert graph.weights.dtype == np.float32 and np.isfinite(graph.weights).all()
+    assert graph.n_features > 0 and exact.n_features > 0

@@ -80,7 +80,7 @@ def test_estimated_edges_are_exact_without_a_cap(setup):
 def test_refused_when_the_estimate_exceeds_memory_unless_forced(setup, tmp_path, capsys, monkeypatch):
     import circuitmap.cli as cli
 
-    monkeypatch.setattr(cli, "available_memory", lambda: 1024)
+    monkeypatch.setattr(cli, "available_memory", lambda device: 1024)
     assert main(_args(setup, "--out", str(tmp_path / "refused"))) == 2
     error = capsys.readouterr().err
     assert "exceeds the available 0.0 GiB" in error and "--force" in error
@@ -112,3 +112,23 @@ def test_direction_target_from_a_file(setup, tmp_path):
     )
     graph = Graph.load(out / "graph.safetensors")
     assert graph.target_names == ["up"] and np.isnan(graph.target_probs[0])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--node-threshold", "1.5"], "--node-threshold must be in (0, 1]"),
+        (["--device", "nonsense"], "unknown device"),
+    ],
+)
+def test_bad_settings_are_rejected_before_any_work(setup, tmp_path, capsys, extra, message):
+    assert main(_args(setup, "--out", str(tmp_path / "out"), *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_must_be_a_folder(setup, tmp_path, capsys):
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    assert main(_args(setup, "--out", str(existing))) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err

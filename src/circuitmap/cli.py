@@ -61,6 +61,7 @@ def _cmd_transcoders(args: argparse.Namespace) -> int:
         return 0
     model = _load(args)
     transcoders.check_model(model.n_layers, model.d_model)
+    transcoders.to(device=model.device, dtype=model.dtype)
     _, cache = model.run_with_cache(args.prompt, points=["mlp_in", "mlp_out"])
     inputs = [cache["mlp_in", layer][0, 1:] for layer in range(model.n_layers)]
     predicted = transcoders.reconstruct(inputs)
@@ -125,16 +126,35 @@ def _summary(graph: Graph, node_threshold: float, edge_threshold: float, top: in
     return lines
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Reject bad thresholds and an unusable output folder before any work is done."""
+    for name in ("node_threshold", "edge_threshold"):
+        value = getattr(args, name)
+        if not 0 < value <= 1:
+            raise CircuitmapError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CircuitmapError(f"--out {out} exists and is not a folder")
+
+
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     model = _load(args)
     transcoders = load_transcoders(args.transcoders)
     targets = _targets(args)
     settings = dict(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
     if args.estimate or not args.force:
-        estimate = estimate_attribution(model, transcoders, args.prompt, timed=args.estimate, **settings)
+        estimate = estimate_attribution(
+            model,
+            transcoders,
+            args.prompt,
+            timed=args.estimate,
+            n_targets=len(targets) if targets else 10,
+            **settings,
+        )
         print(f"estimate: {estimate.describe()}")
-        available = available_memory()
-        if estimate.peak_bytes > available and not args.force:
+        available = available_memory(model.device)
+        if available is not None and estimate.peak_bytes > available and not args.force:
             raise CircuitmapError(
                 f"the estimated peak memory ({estimate.peak_bytes / 2**30:.1f} GiB) exceeds the available "
                 f"{available / 2**30:.1f} GiB; lower --max-feature-nodes or --batch-size, or pass --force"
@@ -147,10 +167,10 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     pruning_seconds = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    graph_file = graph.save(out / "graph.safetensors")
     json_file = export_graph_json(
         graph, out / "graph.json", node_threshold=args.node_threshold, edge_threshold=args.edge_threshold
     )
+    graph_file = graph.save(out / "graph.safetensors")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("\n".join(lines))
     print(
@@ -161,6 +181,13 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitmap", description=__doc__)
     parser.add_argument("--version", action="version", version=f"circuitmap {__version__}")
@@ -169,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     next_parser = commands.add_parser("next", help="print the most likely next tokens for a prompt")
     _add_model_args(next_parser)
     next_parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    next_parser.add_argument("-k", type=int, default=10, help="how many tokens (default 10)")
+    next_parser.add_argument("-k", type=_positive, default=10, help="how many tokens (default 10)")
     next_parser.set_defaults(run=_cmd_next)
 
     gen_parser = commands.add_parser("generate", help="continue a prompt")
@@ -218,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     at_parser.add_argument("--node-threshold", type=float, default=0.8)
     at_parser.add_argument("--edge-threshold", type=float, default=0.98)
-    at_parser.add_argument("--top", type=int, default=10, help="how many influential features to list")
+    at_parser.add_argument("--top", type=_positive, default=10, help="how many influential features to list")
     at_parser.add_argument("--out", required=True, help="folder for graph.safetensors and graph.json")
     at_parser.add_argument(
         "--estimate", action="store_true", help="print expected memory and time, then stop"

@@ -19,7 +19,7 @@ import torch
 
 from circuitmap.attribution.edges import EdgeWriter
 from circuitmap.attribution.replacement import ReplacementRun, replacement_run
-from circuitmap.attribution.rows import RowSpec, batched_rows, concat_specs, row_values
+from circuitmap.attribution.rows import RowSpec, batched_rows, concat_specs
 from circuitmap.attribution.selection import Selection, select_features
 from circuitmap.attribution.sources import ActiveFeatures, Sources, active_features, build_sources
 from circuitmap.attribution.targets import Target, TargetSpec, resolve_targets
@@ -41,15 +41,36 @@ def default_batch_size(model: Model, n_tokens: int) -> int:
     return int(min(MAX_BATCH_SIZE, max(1, GRADIENT_BUDGET_BYTES // per_row)))
 
 
-def check_inputs(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> None:
-    """Clear errors for transcoders that do not fit, prompts longer than the context or too short."""
+def check_inputs(
+    model: Model,
+    transcoders: Transcoders,
+    ids: torch.Tensor,
+    max_feature_nodes: int | None,
+    batch_size: int | None,
+) -> None:
+    """Clear errors for transcoders that do not fit, a prompt that is batched, too long or too short, and
+    settings out of range."""
     transcoders.check_model(model.n_layers, model.d_model)
+    if ids.shape[0] != 1:
+        raise CircuitmapError(f"attribution explains one prompt at a time, got a batch of {ids.shape[0]}")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise CircuitmapError("max_feature_nodes must be zero or more")
+    if batch_size is not None and batch_size < 1:
+        raise CircuitmapError("batch_size must be at least 1")
     n_tokens = ids.shape[1]
     context = getattr(model.hf_model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and n_tokens > context:
         raise CircuitmapError(f"the prompt has {n_tokens} tokens but the model's context is {context}")
     if n_tokens <= FIRST_POSITION:
         raise CircuitmapError("the prompt needs at least two tokens (the first position is excluded)")
+
+
+def collect_features(run: ReplacementRun) -> ActiveFeatures:
+    """The active features of the graph (first position excluded); an error when there are none."""
+    features = active_features(run, FIRST_POSITION)
+    if len(features) == 0:
+        raise CircuitmapError("no transcoder feature is active on this prompt (first position excluded)")
+    return features
 
 
 def feature_rows(transcoders: Transcoders, features: ActiveFeatures) -> RowSpec:
@@ -107,16 +128,15 @@ def _final_batches(
         yield from batched_rows(run, sources, spec, batch_size, progress, "attribution")
         return
     missing = (~selection.complete).nonzero(as_tuple=True)[0]
+    sub = RowSpec(
+        [spec.point[i] for i in missing.tolist()],
+        spec.layer[missing],
+        spec.position[missing],
+        spec.vectors[missing],
+    )
     rows = selection.rows
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start : start + batch_size]
-        sub = RowSpec(
-            [spec.point[i] for i in chunk.tolist()],
-            spec.layer[chunk],
-            spec.position[chunk],
-            spec.vectors[chunk],
-        )
-        rows[chunk] = row_values(run, sources, sub, slice(0, len(chunk))).to(rows.dtype)
+    for chunk, values in batched_rows(run, sources, sub, batch_size, progress, "recomputing rows"):
+        rows[missing[chunk]] = values.cpu().to(rows.dtype)
     yield slice(0, len(spec)), rows
 
 
@@ -141,18 +161,14 @@ def attribute(
     """
     started = time.perf_counter()
     ids = model.encode(prompt)
-    check_inputs(model, transcoders, ids)
-    if max_feature_nodes is not None and max_feature_nodes < 0:
-        raise CircuitmapError("max_feature_nodes must be zero or more")
+    check_inputs(model, transcoders, ids, max_feature_nodes, batch_size)
     transcoders.to(device=model.device, dtype=model.dtype)
     n_tokens = ids.shape[1]
     batch_size = batch_size or default_batch_size(model, n_tokens)
     with replacement_run(model, transcoders, ids) as run:
-        resolved = resolve_targets(model, run.logits[-1], targets, max_n_logits, desired_logit_prob)
+        resolved = resolve_targets(model, run.last_logits, targets, max_n_logits, desired_logit_prob)
         weights = torch.tensor([t.weight for t in resolved], dtype=torch.float64)
-        features = active_features(run, FIRST_POSITION)
-        if len(features) == 0:
-            raise CircuitmapError("no transcoder feature is active on this prompt (first position excluded)")
+        features = collect_features(run)
         target_spec = _target_rows(resolved, n_tokens, model.n_layers)
         selection = None
         if max_feature_nodes is not None and len(features) > max_feature_nodes:
@@ -175,16 +191,20 @@ def attribute(
         )
         spec = concat_specs([feature_rows(transcoders, kept_features), target_spec])
         batches = _final_batches(run, sources, spec, selection, batch_size, progress)
-        values = torch.cat([kept_features.pre_activation.double(), _target_values(run, resolved)])
+        target_values = _target_values(run, resolved)
+        values = torch.cat([kept_features.pre_activation.double(), target_values])
         edges = EdgeWriter(spec, sources, values, model.dtype)
         for batch_rows, batch in batches:
             edges.write(batch_rows, batch)
-        graph = _assemble(model, transcoders, ids, run, resolved, kept_features, sources, edges)
+        graph = _assemble(
+            model, transcoders.model_name or "", ids, resolved, target_values, kept_features, sources, edges
+        )
     if isinstance(prompt, str):
         graph.prompt = prompt
     graph.info.update(
         n_active_features=len(features),
         max_feature_nodes=max_feature_nodes,
+        recomputed_rows=0 if selection is None else int((~selection.complete).sum()),
         batch_size=batch_size,
         first_position=FIRST_POSITION,
         dtype=str(model.dtype).removeprefix("torch."),
@@ -195,14 +215,15 @@ def attribute(
 
 def _assemble(
     model: Model,
-    transcoders: Transcoders,
+    transcoders_name: str,
     ids: torch.Tensor,
-    run: ReplacementRun,
     targets: Sequence[Target],
+    target_values: torch.Tensor,
     features: ActiveFeatures,
     sources: Sources,
     edges: EdgeWriter,
 ) -> Graph:
+    """The Graph: node arrays in graph order (features, errors, tokens, targets) and the edges."""
     row_counts, constants = edges.row_counts, edges.constants
     n_features, n_errors, n_tokens, n_targets = (
         len(features),
@@ -229,9 +250,7 @@ def _assemble(
     )
     token_ids = ids[0].cpu().numpy().astype(np.int64)
     no_value = np.full(n_errors + n_tokens, np.nan)
-    value = np.concatenate(
-        [features.pre_activation.double().cpu().numpy(), no_value, _target_values(run, targets).numpy()]
-    )
+    value = np.concatenate([features.pre_activation.double().cpu().numpy(), no_value, target_values.numpy()])
     constant = np.concatenate([constants[:n_features], no_value, constants[n_features:]])
     target_weight = np.zeros(n_nodes)
     target_weight[n_nodes - n_targets :] = [t.weight for t in targets]
@@ -272,5 +291,5 @@ def _assemble(
         indices=edges.indices,
         weights=edges.weights,
         model_name=model.name,
-        transcoders_name=transcoders.model_name or "",
+        transcoders_name=transcoders_name,
     )

@@ -25,7 +25,7 @@ class EdgeWriter:
         self.offsets = np.zeros(len(keys) + 1, dtype=np.int64)
         np.cumsum(self.row_counts, out=self.offsets[1:])
         self.indices = np.empty(self.offsets[-1], dtype=np.int32)
-        self.weights = np.empty(self.offsets[-1], dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        self.weights = np.empty(self.offsets[-1], dtype=np.float64 if dtype == torch.float64 else np.float32)
         self.constants = np.empty(len(keys), dtype=np.float64)
 
     def _support(self, layer: int, position: int) -> torch.Tensor:
@@ -36,6 +36,8 @@ class EdgeWriter:
     def write(self, rows: slice, batch: torch.Tensor) -> None:
         """Store the rows ``rows`` of the spec, given as dense values over all columns."""
         batch = batch.detach().cpu()
+        if batch.dtype not in (torch.float32, torch.float64):
+            batch = batch.float()
         keys = torch.stack([self.spec.layer[rows], self.spec.position[rows]], dim=1)
         runs, lengths = torch.unique_consecutive(keys, dim=0, return_counts=True)
         row = rows.start

@@ -9,6 +9,7 @@ batch's gradients and, under a cap, the rows kept while selecting.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -18,8 +19,7 @@ import torch
 from circuitmap.attribution import compute
 from circuitmap.attribution.replacement import replacement_run
 from circuitmap.attribution.rows import row_values
-from circuitmap.attribution.sources import active_features, build_sources
-from circuitmap.errors import CircuitmapError
+from circuitmap.attribution.sources import build_sources
 from circuitmap.models import Model
 from circuitmap.transcoders import Transcoders
 
@@ -45,8 +45,11 @@ class Estimate:
         )
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; physical pages elsewhere)."""
+def available_memory(device: torch.device | None = None) -> int | None:
+    """Bytes free for a new allocation on ``device``: free GPU memory for CUDA; otherwise Linux's
+    ``MemAvailable`` or the free physical pages; None where the system does not say."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -54,7 +57,10 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
 
 
 def _tensor_bytes(module: torch.nn.Module) -> int:
@@ -91,14 +97,12 @@ def estimate_attribution(
     ``n_targets`` is the number of targets to plan for (the default salient logits are at most 10).
     """
     ids = model.encode(prompt)
-    compute.check_inputs(model, transcoders, ids)
+    compute.check_inputs(model, transcoders, ids, max_feature_nodes, batch_size)
     transcoders.to(device=model.device, dtype=model.dtype)
     n_tokens, itemsize = ids.shape[1], model.dtype.itemsize
     batch_size = batch_size or compute.default_batch_size(model, n_tokens)
     with replacement_run(model, transcoders, ids) as run:
-        features = active_features(run, compute.FIRST_POSITION)
-        if len(features) == 0:
-            raise CircuitmapError("no transcoder feature is active on this prompt (first position excluded)")
+        features = compute.collect_features(run)
         capped = max_feature_nodes is not None and len(features) > max_feature_nodes
         n_kept = max_feature_nodes if capped else len(features)
         sources = build_sources(run, transcoders, features, None, compute.FIRST_POSITION)
@@ -120,20 +124,23 @@ def estimate_attribution(
             n_tokens,
         )
         per_row = feature_support * share + other_support
-        n_columns = n_kept + sources.n_errors + sources.n_tokens
-        n_edges = int(per_row.sum() * share) + n_targets * n_columns
+        n_final_columns = n_kept + sources.n_errors + sources.n_tokens
+        n_edges = int(per_row.sum() * share) + n_targets * n_final_columns
+        source_bytes = sum(
+            vectors.numel() * itemsize for blocks in sources.writes for _, _, vectors in blocks
+        )
     n_rows = n_kept + n_targets
     n_batches = -(-n_rows // batch_size)
     gradients = batch_size * n_tokens * model.d_model * (model.n_layers + 2) * itemsize * 2
     values = batch_size * sources.n_columns * itemsize * 2
-    n_final_columns = n_kept + sources.n_errors + sources.n_tokens
     pool = min(len(features), n_kept + compute.pool_extra(n_kept, n_targets, model.dtype))
     per_visited_row = pool + sources.n_errors * 2 + sources.n_tokens
     selection = (n_kept + n_targets) * (per_visited_row + n_final_columns) * itemsize if capped else 0
     peak = (
         _tensor_bytes(model.hf_model)
         + _tensor_bytes(transcoders)
-        + transcoders.n_layers * transcoders.d_features * transcoders.d_model * itemsize
+        + sum(math.prod(layer.decoder.shape) for layer in transcoders.layers) * itemsize
+        + source_bytes * 2
         + n_edges * (4 + itemsize)
         + gradients
         + values

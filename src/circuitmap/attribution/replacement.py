@@ -32,7 +32,7 @@ class ReplacementRun:
     ``embed`` [1, T, d] and ``leaves`` [1, T, d] are differentiable inputs; ``mlp_in`` and ``readouts`` are
     the graph tensors where targets are injected. ``pre``/``acts`` [T, f] hold feature pre-activations and
     activations, ``errors`` [T, d] the MLP output minus the transcoders' reconstruction (skip included), all
-    detached. ``logits`` [T, vocab] are the model's logits before any soft-capping.
+    detached. ``last_logits`` [vocab] are the model's last-position logits, soft-capped like its output.
     """
 
     embed: torch.Tensor
@@ -42,7 +42,7 @@ class ReplacementRun:
     pre: list[torch.Tensor]
     acts: list[torch.Tensor]
     errors: list[torch.Tensor]
-    logits: torch.Tensor
+    last_logits: torch.Tensor
 
 
 @contextmanager
@@ -98,9 +98,5 @@ def replacement_run(model: Model, transcoders: Transcoders, ids: torch.Tensor) -
         ("final_norm", None, keep_readout("final_norm")),
     ]
     with model.freeze(ids), model.hooks(*hooks), torch.enable_grad():
-        model.forward(ids)
-        final = readouts["final_norm"].detach()[0]
-        logits = final @ model.unembedding.detach().T
-        if model.unembedding_bias is not None:
-            logits = logits + model.unembedding_bias.detach()
+        logits = model.forward(ids).detach()[0, -1]
         yield ReplacementRun(embed[0], leaves, mlp_in, readouts, pre, acts, errors, logits)

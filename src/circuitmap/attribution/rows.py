@@ -2,7 +2,8 @@
 
 A row is a target's read-out vector injected at one place: a feature's encoder row at its layer's MLP input
 and position, or a target's vector at a read-out point at the last position. One backward pass with
-``is_grads_batched`` gives, for every row of a batch, the gradient at every MLP output and at the embedding;
+``is_grads_batched`` gives, for every row of a batch, the gradient at every MLP output below the batch's
+highest layer and at the embedding;
 dotting those with the sources' outputs (``Sources.writes``) gives the row's direct effects. Rows are
 processed in order of layer so a batch only goes as deep as its highest layer.
 """
@@ -56,7 +57,7 @@ def row_values(run: ReplacementRun, sources: Sources, spec: RowSpec, rows: slice
         tensor = _injection_tensor(run, point, layer)
         grad = torch.zeros(batch, *tensor.shape, dtype=tensor.dtype, device=tensor.device)
         index = torch.tensor(members)
-        grad[index, 0, positions[index]] = vectors[index].to(tensor.dtype)
+        grad[index.to(grad.device), 0, positions[index].to(grad.device)] = vectors[index].to(grad)
         outputs.append(tensor)
         grads.append(grad)
     inputs = [*run.leaves[: spec.depth(rows, len(run.leaves))], run.embed]

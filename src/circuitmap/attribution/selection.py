@@ -88,7 +88,7 @@ def select_features(
             in_pool[candidates.topk(min(pool_extra, n_features)).indices] = True
             in_pool[chosen] = True
             pool = in_pool.nonzero(as_tuple=True)[0]
-        values = row_values(run, sources, spec, slice(0, len(spec)))
+        values = row_values(run, sources, spec, slice(0, len(spec))).cpu()
         estimate.add_((row_weights[:, None] * _normalised(values)[:, :n_features]).sum(0))
         feature_values = values[:, :n_features]
         sums = torch.zeros(len(spec), n_errors, dtype=values.dtype).index_add_(1, error_of, feature_values)

@@ -24,9 +24,9 @@ from circuitmap.transcoders import Transcoders
 
 @dataclass
 class Sources:
-    """The column nodes of a graph: kept features, error nodes and tokens, with their write matrices.
+    """The column nodes of a graph: kept features, error nodes and tokens, with what they write.
 
-    ``feature_layer/position/index/activation`` describe the kept features (graph order); error nodes are
+    ``feature_layer`` holds the kept features' layers (graph order); error nodes are
     every (layer, position ≥ first_position); tokens are every position. ``writes[m]`` lists, per position,
     the columns writing onto MLP output ``m`` there and their output vectors; ``embed`` [T, d] holds the
     tokens' outputs. ``column_layer``/``column_position`` give every column's layer (-1 for tokens) and
@@ -34,9 +34,6 @@ class Sources:
     """
 
     feature_layer: torch.Tensor
-    feature_position: torch.Tensor
-    feature_index: torch.Tensor
-    feature_activation: torch.Tensor
     error_layer: torch.Tensor
     error_position: torch.Tensor
     n_tokens: int
@@ -82,13 +79,17 @@ class ActiveFeatures:
 
 
 def active_features(run: ReplacementRun, first_position: int) -> ActiveFeatures:
-    """Collect the nonzero activations of every layer (positions before ``first_position`` excluded)."""
+    """Collect the nonzero activations of every layer (positions before ``first_position`` excluded).
+
+    The bookkeeping lives on the CPU whatever the model's device; decoder products move it where needed.
+    """
     parts = []
     for layer, acts in enumerate(run.acts):
+        acts = acts.detach().cpu()
         positions, indices = acts[first_position:].nonzero(as_tuple=True)
         positions = positions + first_position
         values = acts[positions, indices]
-        pre = run.pre[layer][positions, indices]
+        pre = run.pre[layer].detach().cpu()[positions, indices]
         parts.append((torch.full_like(positions, layer), positions, indices, values, pre))
     return ActiveFeatures(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
@@ -104,7 +105,7 @@ def build_sources(
     kept: torch.Tensor | None,
     first_position: int,
 ) -> Sources:
-    """Write matrices of the kept features (all when ``kept`` is None), error nodes, tokens."""
+    """Outputs of the kept features (all when ``kept`` is None), errors and tokens, by layer and position."""
     n_layers = transcoders.n_layers
     n_tokens, d_model = run.embed.shape[1], run.embed.shape[2]
     kept_mask = torch.ones(len(features), dtype=torch.bool) if kept is None else kept
@@ -126,14 +127,15 @@ def build_sources(
             decoders = transcoders.decoder_vectors(layer, kept_features.index[in_layer], out_layer)
             ids.append(in_layer.nonzero(as_tuple=True)[0])
             positions.append(kept_features.position[in_layer])
-            vectors.append(decoders * kept_features.activation[in_layer, None])
+            vectors.append(decoders * kept_features.activation[in_layer, None].to(decoders))
             folded = _folded_outputs(transcoders, dropped, layer, out_layer, n_tokens, d_model)
             if layer == out_layer:
-                folded = folded + run.errors[layer]
+                folded = folded + run.errors[layer].to(folded)
             ids.append(len(kept_features) + torch.arange(n_errors)[error_layer == layer])
             positions.append(error_positions)
-            vectors.append(folded[error_positions])
-        columns[out_layer] = _by_position(torch.cat(ids), torch.cat(positions), torch.cat(vectors), n_tokens)
+            vectors.append(folded[error_positions.to(folded.device)])
+        vectors = torch.cat([block.to(device) for block in vectors])
+        columns[out_layer] = _by_position(torch.cat(ids), torch.cat(positions), vectors, n_tokens)
     writes = [
         [
             (position, ids.to(device), vectors.to(device=device, dtype=dtype))
@@ -145,9 +147,6 @@ def build_sources(
     column_position = torch.cat([kept_features.position, error_position, torch.arange(n_tokens)])
     return Sources(
         kept_features.layer,
-        kept_features.position,
-        kept_features.index,
-        kept_features.activation,
         error_layer,
         error_position,
         n_tokens,
@@ -181,5 +180,6 @@ def _folded_outputs(
     folded = torch.zeros(n_tokens, d_model, dtype=transcoders.dtype, device=transcoders.device)
     if in_layer.any():
         decoders = transcoders.decoder_vectors(layer, dropped.index[in_layer], out_layer)
-        folded.index_add_(0, dropped.position[in_layer], decoders * dropped.activation[in_layer, None])
+        outputs = decoders * dropped.activation[in_layer, None].to(decoders)
+        folded.index_add_(0, dropped.position[in_layer].to(folded.device), outputs)
     return folded

@@ -25,7 +25,6 @@ class Adapter:
 
     family: str
     layers: str
-    embed: str
     final_norm: str
     unembed: str
     attn: str
@@ -34,14 +33,12 @@ class Adapter:
     mlp_out: str
     residual_norms: tuple[str, ...]
     rms_weight_offset: float = 0.0
-    extra_embeds: tuple[str, ...] = ()
 
 
 def _llama_like(family: str) -> Adapter:
     return Adapter(
         family=family,
         layers="model.layers",
-        embed="model.embed_tokens",
         final_norm="model.norm",
         unembed="lm_head",
         attn="self_attn",
@@ -56,7 +53,6 @@ def _gemma_like(family: str) -> Adapter:
     return Adapter(
         family=family,
         layers="model.layers",
-        embed="model.embed_tokens",
         final_norm="model.norm",
         unembed="lm_head",
         attn="self_attn",
@@ -83,7 +79,6 @@ ADAPTERS: dict[str, Adapter] = {
     "gpt2": Adapter(
         family="gpt2",
         layers="transformer.h",
-        embed="transformer.wte",
         final_norm="transformer.ln_f",
         unembed="lm_head",
         attn="attn",
@@ -91,12 +86,10 @@ ADAPTERS: dict[str, Adapter] = {
         attn_out="attn",
         mlp_out="mlp",
         residual_norms=("ln_1", "ln_2"),
-        extra_embeds=("transformer.wpe",),
     ),
     "gpt_neox": Adapter(
         family="gpt_neox",
         layers="gpt_neox.layers",
-        embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
         unembed="lm_head",
         attn="attention",

@@ -206,7 +206,9 @@ class _NormControl:
         is_layer_norm = isinstance(self.module, nn.LayerNorm)
         centred = work - work.mean(-1, keepdim=True) if is_layer_norm else work
         if self.mode == "record":
-            eps = getattr(self.module, "variance_epsilon", None) or self.module.eps
+            eps = getattr(self.module, "variance_epsilon", None)
+            if eps is None:
+                eps = self.module.eps
             self.inverse = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
         elif self.inverse.shape[1:] != x.shape[1:-1] + (1,):
             raise CircuitmapError("frozen norms were recorded for another input length; freeze again")

@@ -46,10 +46,16 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None picks CUDA when available, else the CPU."""
+    """None picks CUDA when available, else the CPU; a device that does not exist here is an error."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise CircuitmapError(f"unknown device {device!r}: {error}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CircuitmapError(f"device {device!r} was asked for but CUDA is not available here")
+    return resolved
 
 
 def smollm2_path() -> Path:
@@ -81,6 +87,7 @@ def load_model(
     found beside it or given as ``tokenizer``), a local Hugging Face folder, or a Hugging Face hub id.
     """
     torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
     spec = str(spec)
     if spec in ALIASES:
         hf_model, tok = load_gguf(smollm2_path(), torch_dtype)
@@ -102,7 +109,7 @@ def load_model(
             hf_model, tok = _load_pretrained(spec, torch_dtype, spec)
         else:
             raise ModelLoadError(f"{spec}: no such file or folder")
-    model = Model(hf_model.to(resolve_device(device)), tok, name=spec)
+    model = Model(hf_model.to(torch_device), tok, name=spec)
     return model
 
 
