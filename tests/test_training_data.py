@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,3 +135,56 @@ def test_sampled_documents_are_reproducible_and_leave_the_callers_random_state()
 def test_real_corpus_is_split_into_stories():
     stories = list(iter_documents(SHARED_DATA / "corpora" / "tinystories_valid.txt"))
     assert len(stories) > 500 and all(story.strip() == story and story for story in stories[:50])
+
+
+def test_training_lowers_fvu_and_saves_a_set_that_predicts_in_raw_units(tmp_path):
+    from circuitmap import attribute, load_transcoders
+    from circuitmap.training.plt import Standardiser, TrainablePLT
+    from circuitmap.training.trainer import TrainConfig, train_plt
+
+    model = tiny_model("llama")
+    documents = ["The quick brown fox jumps over the lazy dog. " * 3] * 200
+    config = TrainConfig(
+        d_features=64,
+        k=8,
+        skip=True,
+        n_tokens=20_000,
+        batch_size=256,
+        lr=3e-3,
+        context_length=32,
+        buffer_tokens=2048,
+        seed=1,
+    )
+    result = train_plt(model, documents, config, progress=False)
+    summary = result.summary()
+    one_step = train_plt(model, documents, replace(config, n_tokens=config.batch_size), progress=False)
+    assert summary["mean_fvu"] < 0.75 * one_step.summary()["mean_fvu"]
+    assert summary["mean_l0"] <= 8
+    assert result.steps == 20_000 // 256 and len(result.fvu) == model.n_layers
+
+    pairs = torch.stack(list(pack_contexts(documents[:4], model.tokenizer, 32))[:2])
+    inputs, outputs = collect_pairs(model, pairs)
+    predicted = result.transcoders.reconstruct(list(inputs))
+    fvu = [
+        float((o - p).pow(2).sum() / (o - o.mean(0)).pow(2).sum())
+        for o, p in zip(outputs, predicted, strict=True)
+    ]
+    assert max(fvu) < 0.8
+
+    module = TrainablePLT(model.n_layers, model.d_model, 16, 4, skip=True, seed=0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    batch = torch.stack([inputs, outputs], dim=1).permute(2, 0, 1, 3)
+    standardiser = Standardiser.fit(batch)
+    x, _ = standardiser.apply(batch)
+    trained_units = module.decode(module.encode(x), x) * standardiser.scale_out[:, None].float()
+    trained_units = trained_units + standardiser.mean_out.float()
+    folded = module.to_transcoders(standardiser).reconstruct(list(inputs))
+    torch.testing.assert_close(
+        torch.stack(folded), trained_units.permute(1, 0, 2).detach(), rtol=1e-4, atol=1e-4
+    )
+
+    result.transcoders.save(tmp_path / "trained")
+    graph = attribute(model, load_transcoders(tmp_path / "trained"), "The quick brown", progress=False)
+    assert graph.n_features > 0

@@ -1,4 +1,4 @@
-"""Training data for transcoders: text sources, packing, MLP activation pairs and shuffling."""
+"""Training transcoders: text sources, packing, MLP activation pairs, shuffling, a per-layer TopK trainer."""
 
 from circuitmap.training.activations import (
     ShuffleBuffer,
@@ -8,9 +8,12 @@ from circuitmap.training.activations import (
     shuffled_batches,
 )
 from circuitmap.training.corpus import corpus_files, iter_documents, sample_documents
+from circuitmap.training.trainer import TrainConfig, TrainResult, train_plt
 
 __all__ = [
     "ShuffleBuffer",
+    "TrainConfig",
+    "TrainResult",
     "collect_pairs",
     "corpus_files",
     "iter_documents",
@@ -18,4 +21,5 @@ __all__ = [
     "pack_contexts",
     "sample_documents",
     "shuffled_batches",
+    "train_plt",
 ]
