@@ -132,3 +132,52 @@ def test_out_must_be_a_folder(setup, tmp_path, capsys):
     existing.write_text("x")
     assert main(_args(setup, "--out", str(existing))) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_commands(setup, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(["The cat sat on the mat and looked at the dog."] * 60))
+    out = tmp_path / "trained"
+    argv = [
+        "train",
+        "--model",
+        str(setup / "model"),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--d-features",
+        "48",
+        "-k",
+        "4",
+        "--tokens",
+        "4000",
+        "--batch-size",
+        "200",
+        "--context-length",
+        "32",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mean" in printed and (out / "config.yaml").exists() and (out / "metrics.json").exists()
+    assert json.loads((out / "metrics.json").read_text())["mean_l0"] <= 4
+    metrics = tmp_path / "evaluation.json"
+    argv = [
+        "evaluate-transcoders",
+        "--model",
+        str(setup / "model"),
+        "--transcoders",
+        str(out),
+        "--corpus",
+        str(corpus),
+        "--tokens",
+        "500",
+        "--json",
+        str(metrics),
+    ]
+    assert main(argv) == 0
+    assert "with every MLP replaced" in capsys.readouterr().out
+    summary = json.loads(metrics.read_text())
+    assert summary["kl"] >= 0 and summary["spliced_loss"] > 0 and len(summary["fvu"]) == 3
+    assert main(["train", "--model", str(setup / "model"), "--corpus", str(corpus), "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 Each layer trains on standardised pairs ``x' = (x − μx)/σx`` and ``y' = (y − μy)/σy`` (per-layer mean vector,
 scalar scale), which makes one learning rate fit every layer. ``to_transcoders`` folds the standardisation
 back into the weights, so the saved set reads raw MLP inputs and predicts raw MLP outputs. Decoder rows are
-kept at unit norm after every step, so activations carry the scale.
+kept at unit norm after every step, so activations carry the scale; encoder rows start as a tenth of the
+decoder rows, so the first predictions are small rather than large noise.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class TrainablePLT(nn.Module):
         decoder = torch.randn(n_layers, d_features, d_model, generator=generator)
         decoder = decoder / decoder.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(decoder.clone())
+        self.W_enc = nn.Parameter(decoder * 0.1)
         self.b_enc = nn.Parameter(torch.zeros(n_layers, d_features))
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_model))
         self.W_skip = nn.Parameter(torch.zeros(n_layers, d_model, d_model)) if skip else None

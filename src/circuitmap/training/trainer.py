@@ -31,7 +31,7 @@ class TrainConfig:
     skip: bool = False
     n_tokens: int = 200_000
     batch_size: int = 1024
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
     context_length: int = 128

@@ -1,0 +1,119 @@
+"""Quality of a transcoder set on held-out text: per-layer FVU, L0 and dead features, and the spliced model.
+
+FVU, L0 and dead fractions are measured on every position but the first (as in training). The spliced
+model replaces every MLP's output by its transcoders' reconstruction at once; the increase of the mean
+next-token loss and the mean KL divergence from the original next-token distribution say how much of the
+model's behaviour the replacement keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.models import Model
+from circuitmap.training.activations import pack_contexts
+from circuitmap.transcoders import Transcoders
+
+
+@dataclass
+class Evaluation:
+    """Per-layer metrics and the spliced model's loss increase and KL divergence (nats per token)."""
+
+    fvu: list[float]
+    l0: list[float]
+    dead_fraction: list[float]
+    loss: float
+    spliced_loss: float
+    kl: float
+    tokens: int
+
+    def summary(self) -> dict:
+        n = len(self.fvu)
+        return {
+            "tokens": self.tokens,
+            "mean_fvu": sum(self.fvu) / n,
+            "mean_l0": sum(self.l0) / n,
+            "mean_dead_fraction": sum(self.dead_fraction) / n,
+            "loss": self.loss,
+            "spliced_loss": self.spliced_loss,
+            "loss_increase": self.spliced_loss - self.loss,
+            "kl": self.kl,
+            "fvu": self.fvu,
+            "l0": self.l0,
+            "dead_fraction": self.dead_fraction,
+        }
+
+
+def _next_token_losses(logits: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), contexts[:, 1:].flatten(), reduction="sum"
+    )
+
+
+def _replacement(reconstruction: torch.Tensor):
+    def replace(output: torch.Tensor) -> torch.Tensor:
+        return reconstruction.to(output.dtype)
+
+    return replace
+
+
+def evaluate_transcoders(
+    model: Model,
+    transcoders: Transcoders,
+    documents: Iterable[str],
+    *,
+    n_tokens: int = 50_000,
+    context_length: int = 128,
+    batch_size: int = 8,
+) -> Evaluation:
+    """Measure ``transcoders`` on up to ``n_tokens`` tokens of ``documents``."""
+    transcoders.check_model(model.n_layers, model.d_model)
+    transcoders.to(device=model.device, dtype=model.dtype)
+    n_layers = model.n_layers
+    residual = torch.zeros(n_layers, dtype=torch.float64)
+    total = torch.zeros(n_layers, dtype=torch.float64)
+    active = torch.zeros(n_layers, dtype=torch.float64)
+    fired = torch.zeros(n_layers, transcoders.d_features, dtype=torch.bool)
+    loss = spliced = kl = 0.0
+    tokens = 0
+    contexts = pack_contexts(documents, model.tokenizer, context_length)
+    while tokens < n_tokens:
+        batch = [context for _, context in zip(range(batch_size), contexts, strict=False)]
+        if not batch:
+            break
+        ids = torch.stack(batch).to(model.device)
+        logits, cache = model.run_with_cache(ids, points=["mlp_in", "mlp_out"])
+        inputs = [cache["mlp_in", layer] for layer in range(n_layers)]
+        reconstructions = transcoders.reconstruct(inputs)
+        for layer in range(n_layers):
+            target = cache["mlp_out", layer][:, 1:].double()
+            error = (target - reconstructions[layer][:, 1:].double()).pow(2).sum()
+            residual[layer] += error.cpu()
+            total[layer] += (target - target.mean(dim=(0, 1))).pow(2).sum().cpu()
+            acts = transcoders.encode(layer, inputs[layer][:, 1:])
+            active[layer] += (acts != 0).sum().double().cpu()
+            fired[layer] |= (acts != 0).flatten(0, 1).any(0).cpu()
+        hooks = [("mlp_out", layer, _replacement(reconstructions[layer])) for layer in range(n_layers)]
+        with model.hooks(*hooks):
+            spliced_logits = model.logits(ids)
+        loss += float(_next_token_losses(logits, ids))
+        spliced += float(_next_token_losses(spliced_logits, ids))
+        original = logits[:, :-1].float().log_softmax(-1)
+        replaced = spliced_logits[:, :-1].float().log_softmax(-1)
+        kl += float((original.exp() * (original - replaced)).sum())
+        tokens += ids[:, 1:].numel()
+    if tokens == 0:
+        raise CircuitmapError("the evaluation corpus is too small to fill a single context")
+    return Evaluation(
+        fvu=(residual / total.clamp_min(1e-30)).tolist(),
+        l0=(active / tokens).tolist(),
+        dead_fraction=(~fired).double().mean(1).tolist(),
+        loss=loss / tokens,
+        spliced_loss=spliced / tokens,
+        kl=kl / tokens,
+        tokens=tokens,
+    )
