@@ -60,26 +60,18 @@ class TrainablePLT(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(n_layers, d_model, d_model)) if skip else None
         self.k = k
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Predicted standardised outputs ``[n, L, d]`` and the active features' indices and activations
-        ``[n, L, k]``. Selection runs densely without gradients; the k chosen encoder and decoder rows are
-        then gathered, so the backward pass and the decoder cost k rows per token, not d_features."""
-        with torch.no_grad():
-            chosen = (torch.einsum("nld,lfd->nlf", x, self.W_enc) + self.b_enc).topk(self.k, dim=-1).indices
-        outputs, activations = [], []
-        for layer in range(x.shape[1]):
-            index = chosen[:, layer]
-            rows = self.W_enc[layer][index]
-            values = ((rows * x[:, layer, None, :]).sum(-1) + self.b_enc[layer][index]).relu()
-            decoded = nn.functional.embedding_bag(
-                index, self.W_dec[layer], per_sample_weights=values, mode="sum"
-            )
-            outputs.append(decoded + self.b_dec[layer])
-            activations.append(values)
-        prediction = torch.stack(outputs, dim=1)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """TopK activations ``[n, L, f]`` of standardised inputs ``[n, L, d]``."""
+        pre = torch.einsum("nld,lfd->nlf", x, self.W_enc) + self.b_enc
+        values, indices = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+
+    def decode(self, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Predicted standardised outputs ``[n, L, d]``."""
+        out = torch.einsum("nlf,lfd->nld", acts, self.W_dec) + self.b_dec
         if self.W_skip is not None:
-            prediction = prediction + torch.einsum("nld,lod->nlo", x, self.W_skip)
-        return prediction, chosen, torch.stack(activations, dim=1)
+            out = out + torch.einsum("nld,lod->nlo", x, self.W_skip)
+        return out
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:

@@ -126,7 +126,8 @@ def train_plt(
         batch = first
         while batch is not None and step < total_steps:
             x, y = standardiser.apply(batch.float())
-            prediction, chosen, values = module(x)
+            acts = module.encode(x)
+            prediction = module.decode(acts, x)
             residual = (prediction - y).pow(2).sum(dim=(0, 2))
             variance = (y - y.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-8)
             fvu = residual / variance
@@ -140,11 +141,10 @@ def train_plt(
             optimiser.step()
             module.normalise_decoder()
             tokens += len(batch)
-            active = values.detach() > 0
-            for layer in range(model.n_layers):
-                last_active[layer, chosen[:, layer][active[:, layer]]] = tokens
+            fired = (acts > 0).any(0)
+            last_active[fired] = tokens
             recent_fvu = [*recent_fvu[-19:], fvu.detach()]
-            recent_l0 = [*recent_l0[-19:], active.sum(-1).float().mean(0)]
+            recent_l0 = [*recent_l0[-19:], (acts > 0).sum(-1).float().mean(0)]
             step += 1
             bar.update(len(batch))
             bar.set_postfix(fvu=f"{loss.item():.3f}")
