@@ -183,3 +183,13 @@ def test_unsupported_architecture_names_the_supported_ones():
     hf_model = transformers.BertLMHeadModel(config)
     with pytest.raises(CircuitmapError, match=r"unsupported architecture 'bert'; supported: .*llama"):
         Model(hf_model, char_tokenizer())
+
+
+def test_activations_without_the_unembedding_match_run_with_cache(family):
+    model = tiny_model(family)
+    ids = model.encode(PROMPT)
+    _, cache = model.run_with_cache(ids, points=["mlp_in", "mlp_out", "resid_final"])
+    internals = model.activations(ids, points=["mlp_in", "mlp_out", "resid_final"])
+    assert internals.keys() == cache.keys()
+    for key, value in cache.items():
+        assert torch.equal(internals[key], value), key

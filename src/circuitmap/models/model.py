@@ -163,20 +163,26 @@ class Model:
         Keys are ``(point, layer)`` for per-layer points and ``(point, None)`` for model-wide ones.
         """
         cache: dict[tuple[str, int | None], torch.Tensor] = {}
-
-        def saver(key):
-            def save(tensor: torch.Tensor) -> None:
-                cache[key] = tensor.detach()
-
-            return save
-
         with ExitStack() as stack:
             for point in points:
-                layers = [None] if point in MODEL_POINTS else range(self.n_layers)
-                for layer in layers:
-                    stack.enter_context(self.points.install(point, layer, saver((point, layer))))
+                for layer in [None] if point in MODEL_POINTS else range(self.n_layers):
+                    stack.enter_context(self.points.install(point, layer, _saver(cache, (point, layer))))
             logits = self.logits(inputs)
         return logits, cache
+
+    def activations(
+        self, inputs: Inputs, points: Sequence[str]
+    ) -> dict[tuple[str, int | None], torch.Tensor]:
+        """Like ``run_with_cache`` but without the unembedding: runs only the base model (the module holding
+        the layers), which saves the vocabulary-sized product when only internals are wanted."""
+        base = get_module(self.hf_model, self.adapter.layers.rsplit(".", 1)[0])
+        cache: dict[tuple[str, int | None], torch.Tensor] = {}
+        with ExitStack() as stack, torch.no_grad():
+            for point in points:
+                for layer in [None] if point in MODEL_POINTS else range(self.n_layers):
+                    stack.enter_context(self.points.install(point, layer, _saver(cache, (point, layer))))
+            base(input_ids=self.encode(inputs), use_cache=False)
+        return cache
 
     @contextmanager
     def hooks(self, *hooks: tuple[str, int | None, TensorFn]) -> Iterator[None]:
@@ -228,3 +234,12 @@ class Model:
         """
         ids = self.encode(inputs)
         return freeze(self.points, lambda: self.forward(ids), attention=attention, norms=norms, mlps=mlps)
+
+
+def _saver(cache: dict, key: tuple[str, int | None]) -> TensorFn:
+    """A hook function that stores a detached copy of what it sees under ``key``."""
+
+    def save(tensor: torch.Tensor) -> None:
+        cache[key] = tensor.detach()
+
+    return save

@@ -37,7 +37,7 @@ def pack_contexts(documents: Iterable[str], tokenizer, context_length: int) -> I
 
 def collect_pairs(model: Model, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MLP inputs and outputs ``[n_layers, batch·(T−1), d_model]`` of a batch of contexts ``[batch, T]``."""
-    _, cache = model.run_with_cache(contexts.to(model.device), points=["mlp_in", "mlp_out"])
+    cache = model.activations(contexts.to(model.device), points=["mlp_in", "mlp_out"])
     layers = range(model.n_layers)
     inputs = torch.stack([cache["mlp_in", layer][:, 1:].reshape(-1, model.d_model) for layer in layers])
     outputs = torch.stack([cache["mlp_out", layer][:, 1:].reshape(-1, model.d_model) for layer in layers])
