@@ -162,11 +162,7 @@ class Model:
 
         Keys are ``(point, layer)`` for per-layer points and ``(point, None)`` for model-wide ones.
         """
-        cache: dict[tuple[str, int | None], torch.Tensor] = {}
-        with ExitStack() as stack:
-            for point in points:
-                for layer in [None] if point in MODEL_POINTS else range(self.n_layers):
-                    stack.enter_context(self.points.install(point, layer, _saver(cache, (point, layer))))
+        with self._caching(points) as cache:
             logits = self.logits(inputs)
         return logits, cache
 
@@ -176,13 +172,21 @@ class Model:
         """Like ``run_with_cache`` but without the unembedding: runs only the base model (the module holding
         the layers), which saves the vocabulary-sized product when only internals are wanted."""
         base = get_module(self.hf_model, self.adapter.layers.rsplit(".", 1)[0])
-        cache: dict[tuple[str, int | None], torch.Tensor] = {}
-        with ExitStack() as stack, torch.no_grad():
-            for point in points:
-                for layer in [None] if point in MODEL_POINTS else range(self.n_layers):
-                    stack.enter_context(self.points.install(point, layer, _saver(cache, (point, layer))))
+        with self._caching(points) as cache, torch.no_grad():
             base(input_ids=self.encode(inputs), use_cache=False)
         return cache
+
+    @contextmanager
+    def _caching(self, points: Sequence[str]) -> Iterator[dict[tuple[str, int | None], torch.Tensor]]:
+        """Context: store a detached copy of every requested point's activation in the yielded dict."""
+        cache: dict[tuple[str, int | None], torch.Tensor] = {}
+        hooks = [
+            (point, layer, _saver(cache, (point, layer)))
+            for point in points
+            for layer in ([None] if point in MODEL_POINTS else range(self.n_layers))
+        ]
+        with self.hooks(*hooks):
+            yield cache
 
     @contextmanager
     def hooks(self, *hooks: tuple[str, int | None, TensorFn]) -> Iterator[None]:
