@@ -14,7 +14,8 @@ from circuitmap import __version__
 from circuitmap.attribution import Direction, attribute
 from circuitmap.attribution.estimate import available_memory, estimate_attribution
 from circuitmap.errors import CircuitmapError
-from circuitmap.graphs import Graph, NodeKind, export_graph_json, graph_scores, prune
+from circuitmap.graphs import Graph, NodeKind, node_influence
+from circuitmap.graphs.export import graph_json, write_graph_json
 from circuitmap.models import DEFAULT_MODEL, load_model
 from circuitmap.transcoders import load_transcoders
 
@@ -96,12 +97,14 @@ def _targets(args: argparse.Namespace) -> list | None:
     return targets or None
 
 
-def _summary(graph: Graph, node_threshold: float, edge_threshold: float, top: int) -> list[str]:
-    """Counts before and after pruning, both scores, and the most influential features."""
-    pruned = prune(graph, node_threshold, edge_threshold)
-    full, kept = graph_scores(graph), graph_scores(graph, pruned.node_mask, pruned.edge_mask)
+def _summary(graph: Graph, document: dict, top: int) -> list[str]:
+    """Counts before and after pruning, both scores (from the pruned viewer ``document``), and the most
+    influential features."""
+    metadata = document["metadata"]
+    full, kept = metadata["scores"]["full"], metadata["scores"]["exported"]
+    influence = node_influence(graph)
     kinds = {kind: int(np.count_nonzero(graph.kind == kind)) for kind in NodeKind}
-    kept_features = int(np.count_nonzero(pruned.node_mask & (graph.kind == NodeKind.FEATURE)))
+    kept_features = sum(node["feature_type"] == "cross layer transcoder" for node in document["nodes"])
     targets = ", ".join(
         f"{name!r} (p={prob:.3f})" if np.isfinite(prob) else repr(name)
         for name, prob in zip(graph.target_names, graph.target_probs, strict=True)
@@ -110,20 +113,26 @@ def _summary(graph: Graph, node_threshold: float, edge_threshold: float, top: in
         f"prompt: {graph.prompt!r} ({len(graph.tokens)} tokens); targets: {targets}",
         f"graph: {kinds[NodeKind.FEATURE]:,} features, {kinds[NodeKind.ERROR]:,} error nodes, "
         f"{kinds[NodeKind.TOKEN]:,} tokens, {kinds[NodeKind.TARGET]:,} targets; {graph.n_edges:,} edges",
-        f"pruned ({node_threshold} / {edge_threshold}): {int(pruned.node_mask.sum()):,} nodes "
-        f"({kept_features:,} features), {int(pruned.edge_mask.sum()):,} edges",
-        f"replacement score: {full.replacement:.3f} full, {kept.replacement:.3f} pruned; "
-        f"completeness: {full.completeness:.3f} full, {kept.completeness:.3f} pruned",
+        f"pruned ({metadata['node_threshold']} / {metadata['edge_threshold']}): "
+        f"{metadata['n_nodes']['exported']:,} nodes ({kept_features:,} features), "
+        f"{metadata['n_edges']['exported']:,} edges",
+        f"replacement score: {_score(full['replacement'])} full, {_score(kept['replacement'])} pruned; "
+        f"completeness: {_score(full['completeness'])} full, {_score(kept['completeness'])} pruned",
         "most influential features:",
     ]
     features = graph.nodes_of(NodeKind.FEATURE)
-    for node in features[np.argsort(-pruned.influence[features], kind="stable")[:top]]:
+    for node in features[np.argsort(-influence[features], kind="stable")[:top]]:
         token = graph.token_strings[graph.position[node]]
         lines.append(
             f"  layer {graph.layer[node]:>2} feature {graph.index[node]:>6} at {graph.position[node]:>3} "
-            f"({token!r}): influence {pruned.influence[node]:.4f}, activation {graph.activation[node]:.3f}"
+            f"({token!r}): influence {influence[node]:.4f}, activation {graph.activation[node]:.3f}"
         )
     return lines
+
+
+def _score(value: float | None) -> str:
+    """A score as printed: three decimals, or "n/a" where it is undefined (written as null in JSON)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -163,13 +172,12 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
             return 0
     graph = attribute(model, transcoders, args.prompt, targets=targets, progress=True, **settings)
     started = time.perf_counter()
-    lines = _summary(graph, args.node_threshold, args.edge_threshold, args.top)
+    document = graph_json(graph, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    lines = _summary(graph, document, args.top)
     pruning_seconds = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_file = export_graph_json(
-        graph, out / "graph.json", node_threshold=args.node_threshold, edge_threshold=args.edge_threshold
-    )
+    json_file = write_graph_json(document, out / "graph.json")
     graph_file = graph.save(out / "graph.safetensors")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("\n".join(lines))

@@ -109,6 +109,11 @@ def export_graph_json(
         supernodes=supernodes,
         labels=labels,
     )
+    return write_graph_json(document, path)
+
+
+def write_graph_json(document: dict, path: str | Path) -> Path:
+    """Write a document made by ``graph_json`` atomically (to ``path``, or ``<slug>.json`` in a folder)."""
     path = Path(path)
     if path.is_dir():
         name = f"{document['metadata']['slug']}.json"
