@@ -1,9 +1,13 @@
-"""Text for training and dashboards: documents from local files, or sampled from the model itself.
+"""Text for training and dashboards: documents from files or Hugging Face datasets, or sampled from the model.
 
 A source is a ``.txt`` file (documents separated by blank lines), a ``.jsonl`` file (one JSON object per
 line, its text under ``text_field``), a folder (every ``.txt``/``.jsonl`` file below it, in sorted order) or
-a glob pattern. With no corpus at hand, ``sample_documents`` lets the model write its own text, in batches,
-from its beginning-of-text token: the offline default.
+a glob pattern. A source string that starts with ``hf:`` names a Hugging Face dataset, streamed record by
+record (the ``datasets`` extra): ``hf:NAME[:CONFIG][@SPLIT]``, where NAME is a Hub dataset id or a local
+dataset folder, CONFIG one of its configurations and SPLIT defaults to ``train``, as in
+``hf:roneneldan/TinyStories@validation``, ``hf:wikitext:wikitext-2-raw-v1@test`` or ``hf:./my_dataset``
+(see ``circuitmap.training.hf_datasets``). With no corpus at hand, ``sample_documents`` lets the model write
+its own text, in batches, from its beginning-of-text token: the offline default.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
+from circuitmap.training.hf_datasets import is_dataset_spec, iter_dataset_documents
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -71,10 +76,13 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
 
 
 def iter_documents(sources: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
-    """Every document of one or several sources, in order."""
+    """Every document of one or several sources (files, folders, globs, ``hf:`` datasets), in order."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
     for source in sources:
+        if is_dataset_spec(source):
+            yield from iter_dataset_documents(str(source), text_field)
+            continue
         for path in corpus_files(source):
             if path.suffix == ".jsonl":
                 yield from _jsonl_documents(path, text_field)
