@@ -13,10 +13,12 @@ import numpy as np
 from circuitmap import __version__
 from circuitmap.attribution import Direction, attribute
 from circuitmap.attribution.estimate import available_memory, estimate_attribution
+from circuitmap.cli_training import add_training_commands
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs import Graph, NodeKind, node_influence
 from circuitmap.graphs.export import graph_json, write_graph_json
 from circuitmap.models import DEFAULT_MODEL, load_model
+from circuitmap.training.trainer import TrainingInterrupted
 from circuitmap.transcoders import load_transcoders
 
 DEFAULT_PROMPT = "The capital of France is"
@@ -196,79 +198,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _documents(args: argparse.Namespace, model, n_tokens: int):
-    """The corpus given with --corpus, or text sampled from the model when there is none."""
-    from circuitmap.training import iter_documents, sample_documents
-
-    if args.corpus:
-        return iter_documents(args.corpus)
-    new_tokens = 128
-    print(f"no --corpus: sampling text from the model ({new_tokens} tokens per document)", file=sys.stderr)
-    return sample_documents(model, n_tokens // new_tokens + 64, new_tokens, seed=args.seed)
-
-
-def _print_layers(summary: dict) -> None:
-    print("layer     FVU      L0   dead")
-    for layer, (fvu, l0, dead) in enumerate(
-        zip(summary["fvu"], summary["l0"], summary["dead_fraction"], strict=True)
-    ):
-        print(f"{layer:>5} {fvu:>7.3f} {l0:>7.1f} {dead:>6.3f}")
-    print(
-        f" mean {summary['mean_fvu']:>7.3f} {summary['mean_l0']:>7.1f} {summary['mean_dead_fraction']:>6.3f}"
-    )
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    import json
-
-    from circuitmap.training import TrainConfig, train_plt
-
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise CircuitmapError(f"--out {out} is not empty")
-    config = TrainConfig(
-        d_features=args.d_features,
-        k=args.k,
-        skip=args.skip,
-        n_tokens=args.tokens,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        context_length=args.context_length,
-        seed=args.seed,
-    )
-    config.check()
-    model = _load(args)
-    result = train_plt(model, _documents(args, model, args.tokens), config)
-    result.transcoders.save(out, overwrite=True)
-    summary = result.summary()
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    _print_layers(summary)
-    print(f"trained on {result.tokens:,} tokens in {result.steps} steps; wrote {out}")
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from circuitmap.training.evaluate import evaluate_transcoders
-
-    model = _load(args)
-    transcoders = load_transcoders(args.transcoders)
-    evaluation = evaluate_transcoders(
-        model, transcoders, _documents(args, model, args.tokens), n_tokens=args.tokens
-    )
-    summary = evaluation.summary()
-    _print_layers(summary)
-    print(
-        f"next-token loss {summary['loss']:.4f} → {summary['spliced_loss']:.4f} with every MLP replaced "
-        f"(+{summary['loss_increase']:.4f}); KL {summary['kl']:.4f} nats/token "
-        f"over {summary['tokens']:,} tokens"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitmap", description=__doc__)
     parser.add_argument("--version", action="version", version=f"circuitmap {__version__}")
@@ -336,34 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     at_parser.set_defaults(run=_cmd_attribute)
 
-    train_parser = commands.add_parser("train", help="train per-layer TopK transcoders for every layer")
-    _add_model_args(train_parser)
-    train_parser.add_argument(
-        "--corpus", action="append", help=".txt/.jsonl file, folder or glob (repeatable)"
-    )
-    train_parser.add_argument("--out", required=True, help="folder for the transcoders and metrics.json")
-    train_parser.add_argument("--d-features", type=_positive, default=2048)
-    train_parser.add_argument("-k", type=_positive, default=32, help="active features per token (TopK)")
-    train_parser.add_argument("--skip", action="store_true", help="add a linear skip connection")
-    train_parser.add_argument("--tokens", type=_positive, default=200_000, help="training tokens")
-    train_parser.add_argument("--batch-size", type=_positive, default=1024, help="tokens per step")
-    train_parser.add_argument("--lr", type=float, default=3e-3)
-    train_parser.add_argument("--context-length", type=_positive, default=128)
-    train_parser.add_argument("--seed", type=int, default=0)
-    train_parser.set_defaults(run=_cmd_train)
-
-    eval_parser = commands.add_parser(
-        "evaluate-transcoders", help="FVU, L0, dead features and the spliced model's loss on held-out text"
-    )
-    _add_model_args(eval_parser)
-    eval_parser.add_argument("--transcoders", required=True)
-    eval_parser.add_argument(
-        "--corpus", action="append", help=".txt/.jsonl file, folder or glob (repeatable)"
-    )
-    eval_parser.add_argument("--tokens", type=_positive, default=50_000)
-    eval_parser.add_argument("--seed", type=int, default=0, help="seed for text sampled without --corpus")
-    eval_parser.add_argument("--json", help="also write the metrics to this file")
-    eval_parser.set_defaults(run=_cmd_evaluate)
+    add_training_commands(commands, _add_model_args, _load)
     return parser
 
 
@@ -371,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except TrainingInterrupted as error:
+        print(f"circuitmap: {error}", file=sys.stderr)
+        return 130
     except CircuitmapError as error:
         print(f"circuitmap: error: {error}", file=sys.stderr)
         return 2

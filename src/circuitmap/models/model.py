@@ -162,7 +162,7 @@ class Model:
 
         Keys are ``(point, layer)`` for per-layer points and ``(point, None)`` for model-wide ones.
         """
-        with self._caching(points) as cache:
+        with self.capturing(points) as cache:
             logits = self.logits(inputs)
         return logits, cache
 
@@ -172,13 +172,14 @@ class Model:
         """Like ``run_with_cache`` but without the unembedding: runs only the base model (the module holding
         the layers), which saves the vocabulary-sized product when only internals are wanted."""
         base = get_module(self.hf_model, self.adapter.layers.rsplit(".", 1)[0])
-        with self._caching(points) as cache, torch.no_grad():
+        with self.capturing(points) as cache, torch.no_grad():
             base(input_ids=self.encode(inputs), use_cache=False)
         return cache
 
     @contextmanager
-    def _caching(self, points: Sequence[str]) -> Iterator[dict[tuple[str, int | None], torch.Tensor]]:
-        """Context: store a detached copy of every requested point's activation in the yielded dict."""
+    def capturing(self, points: Sequence[str]) -> Iterator[dict[tuple[str, int | None], torch.Tensor]]:
+        """Context: store a detached copy of every requested point's activation in the yielded dict (each
+        forward pass replaces the previous pass's entries)."""
         cache: dict[tuple[str, int | None], torch.Tensor] = {}
         hooks = [
             (point, layer, _saver(cache, (point, layer)))

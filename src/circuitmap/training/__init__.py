@@ -1,25 +1,35 @@
-"""Training transcoders: text sources, packing, MLP activation pairs, shuffling, a per-layer TopK trainer."""
+"""Training transcoders: text sources, activation pairs in reproducible chunks, the trainer and evaluation."""
 
-from circuitmap.training.activations import (
-    ShuffleBuffer,
-    collect_pairs,
-    iter_pairs,
-    pack_contexts,
-    shuffled_batches,
+from circuitmap.training.activations import collect_pairs, pack_contexts
+from circuitmap.training.config import PRESETS, TrainConfig, preset
+from circuitmap.training.corpus import corpus_files, iter_documents
+from circuitmap.training.data import (
+    ActivationCache,
+    CorpusContexts,
+    PairChunks,
+    SampledContexts,
+    sample_contexts,
 )
-from circuitmap.training.corpus import corpus_files, iter_documents, sample_documents
-from circuitmap.training.trainer import TrainConfig, TrainResult, train_plt
+from circuitmap.training.evaluate import Evaluation, evaluate_transcoders
+from circuitmap.training.trainer import TrainingDiverged, TrainingInterrupted, TrainResult, train_transcoders
 
 __all__ = [
-    "ShuffleBuffer",
+    "PRESETS",
+    "ActivationCache",
+    "CorpusContexts",
+    "Evaluation",
+    "PairChunks",
+    "SampledContexts",
     "TrainConfig",
     "TrainResult",
+    "TrainingDiverged",
+    "TrainingInterrupted",
     "collect_pairs",
     "corpus_files",
+    "evaluate_transcoders",
     "iter_documents",
-    "iter_pairs",
     "pack_contexts",
-    "sample_documents",
-    "shuffled_batches",
-    "train_plt",
+    "preset",
+    "sample_contexts",
+    "train_transcoders",
 ]

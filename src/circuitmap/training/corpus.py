@@ -6,8 +6,8 @@ a glob pattern. A source string that starts with ``hf:`` names a Hugging Face da
 record (the ``datasets`` extra): ``hf:NAME[:CONFIG][@SPLIT]``, where NAME is a Hub dataset id or a local
 dataset folder, CONFIG one of its configurations and SPLIT defaults to ``train``, as in
 ``hf:roneneldan/TinyStories@validation``, ``hf:wikitext:wikitext-2-raw-v1@test`` or ``hf:./my_dataset``
-(see ``circuitmap.training.hf_datasets``). With no corpus at hand, ``sample_documents`` lets the model write
-its own text, in batches, from its beginning-of-text token: the offline default.
+(see ``circuitmap.training.hf_datasets``). With no corpus at hand, the model writes its own text
+(``circuitmap.training.data.SampledContexts``): the offline default.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import torch
-
 from circuitmap.errors import CircuitmapError
-from circuitmap.models import Model
 from circuitmap.training.hf_datasets import is_dataset_spec, iter_dataset_documents
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -88,51 +85,3 @@ def iter_documents(sources: str | Path | Iterable[str | Path], text_field: str =
                 yield from _jsonl_documents(path, text_field)
             else:
                 yield from _text_documents(path)
-
-
-def sample_documents(
-    model: Model,
-    n_documents: int,
-    max_new_tokens: int = 128,
-    *,
-    batch_size: int = 16,
-    temperature: float = 1.0,
-    seed: int = 0,
-) -> Iterator[str]:
-    """Documents written by the model itself from its beginning-of-text token.
-
-    Sampling uses its own random state seeded by ``seed`` (the caller's state is left as it was), so the same
-    seed gives the same documents whatever else draws random numbers in between.
-    """
-    start = model.tokenizer.bos_token_id
-    if start is None:
-        start = model.tokenizer.eos_token_id
-    if start is None:
-        raise CircuitmapError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
-    pad = model.tokenizer.eos_token_id if model.tokenizer.eos_token_id is not None else start
-    caller_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    sampling_state = torch.random.get_rng_state()
-    torch.random.set_rng_state(caller_state)
-    for first in range(0, n_documents, batch_size):
-        count = min(batch_size, n_documents - first)
-        ids = torch.full((count, 1), start, dtype=torch.long, device=model.device)
-        caller_state = torch.random.get_rng_state()
-        torch.random.set_rng_state(sampling_state)
-        with torch.no_grad():
-            out = model.hf_model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=temperature,
-                top_k=None,
-                top_p=None,
-                pad_token_id=pad,
-            )
-        sampling_state = torch.random.get_rng_state()
-        torch.random.set_rng_state(caller_state)
-        for row in out[:, 1:]:
-            text = model.tokenizer.decode(row, skip_special_tokens=True).strip()
-            if text:
-                yield text

@@ -15,7 +15,6 @@ import torch
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
-from circuitmap.training.activations import pack_contexts
 from circuitmap.transcoders import Transcoders
 
 
@@ -47,6 +46,25 @@ class Evaluation:
             "dead_fraction": self.dead_fraction,
         }
 
+    def report(self) -> dict:
+        """The machine-readable form: a list of per-layer records and the overall figures."""
+        layers = [
+            {"layer": layer, "fvu": fvu, "l0": l0, "dead_fraction": dead}
+            for layer, (fvu, l0, dead) in enumerate(zip(self.fvu, self.l0, self.dead_fraction, strict=True))
+        ]
+        n = len(layers)
+        return {
+            "layers": layers,
+            "mean_fvu": sum(self.fvu) / n,
+            "mean_l0": sum(self.l0) / n,
+            "mean_dead_fraction": sum(self.dead_fraction) / n,
+            "ce_loss": self.loss,
+            "ce_loss_spliced": self.spliced_loss,
+            "ce_loss_increase": self.spliced_loss - self.loss,
+            "kl": self.kl,
+            "tokens": self.tokens,
+        }
+
 
 def _next_token_losses(logits: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
@@ -64,13 +82,12 @@ def _replacement(reconstruction: torch.Tensor):
 def evaluate_transcoders(
     model: Model,
     transcoders: Transcoders,
-    documents: Iterable[str],
+    contexts: Iterable[torch.Tensor],
     *,
     n_tokens: int = 50_000,
-    context_length: int = 128,
     batch_size: int = 8,
 ) -> Evaluation:
-    """Measure ``transcoders`` on up to ``n_tokens`` tokens of ``documents``."""
+    """Measure ``transcoders`` on up to ``n_tokens`` tokens of ``contexts`` (equal-length token id rows)."""
     transcoders.check_model(model.n_layers, model.d_model)
     transcoders.to(device=model.device, dtype=model.dtype)
     n_layers = model.n_layers
@@ -80,7 +97,7 @@ def evaluate_transcoders(
     fired = torch.zeros(n_layers, transcoders.d_features, dtype=torch.bool)
     loss = spliced = kl = 0.0
     tokens = 0
-    contexts = pack_contexts(documents, model.tokenizer, context_length)
+    contexts = iter(contexts)
     while tokens < n_tokens:
         batch = [context for _, context in zip(range(batch_size), contexts, strict=False)]
         if not batch:

@@ -1,74 +1,71 @@
-"""Train a per-layer TopK transcoder set for every layer of a model at once.
+"""The training loop: chunks of pairs in, a transcoder set for every layer out; resumable and distributed.
 
-Pairs flow from documents to packed contexts to MLP activation pairs to a shuffle buffer; every step trains
-all layers on the same tokens. The loss is the mean over layers of the batch's fraction of variance
-unexplained (FVU) on standardised outputs; Adam with linear warm-up and linear decay, gradient clipping,
-unit-norm decoder rows. Metrics per layer: FVU and L0 over the last steps, and the fraction of dead
-features (never active in the last ``dead_window`` tokens).
+Every step trains all layers on the same tokens. Adam with linear warm-up, a constant rate and a linear decay
+over the last ``decay_fraction`` of the steps; gradient clipping; the sparsity coefficient (ReLU, JumpReLU)
+ramps up over ``sparsity_warmup`` of the steps; features silent for ``dead_tokens`` tokens get the auxiliary
+loss. The run folder holds ``training.json`` (settings), ``training_log.jsonl`` (metrics every ``log_every``
+steps) and a checkpoint, written atomically at most ``checkpoint_seconds`` apart and on SIGINT or SIGTERM.
+When training ends the folder is replaced by the transcoder set, the log and ``metrics.json``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+import contextlib
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
-from circuitmap.training.activations import iter_pairs, pack_contexts, shuffled_batches
-from circuitmap.training.plt import Standardiser, TrainablePLT
-from circuitmap.transcoders import PerLayerTranscoders
+from circuitmap.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from circuitmap.training.config import TrainConfig
+from circuitmap.training.data import (
+    ActivationCache,
+    CorpusContexts,
+    PairChunks,
+    SampledContexts,
+    group_batches,
+    model_identity,
+)
+from circuitmap.training.distributed import ProcessGroup
+from circuitmap.training.trainable import Standardiser, TrainableTranscoders
+from circuitmap.transcoders import Transcoders
+
+RUN_NAME = "training.json"
+LOG_NAME = "training_log.jsonl"
+METRICS_NAME = "metrics.json"
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one training run; ``n_tokens`` counts training tokens (pairs per layer)."""
+class TrainingInterrupted(CircuitmapError):
+    """Training stopped on a signal after writing a checkpoint."""
 
-    d_features: int = 2048
-    k: int = 32
-    skip: bool = False
-    n_tokens: int = 200_000
-    batch_size: int = 1024
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    context_length: int = 128
-    model_batch_size: int = 8
-    buffer_tokens: int = 16_384
-    dead_window: int = 100_000
-    seed: int = 0
 
-    def check(self) -> None:
-        positive = (
-            "d_features",
-            "k",
-            "n_tokens",
-            "batch_size",
-            "context_length",
-            "model_batch_size",
-            "buffer_tokens",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise CircuitmapError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.k > self.d_features:
-            raise CircuitmapError(f"k={self.k} cannot exceed d_features={self.d_features}")
-        if not self.lr > 0:
-            raise CircuitmapError(f"lr must be positive, got {self.lr}")
+class TrainingDiverged(CircuitmapError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
 class TrainResult:
-    """The trained set and its metrics (per layer, and means over layers)."""
+    """The trained set and the metrics of the last logging window (per layer, and means over layers)."""
 
-    transcoders: PerLayerTranscoders
+    transcoders: Transcoders
     fvu: list[float]
     l0: list[float]
     dead_fraction: list[float]
     tokens: int
     steps: int
+    next_chunk: int
+    seconds: float
     config: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -76,6 +73,7 @@ class TrainResult:
         return {
             "tokens": self.tokens,
             "steps": self.steps,
+            "seconds": self.seconds,
             "mean_fvu": sum(self.fvu) / n,
             "mean_l0": sum(self.l0) / n,
             "mean_dead_fraction": sum(self.dead_fraction) / n,
@@ -86,76 +84,373 @@ class TrainResult:
         }
 
 
-def _learning_rate(step: int, total: int, config: TrainConfig) -> float:
+def learning_rate(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last ``decay_fraction`` of the steps."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    remaining = max(1, total - config.warmup_steps)
-    return config.lr * max(0.0, 1 - (step - config.warmup_steps) / remaining)
+    decay_steps = int(total * config.decay_fraction)
+    if decay_steps and step >= total - decay_steps:
+        return config.lr * (total - step) / decay_steps
+    return config.lr
 
 
-def train_plt(
-    model: Model, documents: Iterable[str], config: TrainConfig | None = None, progress: bool = True
-) -> TrainResult:
-    """Train per-layer TopK transcoders on ``documents`` (an iterable of texts, read as needed)."""
-    config = config or TrainConfig()
-    config.check()
-    contexts = pack_contexts(documents, model.tokenizer, config.context_length)
-    pairs = iter_pairs(model, contexts, config.model_batch_size)
-    batches = shuffled_batches(pairs, config.batch_size, config.buffer_tokens, seed=config.seed)
-    first = next(batches, None)
-    if first is None:
-        raise CircuitmapError("the corpus is too small to fill a single context")
-    standardiser = Standardiser.fit(first)
-    module = TrainablePLT(
-        model.n_layers, model.d_model, config.d_features, config.k, config.skip, config.seed
+def sparsity_coefficient(step: int, total: int, config: TrainConfig) -> float:
+    warmup = config.sparsity_warmup * total
+    return config.sparsity_coef * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+
+class _Counters:
+    """What the loop tracks besides weights: last firing per feature and the current logging window."""
+
+    def __init__(self, n_layers: int, d_features: int):
+        self.last_active = torch.zeros(n_layers, d_features, dtype=torch.long)
+        self.window = torch.zeros(3, n_layers, dtype=torch.float64)
+        self.window_tokens = 0
+
+    def metrics(self, tokens: int, dead_tokens: int) -> dict:
+        squared_error, energy, active = self.window
+        dead = (tokens - self.last_active) >= max(1, min(dead_tokens, tokens))
+        return {
+            "fvu": (squared_error / energy.clamp_min(1e-30)).tolist(),
+            "l0": (active / max(1, self.window_tokens)).tolist(),
+            "dead_fraction": dead.double().mean(1).tolist(),
+        }
+
+    def reset_window(self) -> None:
+        self.window.zero_()
+        self.window_tokens = 0
+
+
+def _run_description(model: Model, contexts, config: TrainConfig) -> dict:
+    return {"config": config.to_dict(), "model": model_identity(model), "source": contexts.description}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    changes = []
+    for key in sorted(set(old["config"]) | set(new["config"])):
+        if old["config"].get(key) != new["config"].get(key):
+            changes.append(f"{key} {old['config'].get(key)!r} → {new['config'].get(key)!r}")
+    if old["model"] != new["model"]:
+        changes.append(f"model {old['model'].get('model')!r} → {new['model'].get('model')!r}")
+    if old["source"] != new["source"]:
+        changes.append(f"text source {old['source']!r} → {new['source']!r}")
+    return changes
+
+
+def _prepare_folder(out: Path, run: dict, resume: bool, main: bool) -> None:
+    """Check the run folder (every process) and record the settings of a new run (main process only)."""
+    checkpoint = out / CHECKPOINT_NAME
+    if resume:
+        if (out / METRICS_NAME).is_file():
+            raise CircuitmapError(f"nothing to resume: the run in {out} has finished")
+        if not (out / RUN_NAME).is_file():
+            raise CircuitmapError(f"nothing to resume: {out} holds no training run")
+        old = json.loads((out / RUN_NAME).read_text())
+        changes = _differences(old, run)
+        if changes:
+            raise CircuitmapError(
+                f"cannot resume {out}: its run used other settings ({'; '.join(changes)}); "
+                "repeat the original settings or train into a new --out"
+            )
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        hint = " (it holds an unfinished run: add --resume)" if checkpoint.exists() else ""
+        raise CircuitmapError(f"--out {out} is not an empty folder{hint}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_NAME).write_text(json.dumps(run, indent=2))
+
+
+def _checkpoint_tensors(module, optimiser, standardiser: Standardiser, counters: _Counters) -> dict:
+    tensors = {f"module.{name}": value for name, value in module.state_dict().items()}
+    for index, parameter in enumerate(optimiser.param_groups[0]["params"]):
+        for name, value in optimiser.state.get(parameter, {}).items():
+            tensors[f"optimiser.{index}.{name}"] = value
+    tensors.update({f"standardiser.{name}": value for name, value in standardiser.state().items()})
+    tensors["counters.last_active"] = counters.last_active
+    tensors["counters.window"] = counters.window
+    return tensors
+
+
+def _restore(tensors: dict, module, optimiser, counters: _Counters) -> Standardiser:
+    module.load_state_dict({name[7:]: value for name, value in tensors.items() if name.startswith("module.")})
+    for index, parameter in enumerate(optimiser.param_groups[0]["params"]):
+        prefix = f"optimiser.{index}."
+        state = {name[len(prefix) :]: value for name, value in tensors.items() if name.startswith(prefix)}
+        if state:
+            optimiser.state[parameter] = {
+                name: value.to(parameter.device) if name != "step" else value for name, value in state.items()
+            }
+    counters.last_active = tensors["counters.last_active"]
+    counters.window = tensors["counters.window"]
+    return Standardiser(
+        **{name: tensors[f"standardiser.{name}"] for name in ("mean_in", "scale_in", "mean_out", "scale_out")}
     )
+
+
+def _fit_standardiser(pairs: list[torch.Tensor], group: ProcessGroup, d_model: int) -> Standardiser:
+    n_layers = pairs[0].shape[1]
+    sums = torch.zeros(n_layers, 2, d_model, dtype=torch.float64)
+    squares = torch.zeros(n_layers, 2, dtype=torch.float64)
+    count = torch.zeros(1, dtype=torch.float64)
+    for block in pairs:
+        values = block.double()
+        sums += values.sum(0)
+        squares += values.pow(2).sum((0, 3))
+        count += len(values)
+    group.sum(sums), group.sum(squares), group.sum(count)
+    return Standardiser.from_sums(sums, squares, float(count), d_model)
+
+
+class _StopFlag:
+    """Set by SIGINT or SIGTERM; the loop stops at the end of the current step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _notice(group: ProcessGroup, message: str) -> None:
+    if group.main:
+        tqdm.write(message, file=sys.stderr)
+
+
+def _finish_folder(out: Path, transcoders: Transcoders, summary: dict) -> None:
+    """Replace the run folder by the transcoder set, keeping the settings and the log beside it."""
+    final = out.with_name(f".{out.name}.final-{uuid.uuid4().hex}")
+    transcoders.save(final)
+    for name in (RUN_NAME, LOG_NAME):
+        if (out / name).exists():
+            shutil.copy2(out / name, final / name)
+    (final / METRICS_NAME).write_text(json.dumps(summary, indent=2))
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
+    out.rename(old)
+    final.rename(out)
+    shutil.rmtree(old)
+
+
+def train_transcoders(
+    model: Model,
+    contexts: CorpusContexts | SampledContexts,
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    checkpoint_seconds: float = 300.0,
+    log_every: int = 10,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a transcoder set on the pairs of ``contexts`` and save it (with its log) to ``out``."""
+    config.check()
+    started = time.monotonic()
+    group = ProcessGroup.from_environment(model.device)
+    if config.groups % group.world:
+        raise CircuitmapError(
+            f"groups={config.groups} must be a multiple of the number of processes ({group.world})"
+        )
+    out = Path(out)
+    run = _run_description(model, contexts, config)
+    _prepare_folder(out, run, resume, group.main)
+    group.barrier()
+
+    n_layers, d_model = model.n_layers, model.d_model
+    module = TrainableTranscoders(n_layers, d_model, config).to(model.device)
     optimiser = torch.optim.Adam(module.parameters(), lr=config.lr)
-    total_steps = max(1, config.n_tokens // config.batch_size)
-    last_active = torch.zeros(model.n_layers, config.d_features, dtype=torch.long)
-    recent_fvu: list[torch.Tensor] = []
-    recent_l0: list[torch.Tensor] = []
-    tokens = 0
-    step = 0
-    with tqdm(
+    counters = _Counters(n_layers, config.d_features)
+    step = tokens = 0
+    standardiser = None
+    last_saved_step = None
+    if resume:
+        tensors, meta = load_checkpoint(out)
+        standardiser = _restore(tensors, module, optimiser, counters)
+        step, tokens, counters.window_tokens = meta["step"], meta["tokens"], meta["window_tokens"]
+        last_saved_step = step
+        _notice(group, f"resuming {out} at step {step:,} ({tokens:,} tokens)")
+    trained = DistributedDataParallel(module) if group.world > 1 else module
+
+    local_groups = list(range(group.rank, config.groups, group.world))
+    per_group = config.batch_size // config.groups
+    steps_per_chunk = (config.chunk_contexts // config.groups) * (config.context_length - 1) // per_group
+    total_steps = math.ceil(config.n_tokens / config.batch_size)
+    cache = None
+    if cache_dir is not None:
+        identity = {
+            **run["model"],
+            "source": contexts.description,
+            "context_length": config.context_length,
+            "chunk_contexts": config.chunk_contexts,
+            "groups": config.groups,
+            "model_batch_size": config.model_batch_size,
+        }
+        cache = ActivationCache(cache_dir, identity)
+    chunks = PairChunks(
+        model,
+        contexts,
+        chunk_contexts=config.chunk_contexts,
+        groups=config.groups,
+        local_groups=local_groups,
+        model_batch_size=config.model_batch_size,
+        cache=cache,
+    )
+
+    log = (out / LOG_NAME).open("a") if group.main else None
+    last_save = time.monotonic()
+    chunk_index, offset = divmod(step, steps_per_chunk)
+    bar = tqdm(
         total=total_steps * config.batch_size,
+        initial=tokens,
         desc="training",
         unit="tok",
         unit_scale=True,
-        disable=not progress,
-    ) as bar:
-        batch = first
-        while batch is not None and step < total_steps:
-            x, y = standardiser.apply(batch.float())
-            acts = module.encode(x)
-            prediction = module.decode(acts, x)
-            residual = (prediction - y).pow(2).sum(dim=(0, 2))
-            variance = (y - y.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-8)
-            fvu = residual / variance
-            loss = fvu.mean()
-            for group in optimiser.param_groups:
-                group["lr"] = _learning_rate(step, total_steps, config)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            loss = loss.detach()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-            optimiser.step()
-            module.normalise_decoder()
-            tokens += len(batch)
-            fired = (acts > 0).any(0)
-            last_active[fired] = tokens
-            recent_fvu = [*recent_fvu[-19:], fvu.detach()]
-            recent_l0 = [*recent_l0[-19:], (acts > 0).sum(-1).float().mean(0)]
-            step += 1
-            bar.update(len(batch))
-            bar.set_postfix(fvu=f"{loss.item():.3f}")
-            batch = next(batches, None)
-    dead = ((tokens - last_active) >= min(config.dead_window, tokens)).float().mean(1)
-    return TrainResult(
-        transcoders=module.to_transcoders(standardiser, model_name=model.name),
-        fvu=torch.stack(recent_fvu).mean(0).tolist(),
-        l0=torch.stack(recent_l0).mean(0).tolist(),
-        dead_fraction=dead.tolist(),
+        disable=not (progress and group.main),
+    )
+
+    def checkpoint() -> None:
+        nonlocal last_save, last_saved_step
+        if group.main:
+            meta = {"run": run, "step": step, "tokens": tokens, "window_tokens": counters.window_tokens}
+            save_checkpoint(out, _checkpoint_tensors(module, optimiser, standardiser, counters), meta)
+        last_save, last_saved_step = time.monotonic(), step
+        group.barrier()
+
+    reported = None
+
+    def log_window(loss: float) -> dict:
+        """Metrics of the steps since the last report: to the bar and the log; the window starts afresh."""
+        metrics = counters.metrics(tokens, config.dead_tokens)
+        mean_fvu, mean_l0 = sum(metrics["fvu"]) / n_layers, sum(metrics["l0"]) / n_layers
+        bar.set_postfix(fvu=f"{mean_fvu:.3f}", l0=f"{mean_l0:.1f}")
+        if log is not None:
+            record = {
+                "step": step,
+                "tokens": tokens,
+                "seconds": round(time.monotonic() - started, 2),
+                "lr": learning_rate(step - 1, total_steps, config),
+                "loss": loss,
+                "mean_fvu": mean_fvu,
+                "mean_l0": mean_l0,
+                **metrics,
+            }
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        counters.reset_window()
+        return metrics
+
+    exhausted = False
+    loss = math.nan
+    with _StopFlag() as stop, bar:
+        while step < total_steps:
+            pairs = chunks.chunk(chunk_index)
+            available = min(len(p) for p in pairs) // per_group if pairs is not None else 0
+            steps_here = group.min_int(min(available, steps_per_chunk))
+            if steps_here == 0:
+                exhausted = True
+                break
+            if standardiser is None:
+                standardiser = _fit_standardiser(pairs, group, d_model)
+            batches = group_batches(
+                pairs, per_group, steps_here, chunk_index, config.seed, local_groups, start=offset
+            )
+            for batch in batches:
+                x, y = standardiser.apply(batch.to(model.device))
+                dead = None
+                if tokens >= config.dead_tokens:
+                    mask = (tokens - counters.last_active) >= config.dead_tokens
+                    dead = mask.to(model.device) if bool(mask.any()) else None
+                for parameter_group in optimiser.param_groups:
+                    parameter_group["lr"] = learning_rate(step, total_steps, config)
+                output = trained(x, y, dead, sparsity_coefficient(step, total_steps, config))
+                stats = torch.cat(
+                    [
+                        output.loss.detach().double().reshape(1) / group.world,
+                        output.squared_error.double(),
+                        output.target_energy.double(),
+                        output.active.double(),
+                        output.fired.double().flatten(),
+                    ]
+                ).cpu()
+                group.sum(stats)
+                loss = float(stats[0])
+                if not math.isfinite(float(stats[0])):
+                    errors = stats[1 : 1 + n_layers]
+                    bad = [layer for layer in range(n_layers) if not math.isfinite(float(errors[layer]))]
+                    where = f"layer {bad[0]}" if bad else "the sparsity or auxiliary term"
+                    kept = (
+                        f"the last good checkpoint (step {last_saved_step:,}) is kept in {out}"
+                        if last_saved_step is not None
+                        else "no checkpoint had been written yet"
+                    )
+                    raise TrainingDiverged(
+                        f"training diverged at step {step:,}: the loss of {where} is not finite; {kept}; "
+                        "lower --lr and resume or restart"
+                    )
+                optimiser.zero_grad(set_to_none=True)
+                output.loss.backward()
+                torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                optimiser.step()
+                module.normalise_decoder()
+                step += 1
+                tokens += config.batch_size
+                counters.window += stats[1 : 1 + 3 * n_layers].view(3, n_layers)
+                counters.window_tokens += config.batch_size
+                fired = stats[1 + 3 * n_layers :].view(n_layers, -1) > 0
+                counters.last_active[fired] = tokens
+                bar.update(config.batch_size)
+                if step % log_every == 0 or step == total_steps:
+                    reported = log_window(float(stats[0]))
+                stop_now = group.max(torch.tensor([float(stop.raised)]))
+                if bool(stop_now[0]):
+                    checkpoint()
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step:,} of {total_steps:,}; the checkpoint is saved: "
+                        "run the same command with --resume to continue"
+                    )
+                if step >= total_steps:
+                    break
+                if time.monotonic() - last_save >= checkpoint_seconds:
+                    checkpoint()
+            offset = 0
+            chunk_index += 1
+        if counters.window_tokens:
+            reported = log_window(loss)
+    if log is not None:
+        log.close()
+    if step == 0:
+        raise CircuitmapError("the text source is too small to fill a single training batch")
+    if exhausted:
+        _notice(
+            group,
+            f"the text ran out after {tokens:,} of the {total_steps * config.batch_size:,} requested tokens; "
+            "the set is trained on what exists",
+        )
+    if reported is None:
+        last = (out / LOG_NAME).read_text().splitlines()[-1]
+        reported = {name: json.loads(last)[name] for name in ("fvu", "l0", "dead_fraction")}
+    transcoders = module.to_transcoders(standardiser, model_name=model.name)
+    result = TrainResult(
+        transcoders=transcoders,
         tokens=tokens,
         steps=step,
-        config=asdict(config),
+        next_chunk=chunk_index + 1,
+        seconds=time.monotonic() - started,
+        config=config.to_dict(),
+        **reported,
     )
+    if group.main:
+        _finish_folder(out, transcoders, result.summary())
+    group.barrier()
+    return result

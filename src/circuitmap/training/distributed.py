@@ -1,0 +1,68 @@
+"""The process group of a distributed run (torchrun sets the environment), or a single process.
+
+Gloo serves CPU runs and NCCL GPU runs. Reductions are no-ops for a single process, so the trainer is one
+code path whatever the world size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from circuitmap.errors import CircuitmapError
+
+
+@dataclass
+class ProcessGroup:
+    """This process's rank and the world size; ``main`` is the process that writes files."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> ProcessGroup:
+        """Join the run torchrun started (``WORLD_SIZE`` > 1), or stand alone."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            try:
+                dist.init_process_group(backend=backend)
+            except (RuntimeError, ValueError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise CircuitmapError(f"cannot join the distributed run ({backend}): {first}") from None
+        return cls(rank=dist.get_rank(), world=dist.get_world_size())
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over processes (in place)."""
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def min_int(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
