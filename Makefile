@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/circuitmap next "The capital of France is"
+	$(BIN)/circuitmap demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

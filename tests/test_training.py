@@ -269,6 +269,24 @@ def test_activation_cache_is_reused_and_a_full_disk_leaves_nothing_behind(tmp_pa
     assert store.load(0, 0) is None
 
 
+def test_epochs_collect_once_and_pass_over_the_pairs_again(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    calls = []
+    original = PairChunks._collect
+
+    def counting(self, contexts):
+        calls.append(len(contexts))
+        return original(self, contexts)
+
+    monkeypatch.setattr(PairChunks, "_collect", counting)
+    config = SMALL.with_changes(n_tokens=1280, epochs=2)
+    result = train_transcoders(model, corpus(model), config, tmp_path / "run", progress=False)
+    # 10 steps per epoch, 3 batches of 64 from each chunk of 16 contexts: chunks 0..3, collected once.
+    assert result.tokens == 1280 and result.next_chunk == 4
+    assert sum(calls) == 4 * config.chunk_contexts
+    assert not (tmp_path / "run" / "activations").exists(), "the run's own cache goes when it ends"
+
+
 def test_pairs_come_back_from_the_cache_unchanged(tmp_path):
     model = tiny_model("gemma2")
     cache = ActivationCache(tmp_path, {"model": "tiny"})
@@ -409,15 +427,7 @@ def test_two_processes_match_one_with_the_same_global_batch(model_folder, tmp_pa
     assert main(train_argv(model_folder, single, *args)) == 0
     double = tmp_path / "double"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29533",
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "circuitmap", *train_argv(model_folder, double, *args)]
     finished = subprocess.run(command, env=env, capture_output=True, timeout=300)
     assert finished.returncode == 0, finished.stderr.decode()[-3000:]
@@ -460,3 +470,15 @@ def test_train_and_evaluate_commands(model_folder, tmp_path, capsys):
         main(train_argv(model_folder, tmp_path / "y", "--preset", "nope"))
     assert main(train_argv(model_folder, tmp_path / "y", "--k", "100")) == 2
     assert "k=100 cannot exceed" in capsys.readouterr().err
+
+
+def test_demo_trains_the_quick_set_once_then_reuses_it(model_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CIRCUITMAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("circuitmap.training.preset", lambda name: SMALL.with_changes(n_tokens=640))
+    argv = ["demo", "--model", str(model_folder), "--prompt", "The cat number", "--out", str(tmp_path / "g")]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "training the quick set once" in first.err and (tmp_path / "g" / "graph.json").exists()
+    assert list((tmp_path / "cache" / "transcoders").iterdir())[0].name.endswith("-quick")
+    assert main(argv) == 0
+    assert "training the quick set" not in capsys.readouterr().err

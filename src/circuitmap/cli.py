@@ -13,6 +13,7 @@ import numpy as np
 from circuitmap import __version__
 from circuitmap.attribution import Direction, attribute
 from circuitmap.attribution.estimate import available_memory, estimate_attribution
+from circuitmap.cli_demo import add_demo_command
 from circuitmap.cli_training import add_training_commands
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs import Graph, NodeKind, node_influence
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     at_parser.set_defaults(run=_cmd_attribute)
 
     add_training_commands(commands, _add_model_args, _load)
+    add_demo_command(
+        commands, _add_model_args, _load, lambda argv: main(["attribute", *argv]), DEFAULT_PROMPT
+    )
     return parser
 
 

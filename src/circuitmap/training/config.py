@@ -25,6 +25,7 @@ class TrainConfig:
     d_features: int = 2048
     k: int = 32
     n_tokens: int = 200_000
+    epochs: int = 1
     batch_size: int = 1024
     lr: float = 2e-3
     warmup_steps: int = 20
@@ -70,6 +71,7 @@ class TrainConfig:
             "d_features",
             "k",
             "n_tokens",
+            "epochs",
             "batch_size",
             "context_length",
             "model_batch_size",
@@ -121,18 +123,22 @@ PRESETS: dict[str, TrainConfig] = {
     "quick": TrainConfig(
         d_features=2048,
         k=64,
-        n_tokens=100_352,
-        batch_size=512,
+        n_tokens=129_024,
+        epochs=2,
+        batch_size=1024,
         lr=4e-3,
+        context_length=64,
         chunk_contexts=128,
     ),
     "standard": TrainConfig(
         d_features=4096,
         k=64,
-        n_tokens=250_880,
+        n_tokens=258_048,
+        epochs=2,
         batch_size=1024,
         lr=3e-3,
-        chunk_contexts=256,
+        context_length=128,
+        chunk_contexts=128,
     ),
 }
 

@@ -3,8 +3,11 @@
 Every step trains all layers on the same tokens. Adam with linear warm-up, a constant rate and a linear decay
 over the last ``decay_fraction`` of the steps; gradient clipping; the sparsity coefficient (ReLU, JumpReLU)
 ramps up over ``sparsity_warmup`` of the steps; features silent for ``dead_tokens`` tokens get the auxiliary
-loss. The run folder holds ``training.json`` (settings), ``training_log.jsonl`` (metrics every ``log_every``
-steps) and a checkpoint, written atomically at most ``checkpoint_seconds`` apart and on SIGINT or SIGTERM.
+loss. With ``epochs`` > 1 the run collects ``n_tokens / epochs`` tokens once, keeps them in an activation
+cache (the run folder's unless one is given) and passes over them again, reshuffled within each chunk.
+
+The run folder holds ``training.json`` (settings), ``training_log.jsonl`` (metrics every ``log_every`` steps)
+and a checkpoint, written atomically at most ``checkpoint_seconds`` apart and on SIGINT or SIGTERM.
 When training ends the folder is replaced by the transcoder set, the log and ``metrics.json``.
 """
 
@@ -137,8 +140,8 @@ def _differences(old: dict, new: dict) -> list[str]:
     return changes
 
 
-def _prepare_folder(out: Path, run: dict, resume: bool, main: bool) -> None:
-    """Check the run folder (every process) and record the settings of a new run (main process only)."""
+def _check_folder(out: Path, run: dict, resume: bool) -> None:
+    """Refuse a run folder that does not fit: every process checks before any of them writes."""
     checkpoint = out / CHECKPOINT_NAME
     if resume:
         if (out / METRICS_NAME).is_file():
@@ -156,9 +159,6 @@ def _prepare_folder(out: Path, run: dict, resume: bool, main: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         hint = " (it holds an unfinished run: add --resume)" if checkpoint.exists() else ""
         raise CircuitmapError(f"--out {out} is not an empty folder{hint}")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_NAME).write_text(json.dumps(run, indent=2))
 
 
 def _checkpoint_tensors(module, optimiser, standardiser: Standardiser, counters: _Counters) -> dict:
@@ -264,7 +264,11 @@ def train_transcoders(
         )
     out = Path(out)
     run = _run_description(model, contexts, config)
-    _prepare_folder(out, run, resume, group.main)
+    _check_folder(out, run, resume)
+    group.barrier()
+    if group.main and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_NAME).write_text(json.dumps(run, indent=2))
     group.barrier()
 
     n_layers, d_model = model.n_layers, model.d_model
@@ -286,6 +290,9 @@ def train_transcoders(
     per_group = config.batch_size // config.groups
     steps_per_chunk = (config.chunk_contexts // config.groups) * (config.context_length - 1) // per_group
     total_steps = math.ceil(config.n_tokens / config.batch_size)
+    chunks_per_epoch = math.ceil(total_steps / config.epochs / steps_per_chunk)
+    if config.epochs > 1 and cache_dir is None:
+        cache_dir = out / "activations"
     cache = None
     if cache_dir is not None:
         identity = {
@@ -354,7 +361,8 @@ def train_transcoders(
     loss = math.nan
     with _StopFlag() as stop, bar:
         while step < total_steps:
-            pairs = chunks.chunk(chunk_index)
+            data_chunk = chunk_index % chunks_per_epoch if config.epochs > 1 else chunk_index
+            pairs = chunks.chunk(data_chunk)
             available = min(len(p) for p in pairs) // per_group if pairs is not None else 0
             steps_here = group.min_int(min(available, steps_per_chunk))
             if steps_here == 0:
@@ -445,7 +453,7 @@ def train_transcoders(
         transcoders=transcoders,
         tokens=tokens,
         steps=step,
-        next_chunk=chunk_index + 1,
+        next_chunk=(min(chunk_index, chunks_per_epoch - 1) if config.epochs > 1 else chunk_index) + 1,
         seconds=time.monotonic() - started,
         config=config.to_dict(),
         **reported,
