@@ -10,7 +10,7 @@ from pathlib import Path
 
 from circuitmap.models.loading import cache_dir
 
-QUICK_MINUTES = 13
+QUICK_MINUTES = 15
 
 
 def quick_transcoders_folder(model_spec: str) -> Path:

@@ -337,7 +337,8 @@ def train_transcoders(
     reported = None
 
     def log_window(loss: float) -> dict:
-        """Metrics of the steps since the last report: to the bar and the log; the window starts afresh."""
+        """Metrics of the steps since the last report, to the bar and the log. The window then starts afresh,
+        unless fewer than ``log_every`` steps remain: the last report then covers a full window or more."""
         metrics = counters.metrics(tokens, config.dead_tokens)
         mean_fvu, mean_l0 = sum(metrics["fvu"]) / n_layers, sum(metrics["l0"]) / n_layers
         bar.set_postfix(fvu=f"{mean_fvu:.3f}", l0=f"{mean_l0:.1f}")
@@ -354,7 +355,8 @@ def train_transcoders(
             }
             log.write(json.dumps(record) + "\n")
             log.flush()
-        counters.reset_window()
+        if total_steps - step >= log_every:
+            counters.reset_window()
         return metrics
 
     exhausted = False
