@@ -14,7 +14,7 @@ from circuitmap import __version__
 from circuitmap.attribution import Direction, attribute
 from circuitmap.attribution.estimate import available_memory, estimate_attribution
 from circuitmap.cli_demo import add_demo_command
-from circuitmap.cli_training import add_training_commands
+from circuitmap.cli_training import add_training_commands, positive_int
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs import Graph, NodeKind, node_influence
 from circuitmap.graphs.export import graph_json, write_graph_json
@@ -192,13 +192,6 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitmap", description=__doc__)
     parser.add_argument("--version", action="version", version=f"circuitmap {__version__}")
@@ -207,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     next_parser = commands.add_parser("next", help="print the most likely next tokens for a prompt")
     _add_model_args(next_parser)
     next_parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    next_parser.add_argument("-k", type=_positive, default=10, help="how many tokens (default 10)")
+    next_parser.add_argument("-k", type=positive_int, default=10, help="how many tokens (default 10)")
     next_parser.set_defaults(run=_cmd_next)
 
     gen_parser = commands.add_parser("generate", help="continue a prompt")
@@ -256,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     at_parser.add_argument("--node-threshold", type=float, default=0.8)
     at_parser.add_argument("--edge-threshold", type=float, default=0.98)
-    at_parser.add_argument("--top", type=_positive, default=10, help="how many influential features to list")
+    at_parser.add_argument(
+        "--top", type=positive_int, default=10, help="how many influential features to list"
+    )
     at_parser.add_argument("--out", required=True, help="folder for graph.safetensors and graph.json")
     at_parser.add_argument(
         "--estimate", action="store_true", help="print expected memory and time, then stop"

@@ -14,7 +14,8 @@ from circuitmap.training.config import ACTIVATIONS, KINDS, PRESETS, TrainConfig,
 EVAL_CONTEXT_LENGTH = 128
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
@@ -163,15 +164,17 @@ def add_training_commands(commands, add_model_args, load) -> None:
     train.add_argument("--preset", choices=sorted(PRESETS), help="named settings; flags given override them")
     train.add_argument("--kind", choices=KINDS, help="per-layer, per-layer with skip, or cross-layer")
     train.add_argument("--activation", choices=ACTIVATIONS, help="default topk")
-    train.add_argument("--features", type=_positive, help="features per layer (default 2048)")
-    train.add_argument("--k", "-k", type=_positive, help="active features per token for topk (default 32)")
-    train.add_argument("--tokens", type=_positive, help="training tokens (default 200,000)")
-    train.add_argument("--batch-size", type=_positive, help="tokens per step over all processes")
+    train.add_argument("--features", type=positive_int, help="features per layer (default 2048)")
+    train.add_argument("--k", "-k", type=positive_int, help="active features per token for topk (default 32)")
+    train.add_argument("--tokens", type=positive_int, help="training tokens (default 200,000)")
+    train.add_argument("--batch-size", type=positive_int, help="tokens per step over all processes")
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--sparsity-coef", type=float, help="sparsity penalty for jumprelu and relu")
-    train.add_argument("--context-length", type=_positive, help="tokens per context, BOS included")
-    train.add_argument("--chunk-contexts", type=_positive, help="contexts shuffled together")
-    train.add_argument("--groups", type=_positive, help="shuffle groups per chunk (default: process count)")
+    train.add_argument("--context-length", type=positive_int, help="tokens per context, BOS included")
+    train.add_argument("--chunk-contexts", type=positive_int, help="contexts shuffled together")
+    train.add_argument(
+        "--groups", type=positive_int, help="shuffle groups per chunk (default: process count)"
+    )
     train.add_argument("--seed", type=int)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument(
@@ -199,6 +202,6 @@ def add_training_commands(commands, add_model_args, load) -> None:
         "--corpus", action="append", required=True, help=".txt/.jsonl file, folder, glob or hf:DATASET"
     )
     evaluate.add_argument("--text-field", default="text")
-    evaluate.add_argument("--tokens", type=_positive, default=50_000)
+    evaluate.add_argument("--tokens", type=positive_int, default=50_000)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     evaluate.set_defaults(run=lambda args: cmd_evaluate(args, load))

@@ -30,22 +30,6 @@ class Evaluation:
     kl: float
     tokens: int
 
-    def summary(self) -> dict:
-        n = len(self.fvu)
-        return {
-            "tokens": self.tokens,
-            "mean_fvu": sum(self.fvu) / n,
-            "mean_l0": sum(self.l0) / n,
-            "mean_dead_fraction": sum(self.dead_fraction) / n,
-            "loss": self.loss,
-            "spliced_loss": self.spliced_loss,
-            "loss_increase": self.spliced_loss - self.loss,
-            "kl": self.kl,
-            "fvu": self.fvu,
-            "l0": self.l0,
-            "dead_fraction": self.dead_fraction,
-        }
-
     def report(self) -> dict:
         """The machine-readable form: a list of per-layer records and the overall figures."""
         layers = [

@@ -153,29 +153,27 @@ class TrainableTranscoders(nn.Module):
             return torch.stack([w.flatten(1).norm(dim=-1) for w in self.W_dec_per_layer])
         return self.W_dec.norm(dim=-1)
 
-    def _decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
-        if not self.config.cross_layer:
-            flat = self.W_dec.view(-1, self.d_model)
-            return sparse_decode(values, stacked_indices(indices, self.d_features), flat)
+    def _cross_layer_sum(self, decode_flat) -> Tensor:
+        """CLT outputs ``[L, n, d]``: ``decode_flat(layer, W)`` writes source ``layer``'s features through its
+        decoder viewed as ``[F, (L−layer)·d]``; each target layer sums what every source wrote to it."""
         parts: list[list[Tensor]] = [[] for _ in range(self.n_layers)]
         for layer, weight in enumerate(self.W_dec_per_layer):
-            written = sparse_decode(values[layer], indices[layer], weight.view(self.d_features, -1))
+            written = decode_flat(layer, weight.view(self.d_features, -1))
             written = written.view(-1, self.n_layers - layer, self.d_model)
             for offset in range(self.n_layers - layer):
                 parts[layer + offset].append(written[:, offset])
         return torch.stack([torch.stack(p).sum(0) for p in parts])
 
+    def _decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        if not self.config.cross_layer:
+            flat = self.W_dec.view(-1, self.d_model)
+            return sparse_decode(values, stacked_indices(indices, self.d_features), flat)
+        return self._cross_layer_sum(lambda layer, W: sparse_decode(values[layer], indices[layer], W))
+
     def _decode_dense(self, acts: Tensor) -> Tensor:
         if not self.config.cross_layer:
             return torch.bmm(acts, self.W_dec)
-        parts: list[list[Tensor]] = [[] for _ in range(self.n_layers)]
-        for layer, weight in enumerate(self.W_dec_per_layer):
-            written = (acts[layer] @ weight.view(self.d_features, -1)).view(
-                -1, self.n_layers - layer, self.d_model
-            )
-            for offset in range(self.n_layers - layer):
-                parts[layer + offset].append(written[:, offset])
-        return torch.stack([torch.stack(p).sum(0) for p in parts])
+        return self._cross_layer_sum(lambda layer, W: acts[layer] @ W)
 
     def _sparsity(self, pre: Tensor, acts: Tensor) -> Tensor:
         """The sparsity penalty per token, summed over features, averaged over layers (ReLU and JumpReLU)."""
