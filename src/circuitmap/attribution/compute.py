@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from circuitmap.attribution.edges import EdgeWriter
+from circuitmap.attribution.progress import Progress
 from circuitmap.attribution.replacement import ReplacementRun, replacement_run
 from circuitmap.attribution.rows import RowSpec, batched_rows, concat_specs
 from circuitmap.attribution.selection import Selection, select_features
@@ -121,7 +122,7 @@ def _final_batches(
     spec: RowSpec,
     selection: Selection | None,
     batch_size: int,
-    progress: bool,
+    progress: Progress,
 ):
     """Yield ``(rows, values)`` for every row of ``spec``: known rows from the selection, others computed."""
     if selection is None:
@@ -150,14 +151,15 @@ def attribute(
     desired_logit_prob: float = 0.95,
     max_feature_nodes: int | None = None,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> Graph:
     """Attribution graph of ``prompt``'s next-token prediction on the local replacement model.
 
     ``targets``: None for the salient logits; or tokens, ``(a, b)`` logit differences and ``Direction``s.
     ``max_feature_nodes`` caps the features kept (the rest are folded into error nodes); ``batch_size`` is
-    the number of rows per backward pass (default: sized to the prompt). The transcoders are moved to the
-    model's device and dtype.
+    the number of rows per backward pass (default: sized to the prompt). ``progress``: a terminal bar
+    (``True``), nothing, or a ``callback(stage, done, total)`` that may raise to cancel. The transcoders are
+    moved to the model's device and dtype.
     """
     started = time.perf_counter()
     ids = model.encode(prompt)

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from circuitmap.attribution.progress import Progress, stage
 from circuitmap.attribution.replacement import ReplacementRun
 from circuitmap.attribution.sources import Sources
 
@@ -80,14 +80,19 @@ def row_values(run: ReplacementRun, sources: Sources, spec: RowSpec, rows: slice
 
 
 def batched_rows(
-    run: ReplacementRun, sources: Sources, spec: RowSpec, batch_size: int, progress: bool, description: str
+    run: ReplacementRun,
+    sources: Sources,
+    spec: RowSpec,
+    batch_size: int,
+    progress: Progress,
+    description: str,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, values)`` for consecutive batches of ``spec``'s rows."""
-    with tqdm(total=len(spec), desc=description, unit="row", disable=not progress, leave=False) as bar:
+    with stage(progress, len(spec), description) as advance:
         for start in range(0, len(spec), batch_size):
             rows = slice(start, min(start + batch_size, len(spec)))
             yield rows, row_values(run, sources, spec, rows)
-            bar.update(rows.stop - rows.start)
+            advance(rows.stop - rows.start)
 
 
 def concat_specs(specs: Sequence[RowSpec]) -> RowSpec:

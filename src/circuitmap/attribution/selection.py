@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from circuitmap.attribution.progress import Progress, stage
 from circuitmap.attribution.replacement import ReplacementRun
 from circuitmap.attribution.rows import RowSpec, row_values
 from circuitmap.attribution.sources import ActiveFeatures, Sources
@@ -66,7 +66,7 @@ def select_features(
     max_feature_nodes: int,
     batch_size: int,
     pool_extra: int,
-    progress: bool,
+    progress: Progress,
 ) -> Selection:
     """Visit ``max_feature_nodes`` features by estimated influence (``sources`` hold every active feature).
 
@@ -96,9 +96,7 @@ def select_features(
         records.append(_Record(features_of_rows, pool, feature_values[:, pool], values[:, n_features:], sums))
 
     visit(target_spec, None, weights)
-    with tqdm(
-        total=max_feature_nodes, desc="selecting features", unit="row", disable=not progress, leave=False
-    ) as bar:
+    with stage(progress, max_feature_nodes, "selecting features") as advance:
         while int(visited.sum()) < max_feature_nodes:
             count = min(batch_size, max_feature_nodes - int(visited.sum()))
             chosen = estimate.masked_fill(visited, -1.0).topk(count).indices.sort().values
@@ -110,7 +108,7 @@ def select_features(
             )
             visit(spec, chosen, estimate[chosen])
             visited[chosen] = True
-            bar.update(count)
+            advance(count)
     return _assemble_rows(records, visited, error_of, n_errors)
 
 

@@ -8,7 +8,8 @@ The document has four parts; ``graph.schema.json`` beside this module is its JSO
   ``transcoders``, ``scores`` (replacement and completeness of the ``full`` graph and of the ``exported``
   part), ``n_nodes`` and ``n_edges`` (``full`` and ``exported``), and ``info`` (a copy of ``graph.info``).
 - ``qParams``: the saved viewer state: ``pinnedIds``, ``supernodes`` (``[label, id, …]`` lists), ``linkType``
-  "both", ``clickedId`` "", ``sg_pos`` "".
+  "both", ``clickedId`` (the selected node, "" for none), ``sg_pos`` "", and circuitmap's optional ``view``
+  (the explorer's ``nodeThreshold``, ``edgeThreshold``, ``showErrors``, ``showPositive``, ``showNegative``).
 - ``nodes``: one object per exported node, in graph order (fields below).
 - ``links``: ``{source, target, weight}`` per exported edge: ``weight`` is ``A[target, source]``, the direct
   effect of the source node on the target's input.
@@ -35,6 +36,12 @@ Node fields, following circuit-tracer's schema-version-1 export, which Neuronped
 - ``activation``: the feature activation, null for other nodes. ``token_prob``: the target's probability,
   0 for other nodes and for a target without a finite one. ``is_target_logit``: true for the target with
   the largest weight.
+- circuitmap's additions, which the other viewers ignore: ``input_total`` on features and targets, the sum of
+  ``|A[t, s]|`` over all of the node's incoming edges in the full graph (so an edge's share of its target's
+  input is exact in a pruned export); ``target_weight`` on targets, their weight in influence; and ``lens``
+  on features, added by ``circuitmap.features.add_logit_lens`` when a model is at hand:
+  ``{"top": [[token, logit], …], "bottom": […]}``, the output tokens the feature's decoder promotes and
+  suppresses.
 
 Pinned nodes and supernode members must be nodes of the graph; supernode members are pinned too (the viewers
 draw supernodes inside the pinned subgraph), and in a pruned export all of them are kept, with their edges to
@@ -175,8 +182,11 @@ def graph_json(
     shares = _influence_shares(graph, influence)
     targets = graph.nodes_of(NodeKind.TARGET)
     top_target = int(targets[np.argmax(graph.target_weight[targets])]) if len(targets) else -1
+    magnitudes = np.abs(graph.weights).astype(np.float64)
+    input_totals = np.bincount(rows, weights=magnitudes, minlength=graph.n_nodes)
     nodes = [
         _node_json(graph, node, ids[node], labels, shares[node], node == top_target)
+        | _additions(graph, node, input_totals[node])
         for node in np.flatnonzero(node_mask).tolist()
     ]
     links = [
@@ -303,6 +313,17 @@ def _node_json(
         "token_prob": token_prob,
         "is_target_logit": is_top_target,
     }
+
+
+def _additions(graph: Graph, node: int, input_total: float) -> dict:
+    """circuitmap's extra node fields: ``input_total`` on features and targets, ``target_weight`` on targets."""
+    kind = NodeKind(int(graph.kind[node]))
+    extra: dict = {}
+    if kind in (NodeKind.FEATURE, NodeKind.TARGET):
+        extra["input_total"] = float(input_total)
+    if kind == NodeKind.TARGET:
+        extra["target_weight"] = float(graph.target_weight[node])
+    return extra
 
 
 def _scores_json(scores: pruning.Scores) -> dict:

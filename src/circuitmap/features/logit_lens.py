@@ -1,0 +1,109 @@
+"""Logit lens of transcoder features: the output tokens a feature's decoder promotes and suppresses.
+
+A feature's output direction is what it adds to the residual stream per unit of activation: its decoder row,
+summed over every output layer for a cross-layer transcoder. The direction is passed through the model's own
+final norm (linearised as ``norm(d) − norm(0)``, which removes a LayerNorm's bias and works for every norm
+parametrisation) and the unembedding; the largest and smallest logits are the lens. Values are the logits the
+direction alone would produce at unit RMS, so they compare across features of one model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.graphs.export import FEATURE_TYPES
+from circuitmap.graphs.graph import NodeKind
+from circuitmap.models.adapters import get_module
+from circuitmap.models.model import Model
+from circuitmap.transcoders import CrossLayerTranscoder, Transcoders
+
+_CHUNK = 256
+FEATURE_TYPE = FEATURE_TYPES[NodeKind.FEATURE]
+
+
+@dataclass(frozen=True)
+class Lens:
+    """The ``k`` most promoted (``top``) and most suppressed (``bottom``) output tokens, as (token, logit)."""
+
+    top: list[tuple[str, float]]
+    bottom: list[tuple[str, float]]
+
+    def as_json(self) -> dict:
+        """The ``lens`` field of a node in the viewer JSON."""
+        return {
+            "top": [[token, value] for token, value in self.top],
+            "bottom": [[token, value] for token, value in self.bottom],
+        }
+
+
+def output_directions(transcoders: Transcoders, layer: int, features: torch.Tensor) -> torch.Tensor:
+    """What each feature of ``layer`` adds to the residual stream per unit activation, ``[n, d_model]``."""
+    vectors = transcoders.decoder_vectors(layer, features)
+    return vectors.sum(1) if isinstance(transcoders, CrossLayerTranscoder) else vectors
+
+
+def logit_lens(
+    model: Model, transcoders: Transcoders, features: Sequence[tuple[int, int]], k: int = 10
+) -> list[Lens]:
+    """The lens of each ``(layer, feature index)``, in the order given."""
+    if k < 1:
+        raise CircuitmapError(f"k must be at least 1, got {k}")
+    for layer, index in features:
+        if not 0 <= layer < transcoders.n_layers or not 0 <= index < transcoders.d_features:
+            raise CircuitmapError(
+                f"no feature {index} in layer {layer}: the transcoders have {transcoders.n_layers} layers of "
+                f"{transcoders.d_features} features"
+            )
+    if not features:
+        return []
+    norm = get_module(model.hf_model, model.adapter.final_norm)
+    unembedding = model.unembedding.detach()
+    k = min(k, unembedding.shape[0])
+    results: list[Lens] = []
+    with torch.no_grad():
+        for start in range(0, len(features), _CHUNK):
+            chunk = features[start : start + _CHUNK]
+            directions = torch.cat(
+                [
+                    output_directions(transcoders, layer, torch.tensor([index], device=transcoders.device))
+                    for layer, index in chunk
+                ]
+            ).to(device=unembedding.device, dtype=unembedding.dtype)
+            normed = norm(directions) - norm(torch.zeros_like(directions))
+            logits = (normed @ unembedding.T).float()
+            top_values, top_ids = logits.topk(k, dim=-1)
+            bottom_values, bottom_ids = logits.topk(k, dim=-1, largest=False)
+            for row in range(len(chunk)):
+                results.append(
+                    Lens(
+                        top=_named(model, top_ids[row], top_values[row]),
+                        bottom=_named(model, bottom_ids[row], bottom_values[row]),
+                    )
+                )
+    return results
+
+
+def _named(model: Model, ids: torch.Tensor, values: torch.Tensor) -> list[tuple[str, float]]:
+    """(token string, value) pairs."""
+    return list(zip(model.token_strings(ids), values.tolist(), strict=True))
+
+
+def add_logit_lens(document: dict, model: Model, transcoders: Transcoders, k: int = 10) -> dict:
+    """Give each feature node of a viewer document (``graph_json``) its ``lens``; returns the document."""
+    nodes = [node for node in document["nodes"] if node["feature_type"] == FEATURE_TYPE]
+    features = [feature_of(node["node_id"]) for node in nodes]
+    for node, lens in zip(nodes, logit_lens(model, transcoders, features, k), strict=True):
+        node["lens"] = lens.as_json()
+    return document
+
+
+def feature_of(node_id: str) -> tuple[int, int]:
+    """(layer, feature index) of a feature node id ``{layer}_{feature}_{position}``."""
+    parts = node_id.split("_")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        raise CircuitmapError(f"{node_id!r} is not a feature node id (layer_feature_position)")
+    return int(parts[0]), int(parts[1])
