@@ -14,8 +14,10 @@ from circuitmap import __version__
 from circuitmap.attribution import Direction, attribute
 from circuitmap.attribution.estimate import available_memory, estimate_attribution
 from circuitmap.cli_demo import add_demo_command
+from circuitmap.cli_server import add_server_commands
 from circuitmap.cli_training import add_training_commands, positive_int
 from circuitmap.errors import CircuitmapError
+from circuitmap.features import add_logit_lens
 from circuitmap.graphs import Graph, NodeKind, node_influence
 from circuitmap.graphs.export import graph_json, write_graph_json
 from circuitmap.models import DEFAULT_MODEL, load_model
@@ -152,7 +154,18 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _cmd_attribute(args: argparse.Namespace) -> int:
     _check_outputs(args)
     model = _load(args)
-    transcoders = load_transcoders(args.transcoders)
+    return _attribute_and_write(args, model, load_transcoders(args.transcoders))
+
+
+def attribute_with(argv: list[str], model, transcoders) -> int:
+    """Run ``attribute`` with the command-line arguments ``argv`` on an already loaded model and set."""
+    args = build_parser().parse_args(["attribute", *argv])
+    _check_outputs(args)
+    return _attribute_and_write(args, model, transcoders)
+
+
+def _attribute_and_write(args: argparse.Namespace, model, transcoders) -> int:
+    """Estimate, compute, prune, add the logit lens, write both files and print the summary."""
     targets = _targets(args)
     settings = dict(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
     if args.estimate or not args.force:
@@ -176,6 +189,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     graph = attribute(model, transcoders, args.prompt, targets=targets, progress=True, **settings)
     started = time.perf_counter()
     document = graph_json(graph, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    add_logit_lens(document, model, transcoders)
     lines = _summary(graph, document, args.top)
     pruning_seconds = time.perf_counter() - started
     out = Path(args.out)
@@ -262,9 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     at_parser.set_defaults(run=_cmd_attribute)
 
     add_training_commands(commands, _add_model_args, _load)
-    add_demo_command(
-        commands, _add_model_args, _load, lambda argv: main(["attribute", *argv]), DEFAULT_PROMPT
-    )
+    add_demo_command(commands, _add_model_args, _load, attribute_with, DEFAULT_PROMPT)
+    add_server_commands(commands, _add_model_args, _load, positive_int)
     return parser
 
 

@@ -43,22 +43,41 @@ def ensure_quick_transcoders(model, model_spec: str) -> Path:
     return folder
 
 
-def cmd_demo(args: argparse.Namespace, load, attribute_command) -> int:
+def cmd_demo(args: argparse.Namespace, load, attribute_with) -> int:
+    from circuitmap.cli_server import start_explorer
+    from circuitmap.graphs.export import prompt_slug
+    from circuitmap.server import Engine
+    from circuitmap.transcoders import load_transcoders
+
     model = load(args)
     folder = ensure_quick_transcoders(model, args.model)
-    argv = ["--model", args.model, "--transcoders", str(folder), "--prompt", args.prompt, "--out", args.out]
-    if args.device:
-        argv += ["--device", args.device]
-    return attribute_command(argv)
+    transcoders = load_transcoders(folder)
+    graph_folder = Path(args.out) / prompt_slug(args.prompt)
+    argv = ["--model", args.model, "--transcoders", str(folder), "--prompt", args.prompt]
+    status = attribute_with([*argv, "--out", str(graph_folder)], model, transcoders)
+    if status != 0 or args.no_serve:
+        return status
+    engine = Engine(model, transcoders, model_spec=args.model, transcoders_spec=str(folder))
+    start_explorer(Path(args.out), engine, args.host, args.port, path=f"/graph/{graph_folder.name}")
+    return 0
 
 
-def add_demo_command(commands, add_model_args, load, attribute_command, default_prompt: str) -> None:
+def add_demo_command(commands, add_model_args, load, attribute_with, default_prompt: str) -> None:
     demo = commands.add_parser(
-        "demo", help="attribution graph of a prompt with the model's quick transcoders (trained on first use)"
+        "demo",
+        help="attribution graph of a prompt with the model's quick transcoders (trained on first use), "
+        "then the explorer on it",
     )
     add_model_args(demo)
     demo.add_argument("--prompt", default=default_prompt)
     demo.add_argument(
-        "--out", default="circuitmap-demo", help="folder for the graph (default circuitmap-demo)"
+        "--out",
+        default="circuitmap-demo",
+        help="graph folder; the graph goes in a sub-folder (circuitmap-demo)",
     )
-    demo.set_defaults(run=lambda args: cmd_demo(args, load, attribute_command))
+    demo.add_argument("--no-serve", action="store_true", help="stop after writing the graph")
+    demo.add_argument("--host", help="explorer address (default 127.0.0.1)")
+    demo.add_argument(
+        "--port", type=int, default=8041, help="explorer port (default 8041; 0 picks a free one)"
+    )
+    demo.set_defaults(run=lambda args: cmd_demo(args, load, attribute_with))

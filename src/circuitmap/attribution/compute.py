@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -211,6 +212,7 @@ def attribute(
         first_position=FIRST_POSITION,
         dtype=str(model.dtype).removeprefix("torch."),
         seconds=round(time.perf_counter() - started, 3),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     return graph
 

@@ -196,7 +196,7 @@ def graph_json(
         )
     ]
     metadata = {
-        "slug": slug if slug is not None else _slug(graph.prompt),
+        "slug": slug if slug is not None else prompt_slug(graph.prompt),
         "scan": scan if scan is not None else graph.model_name,
         "prompt": graph.prompt,
         "prompt_tokens": list(graph.token_strings),
@@ -316,7 +316,7 @@ def _node_json(
 
 
 def _additions(graph: Graph, node: int, input_total: float) -> dict:
-    """circuitmap's extra node fields: ``input_total`` on features and targets, ``target_weight`` on targets."""
+    """circuitmap's extra fields: ``input_total`` on features and targets, ``target_weight`` on targets."""
     kind = NodeKind(int(graph.kind[node]))
     extra: dict = {}
     if kind in (NodeKind.FEATURE, NodeKind.TARGET):
@@ -334,7 +334,7 @@ def _scores_json(scores: pruning.Scores) -> dict:
     }
 
 
-def _slug(prompt: str) -> str:
+def prompt_slug(prompt: str) -> str:
     """A URL- and file-safe slug of the prompt: ASCII letters and digits joined by dashes, at most 64 long."""
     ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode("ascii")
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")

@@ -1,0 +1,17 @@
+"""The graph explorer: a local web app over a folder of graphs, and self-contained HTML exports."""
+
+from circuitmap.server.app import check_bind, create_app
+from circuitmap.server.export_html import export_html, render_html
+from circuitmap.server.jobs import Engine, Jobs
+from circuitmap.server.store import GraphStore, StoreError
+
+__all__ = [
+    "Engine",
+    "GraphStore",
+    "Jobs",
+    "StoreError",
+    "check_bind",
+    "create_app",
+    "export_html",
+    "render_html",
+]

@@ -1,0 +1,334 @@
+"""The explorer's web app: the page, its assets from the package, and a JSON API over a graph folder.
+
+Routes: ``/`` (graph list) and ``/graph/<name>`` (graph view) return the page; ``/static/<asset>`` serves the
+package's own files only (a fixed list read at start-up, never a path from the request). The API:
+
+- ``GET /api/config``; ``GET /api/graphs``; ``GET /api/graphs/<name>`` (the document, revision in ``ETag``);
+  ``PUT /api/graphs/<name>/state``; ``POST /api/graphs/<name>/rename``; ``DELETE /api/graphs/<name>``;
+  ``POST /api/graphs/<name>/scores`` (exact subgraph scores from the full graph);
+- with an engine (a model and transcoders): ``GET /api/lens/<feature node id>``, ``POST /api/jobs``,
+  ``GET /api/jobs``, ``GET /api/jobs/<id>``, ``DELETE /api/jobs/<id>`` (cancel).
+
+Errors are ``{"detail": "<one line>"}`` with a 4xx status. Safety: requests must name a local host (``Host``
+header; this stops DNS-rebinding pages) unless the server was bound to another address on purpose; a request
+that changes anything must be JSON and, if it has an ``Origin``, come from the same host; bodies are capped;
+no CORS headers are ever sent, so other sites' pages cannot read answers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from circuitmap import __version__
+from circuitmap.errors import CircuitmapError
+from circuitmap.server.jobs import Engine, Jobs
+from circuitmap.server.store import GraphStore, StoreError
+
+MAX_BODY = 2 * 2**20
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+ASSET_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+PAGE = "index.html"
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
+def package_assets() -> dict[str, bytes]:
+    """The explorer's files shipped in the package, by name."""
+    folder = resources.files("circuitmap.server").joinpath("static")
+    return {
+        entry.name: entry.read_bytes()
+        for entry in folder.iterdir()
+        if entry.is_file() and Path(entry.name).suffix in ASSET_TYPES
+    }
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) stays on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, explicit: bool) -> None:
+    """Refuse an address other machines can reach unless the user asked for it with ``--host``."""
+    if not is_loopback(host) and not explicit:
+        raise CircuitmapError(
+            f"refusing to serve on {host}, which other machines can reach: pass --host {host} explicitly"
+        )
+
+
+def create_app(
+    graphs: str | Path | GraphStore,
+    engine: Engine | None = None,
+    *,
+    allowed_hosts: frozenset[str] | None = LOCAL_HOSTS,
+    max_body: int = MAX_BODY,
+) -> Guard:
+    """The explorer app over a graph folder; with ``engine``, it can also compute new graphs.
+
+    ``allowed_hosts``: the names requests may address (``Host`` header, port ignored); None allows any,
+    for a server bound to a network address on purpose.
+    """
+    store = graphs if isinstance(graphs, GraphStore) else GraphStore(graphs)
+    jobs = Jobs(engine, store) if engine is not None else None
+    assets = package_assets()
+    if PAGE not in assets:
+        raise CircuitmapError(f"the package has no explorer page ({PAGE}): the installation is incomplete")
+
+    def page(request: Request) -> Response:
+        return _asset_response(assets, PAGE)
+
+    def asset(request: Request) -> Response:
+        name = request.path_params["asset"]
+        if name not in assets:
+            raise StoreError(f"no asset {name!r}", 404)
+        return _asset_response(assets, name)
+
+    def config(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "read_only": False,
+                "can_compute": engine is not None,
+                "model": engine.model_spec if engine else None,
+                "transcoders": engine.transcoders_spec if engine else None,
+                "version": __version__,
+            }
+        )
+
+    async def list_graphs(request: Request) -> JSONResponse:
+        summaries = await run_in_threadpool(store.summaries)
+        return JSONResponse({"graphs": [summary.as_json() for summary in summaries]})
+
+    async def get_graph(request: Request) -> Response:
+        data, revision = await run_in_threadpool(store.read, request.path_params["name"])
+        return Response(
+            data,
+            media_type="application/json",
+            headers={"ETag": f'"{revision}"', "Cache-Control": "no-store"},
+        )
+
+    async def save_state(request: Request) -> JSONResponse:
+        state = await _json_object(request)
+        revision = await run_in_threadpool(store.save_state, request.path_params["name"], state)
+        return JSONResponse({"revision": revision})
+
+    async def rename(request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        name = await run_in_threadpool(store.rename, request.path_params["name"], body.get("name"))
+        return JSONResponse({"name": name})
+
+    async def delete(request: Request) -> Response:
+        await run_in_threadpool(store.delete, request.path_params["name"])
+        return Response(status_code=204)
+
+    async def scores(request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        result = await run_in_threadpool(
+            store.scores, request.path_params["name"], body.get("pinnedIds", []), body.get("supernodes", [])
+        )
+        return JSONResponse(
+            {
+                "replacement": _finite(result.replacement),
+                "completeness": _finite(result.completeness),
+                "exact": True,
+            }
+        )
+
+    def needs_engine() -> Jobs:
+        if jobs is None:
+            raise StoreError("this server was started without --model and --transcoders", 404)
+        return jobs
+
+    async def lens(request: Request) -> JSONResponse:
+        needs_engine()
+        return JSONResponse(await run_in_threadpool(engine.lens, request.path_params["node_id"]))
+
+    async def submit(request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        job = needs_engine().submit(body.get("prompt"), body.get("name"))
+        return JSONResponse({"id": job.id}, status_code=202)
+
+    def list_jobs(request: Request) -> JSONResponse:
+        return JSONResponse({"jobs": [job.as_json() for job in needs_engine().all()]})
+
+    def get_job(request: Request) -> JSONResponse:
+        return JSONResponse(needs_engine().get(request.path_params["job_id"]).as_json())
+
+    def cancel_job(request: Request) -> JSONResponse:
+        return JSONResponse(needs_engine().cancel(request.path_params["job_id"]).as_json())
+
+    routes = [
+        Route("/", page),
+        Route("/graph/{name}", page),
+        Route("/static/{asset}", asset),
+        Route("/api/config", config),
+        Route("/api/graphs", list_graphs),
+        Route("/api/graphs/{name}", get_graph, methods=["GET"]),
+        Route("/api/graphs/{name}", delete, methods=["DELETE"]),
+        Route("/api/graphs/{name}/state", save_state, methods=["PUT"]),
+        Route("/api/graphs/{name}/rename", rename, methods=["POST"]),
+        Route("/api/graphs/{name}/scores", scores, methods=["POST"]),
+        Route("/api/lens/{node_id}", lens),
+        Route("/api/jobs", list_jobs, methods=["GET"]),
+        Route("/api/jobs", submit, methods=["POST"]),
+        Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/api/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+    ]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if jobs is not None:
+            await run_in_threadpool(jobs.close)
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={StoreError: _store_error, CircuitmapError: _user_error},
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.jobs = jobs
+    return Guard(app, allowed_hosts, max_body)
+
+
+class Guard:
+    """ASGI middleware: the host, origin, content-type and body-size rules of the module docstring."""
+
+    def __init__(self, app: Starlette, allowed_hosts: frozenset[str] | None, max_body: int):
+        self.app = app
+        self.state = app.state
+        self.allowed_hosts = allowed_hosts
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        refusal = self._refusal(scope["method"], headers)
+        if refusal is not None:
+            await _error(refusal[1], refusal[0])(scope, receive, send)
+            return
+        await self.app(scope, self._limited(receive), _with_headers(send))
+
+    def _refusal(self, method: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        host = _host_name(headers.get("host", ""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return 421, f"requests must address this machine (localhost), not {host or 'no host'}"
+        if method in _SAFE_METHODS:
+            return None
+        origin = headers.get("origin")
+        if origin is not None and _host_name(urlsplit(origin).netloc) != host:
+            return 403, "cross-origin requests are refused"
+        if method in ("POST", "PUT") and not headers.get("content-type", "").startswith("application/json"):
+            return 415, "send the request body as application/json"
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return 413, f"the request body is larger than {self.max_body:,} bytes"
+        return None
+
+    def _limited(self, receive: Callable):
+        received = 0
+        limit = self.max_body
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(limit)
+            return message
+
+        return limited
+
+
+class BodyTooLarge(Exception):
+    """A streamed request body went past the limit."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request body is larger than {limit:,} bytes")
+
+
+def _with_headers(send: Callable):
+    """Add the security headers to every response."""
+
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            headers += [
+                (b"x-content-type-options", b"nosniff"),
+                (b"referrer-policy", b"no-referrer"),
+                (b"x-frame-options", b"DENY"),
+                (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+            ]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending
+
+
+def _host_name(netloc: str) -> str:
+    """The host part of a ``Host`` header or URL authority, without port or brackets, lower case."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].split("]", 1)[0]
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+async def _json_object(request: Request) -> dict:
+    """The request body as a JSON object, or a 400/413 error."""
+    try:
+        body = await request.body()
+    except BodyTooLarge as error:
+        raise StoreError(str(error), 413) from None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise StoreError("the request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise StoreError("the request body must be a JSON object")
+    return value
+
+
+def _asset_response(assets: dict[str, bytes], name: str) -> Response:
+    return Response(
+        assets[name], media_type=ASSET_TYPES[Path(name).suffix], headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _finite(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+async def _store_error(request: Request, error: StoreError) -> JSONResponse:
+    return _error(str(error), error.status)
+
+
+async def _user_error(request: Request, error: CircuitmapError) -> JSONResponse:
+    return _error(str(error), 400)

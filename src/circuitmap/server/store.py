@@ -1,0 +1,373 @@
+"""The graph folder the explorer serves: one sub-folder per graph, holding its viewer JSON.
+
+Layout: ``<root>/<name>/graph.json`` (the viewer document, ``graphs.export``) and, when the full graph was
+kept, ``<root>/<name>/graph.safetensors`` (``graphs.files``), which makes subgraph scores exact. This is what
+``circuitmap attribute --out <root>/<name>`` writes.
+
+Names are 1–100 letters, digits, ``.``, ``_`` or ``-``, not starting with ``.``; a graph folder or file that
+is a symbolic link is refused, so nothing outside ``root`` is ever read or written. Writes are atomic (a
+temporary file renamed into place) and serialised by one lock; every read of a document comes with its
+revision, and a save against an older revision is refused, so two tabs cannot silently overwrite each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.graphs.export import FEATURE_TYPES, write_graph_json
+from circuitmap.graphs.files import load_graph
+from circuitmap.graphs.graph import Graph, NodeKind
+from circuitmap.graphs.pruning import Scores, subgraph_scores
+
+DOCUMENT = "graph.json"
+FULL_GRAPH = "graph.safetensors"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+MAX_LABEL = 500
+MAX_IDS = 20_000
+VIEW_FIELDS = {
+    "nodeThreshold": float,
+    "edgeThreshold": float,
+    "showErrors": bool,
+    "showPositive": bool,
+    "showNegative": bool,
+}
+_TARGET_TYPE = FEATURE_TYPES[NodeKind.TARGET]
+_CACHED_GRAPHS = 2
+
+
+class StoreError(CircuitmapError):
+    """A request on the graph folder cannot be done; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the graph list shows of one graph."""
+
+    name: str
+    prompt: str
+    model: str
+    transcoders: str
+    created: str
+    n_nodes: dict
+    n_edges: dict
+    scores: dict
+    exact_scores: bool
+
+    def as_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a graph folder, else a ``StoreError``."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise StoreError(
+            f"invalid graph name {name!r}: use 1-100 letters, digits, '.', '_' or '-', not starting with '.'"
+        )
+    return name
+
+
+class GraphStore:
+    """List, read, save, rename and delete the graphs under one folder (see the module docstring)."""
+
+    def __init__(self, root: str | Path):
+        root = Path(root)
+        if not root.is_dir():
+            raise CircuitmapError(f"graph folder {root} does not exist or is not a folder")
+        self.root = root.resolve()
+        self._lock = threading.Lock()
+        self._summaries: dict[str, tuple[str, Summary]] = {}
+        self._graphs: OrderedDict[tuple[str, str], Graph] = OrderedDict()
+
+    def folder(self, name: str) -> Path:
+        """The folder of graph ``name``: a real folder directly under the root, never a link."""
+        folder = self.root / check_name(name)
+        if folder.is_symlink() or not folder.is_dir():
+            raise StoreError(f"no graph named {name!r}", 404)
+        return folder
+
+    def _file(self, name: str, file_name: str) -> Path | None:
+        """A file of graph ``name`` if it exists as a regular file (links are ignored)."""
+        path = self.folder(name) / file_name
+        return path if path.is_file() and not path.is_symlink() else None
+
+    def _document_path(self, name: str) -> Path:
+        path = self._file(name, DOCUMENT)
+        if path is None:
+            raise StoreError(f"no graph named {name!r}", 404)
+        return path
+
+    def names(self) -> list[str]:
+        """Names of the graphs present, in name order."""
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if NAME_PATTERN.fullmatch(entry.name)
+            and not entry.is_symlink()
+            and entry.is_dir()
+            and (entry / DOCUMENT).is_file()
+            and not (entry / DOCUMENT).is_symlink()
+        )
+
+    def read(self, name: str) -> tuple[bytes, str]:
+        """The document's bytes, exactly as stored, and its revision."""
+        path = self._document_path(name)
+        data = path.read_bytes()
+        return data, _revision(data)
+
+    def document(self, name: str) -> tuple[dict, str]:
+        """The parsed document and its revision."""
+        data, revision = self.read(name)
+        try:
+            return json.loads(data), revision
+        except ValueError as error:
+            raise StoreError(f"graph {name!r} has an unreadable {DOCUMENT}: {error}", 500) from None
+
+    def summaries(self) -> list[Summary]:
+        """A summary of every readable graph, newest first (unreadable ones are skipped)."""
+        found = []
+        for name in self.names():
+            try:
+                found.append(self.summary(name))
+            except StoreError:
+                continue
+        return sorted(found, key=lambda summary: summary.created, reverse=True)
+
+    def summary(self, name: str) -> Summary:
+        """The summary of one graph, cached until its document changes."""
+        path = self._document_path(name)
+        stat = path.stat()
+        key = f"{stat.st_mtime_ns}-{stat.st_size}"
+        cached = self._summaries.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        document, _ = self.document(name)
+        try:
+            metadata = document["metadata"]
+            info = metadata.get("info") or {}
+            created = info.get("created") or datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(
+                timespec="seconds"
+            )
+            summary = Summary(
+                name=name,
+                prompt=str(metadata["prompt"]),
+                model=str(metadata.get("model", metadata.get("scan", ""))),
+                transcoders=str(metadata.get("transcoders", "")),
+                created=str(created),
+                n_nodes=metadata.get("n_nodes") or {"exported": len(document["nodes"])},
+                n_edges=metadata.get("n_edges") or {"exported": len(document["links"])},
+                scores=metadata.get("scores") or {},
+                exact_scores=self._file(name, FULL_GRAPH) is not None,
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise StoreError(f"graph {name!r} is not a viewer document: missing {error}", 500) from None
+        self._summaries[name] = (key, summary)
+        return summary
+
+    def save_state(self, name: str, state: dict) -> str:
+        """Write the explorer's state into the document (see ``apply_state``); returns the new revision."""
+        with self._lock:
+            document, revision = self.document(name)
+            expected = state.get("revision")
+            if expected is not None and expected != revision:
+                raise StoreError(
+                    f"graph {name!r} was saved elsewhere since it was opened: reload it, then save again", 409
+                )
+            apply_state(document, state)
+            path = write_graph_json(document, self._document_path(name))
+            return _revision(path.read_bytes())
+
+    def rename(self, name: str, new_name: str) -> str:
+        """Rename graph ``name`` to ``new_name`` (also its document's slug)."""
+        check_name(new_name)
+        with self._lock:
+            source = self.folder(name)
+            self._document_path(name)
+            target = self.root / new_name
+            if target.exists() or target.is_symlink():
+                raise StoreError(f"a graph named {new_name!r} already exists", 409)
+            source.rename(target)
+            document, _ = self.document(new_name)
+            document["metadata"]["slug"] = new_name
+            write_graph_json(document, target / DOCUMENT)
+            self._forget(name)
+            return new_name
+
+    def delete(self, name: str) -> None:
+        """Delete graph ``name``: its document and full graph, then its folder if nothing else is in it."""
+        with self._lock:
+            folder = self.folder(name)
+            self._document_path(name)
+            for file_name in (DOCUMENT, FULL_GRAPH):
+                path = folder / file_name
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+            self._forget(name)
+
+    def add(self, name: str, write) -> str:
+        """Create graph ``name`` (or ``name-2``, ``name-3`` … if taken) by ``write(folder)`` into a temporary
+        folder that is renamed into place when complete; returns the name used."""
+        check_name(name)
+        with self._lock:
+            staging = self.root / f".incoming-{name}-{threading.get_ident()}"
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+            try:
+                write(staging)
+                chosen = self._free_name(name)
+                staging.rename(self.root / chosen)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging)
+            return chosen
+
+    def _free_name(self, name: str) -> str:
+        candidate, number = name, 1
+        while (self.root / candidate).exists() or (self.root / candidate).is_symlink():
+            number += 1
+            suffix = f"-{number}"
+            candidate = name[: 100 - len(suffix)] + suffix
+        return candidate
+
+    def scores(self, name: str, pinned: list[str], supernodes: list[list[str]]) -> Scores:
+        """Exact replacement and completeness of a subgraph, from the full graph (404 without one)."""
+        if self._file(name, FULL_GRAPH) is None:
+            raise StoreError(f"graph {name!r} has no full graph ({FULL_GRAPH}) to score subgraphs on", 404)
+        graph = self.full_graph(name)
+        members = [*_id_list("pinnedIds", pinned), *_members(supernodes)]
+        try:
+            return subgraph_scores(graph, members)
+        except CircuitmapError as error:
+            raise StoreError(str(error)) from None
+
+    def full_graph(self, name: str) -> Graph:
+        """The full graph of ``name``, kept in a small cache keyed by its file's revision."""
+        path = self._file(name, FULL_GRAPH)
+        if path is None:
+            raise StoreError(f"graph {name!r} has no full graph ({FULL_GRAPH})", 404)
+        stat = path.stat()
+        key = (name, f"{stat.st_mtime_ns}-{stat.st_size}")
+        if key not in self._graphs:
+            self._graphs[key] = load_graph(path)
+            while len(self._graphs) > _CACHED_GRAPHS:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        return self._graphs[key]
+
+    def _forget(self, name: str) -> None:
+        self._summaries.pop(name, None)
+        for key in [key for key in self._graphs if key[0] == name]:
+            del self._graphs[key]
+
+
+def apply_state(document: dict, state: dict) -> None:
+    """Write the explorer's state into a viewer document, after checking every part of it.
+
+    ``state``: ``pinnedIds``, ``supernodes`` (``[label, id, …]``; members are pinned too), ``clickedId``
+    ("" for none), ``labels`` (node id → label, written to the nodes' ``clerp``; a target's keeps the
+    ``Output "…" (p=…)`` form) and ``view`` (the explorer's thresholds and toggles).
+    """
+    if not isinstance(state, dict):
+        raise StoreError("the state must be a JSON object")
+    unknown = set(state) - {"revision", "pinnedIds", "supernodes", "clickedId", "labels", "view"}
+    if unknown:
+        raise StoreError(f"unknown state fields: {', '.join(sorted(unknown))}")
+    nodes = {node["node_id"]: node for node in document["nodes"]}
+    pinned = _known(_id_list("pinnedIds", state.get("pinnedIds", [])), nodes, "pinnedIds")
+    groups = _supernodes(state.get("supernodes", []), nodes)
+    clicked = state.get("clickedId", "")
+    if not isinstance(clicked, str) or (clicked and clicked not in nodes):
+        raise StoreError(f"clickedId {clicked!r} is not a node of the graph")
+    labels = state.get("labels", {})
+    if not isinstance(labels, dict):
+        raise StoreError("labels must be an object of node id → label")
+    _known(list(labels), nodes, "labels")
+    for identifier, label in labels.items():
+        if not isinstance(label, str) or len(label) > MAX_LABEL:
+            raise StoreError(f"the label of {identifier} must be a string of at most {MAX_LABEL} characters")
+    view = _view(state.get("view", {}))
+
+    members = [member for group in groups for member in group[1:]]
+    q_params = document["qParams"]
+    q_params["pinnedIds"] = list(dict.fromkeys([*pinned, *members]))
+    q_params["supernodes"] = groups
+    q_params["clickedId"] = clicked
+    if view:
+        q_params["view"] = view
+    for identifier, label in labels.items():
+        node = nodes[identifier]
+        if node["feature_type"] == _TARGET_TYPE:
+            label = f'Output "{label}" (p={node["token_prob"]:.3f})'
+        node["clerp"] = label
+
+
+def _id_list(what: str, ids) -> list[str]:
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise StoreError(f"{what} must be a list of node ids")
+    if len(ids) > MAX_IDS:
+        raise StoreError(f"{what} has {len(ids)} ids; at most {MAX_IDS} are allowed")
+    return ids
+
+
+def _known(ids: list[str], nodes: dict, what: str) -> list[str]:
+    unknown = [identifier for identifier in ids if identifier not in nodes]
+    if unknown:
+        raise StoreError(f"{what}: unknown node ids {', '.join(map(repr, unknown[:5]))}")
+    return ids
+
+
+def _members(supernodes) -> list[str]:
+    if not isinstance(supernodes, list):
+        raise StoreError("supernodes must be a list of [label, id, …] groups")
+    members = []
+    for group in supernodes:
+        if not isinstance(group, list) or len(group) < 2 or not isinstance(group[0], str):
+            raise StoreError(f"supernode {str(group)[:80]} must be [label, id, …] with at least one node id")
+        members += _id_list(f"supernode {group[0]!r}", group[1:])
+    return members
+
+
+def _supernodes(supernodes, nodes: dict) -> list[list[str]]:
+    _known(_members(supernodes), nodes, "supernodes")
+    for group in supernodes:
+        if len(group[0]) > MAX_LABEL:
+            raise StoreError(f"a supernode label has more than {MAX_LABEL} characters")
+    return [list(group) for group in supernodes]
+
+
+def _view(view) -> dict:
+    if not isinstance(view, dict):
+        raise StoreError("view must be an object")
+    checked = {}
+    for key, value in view.items():
+        kind = VIEW_FIELDS.get(key)
+        if kind is None:
+            raise StoreError(f"unknown view field {key!r}")
+        if kind is bool and not isinstance(value, bool):
+            raise StoreError(f"view.{key} must be true or false")
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise StoreError(f"view.{key} must be a number in [0, 1]")
+            value = float(value)
+        checked[key] = value
+    return checked
+
+
+def _revision(data: bytes) -> str:
+    """A short digest of a document's bytes: equal bytes, equal revision."""
+    return hashlib.sha256(data).hexdigest()[:20]
