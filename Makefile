@@ -6,7 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install clean
+BROWSER := /usr/bin/chromium
+
+.PHONY: demo test lint install browser clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +22,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/circuitmap demo
 
-test: $(STAMP)
+# Debian's Chromium for the browser tests; without root they are skipped (CI installs it).
+browser:
+	@if [ ! -x $(BROWSER) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "note: $(BROWSER) is absent and cannot be installed without root: browser tests will skip"; fi; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 

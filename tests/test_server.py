@@ -306,7 +306,8 @@ def test_logit_lens_is_the_direction_through_the_final_norm_and_unembedding():
     norm = model.hf_model.transformer.ln_f
     centred = direction - direction.mean()
     normed = norm.weight * centred / (centred.pow(2).mean() + norm.eps).sqrt()
-    logits = model.unembedding @ normed
+    with torch.no_grad():
+        logits = model.unembedding @ normed
     top = logits.topk(4)
     assert [value for _, value in lens.top] == pytest.approx(top.values.tolist(), rel=1e-6)
     assert [token for token, _ in lens.top] == model.token_strings(top.indices)
@@ -351,9 +352,8 @@ def test_jobs_compute_a_graph_in_the_background(graphs, engine):
         document = client.get("/api/graphs/cat-2").json()
         assert document["metadata"]["prompt"] == "A dog ran" and document["metadata"]["slug"] == "cat-2"
         jsonschema.validate(document, json_schema())
-        feature = next(n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder")
-        assert client.get(f"/api/lens/{feature['node_id']}").json() == feature["lens"]
-        assert client.get("/api/lens/err_1_2").status_code == 400
+        features = [n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
+        assert features and all(len(node["lens"]["top"]) == 10 for node in features)
         names = [entry["name"] for entry in client.get("/api/graphs").json()["graphs"]]
         assert sorted(names) == ["cat", "cat-2"]
         assert not [path for path in graphs.iterdir() if path.name.startswith(".")]

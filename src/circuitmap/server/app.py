@@ -6,8 +6,8 @@ package's own files only (a fixed list read at start-up, never a path from the r
 - ``GET /api/config``; ``GET /api/graphs``; ``GET /api/graphs/<name>`` (the document, revision in ``ETag``);
   ``PUT /api/graphs/<name>/state``; ``POST /api/graphs/<name>/rename``; ``DELETE /api/graphs/<name>``;
   ``POST /api/graphs/<name>/scores`` (exact subgraph scores from the full graph);
-- with an engine (a model and transcoders): ``GET /api/lens/<feature node id>``, ``POST /api/jobs``,
-  ``GET /api/jobs``, ``GET /api/jobs/<id>``, ``DELETE /api/jobs/<id>`` (cancel).
+- with an engine (a model and transcoders): ``POST /api/jobs``, ``GET /api/jobs``, ``GET /api/jobs/<id>``,
+  ``DELETE /api/jobs/<id>`` (cancel). Graphs carry their features' logit lens, computed with them.
 
 Errors are ``{"detail": "<one line>"}`` with a 4xx status. Safety: requests must name a local host (``Host``
 header; this stops DNS-rebinding pages) unless the server was bound to another address on purpose; a request
@@ -161,10 +161,6 @@ def create_app(
             raise StoreError("this server was started without --model and --transcoders", 404)
         return jobs
 
-    async def lens(request: Request) -> JSONResponse:
-        needs_engine()
-        return JSONResponse(await run_in_threadpool(engine.lens, request.path_params["node_id"]))
-
     async def submit(request: Request) -> JSONResponse:
         body = await _json_object(request)
         job = needs_engine().submit(body.get("prompt"), body.get("name"))
@@ -183,6 +179,7 @@ def create_app(
         Route("/", page),
         Route("/graph/{name}", page),
         Route("/static/{asset}", asset),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         Route("/api/config", config),
         Route("/api/graphs", list_graphs),
         Route("/api/graphs/{name}", get_graph, methods=["GET"]),
@@ -190,7 +187,6 @@ def create_app(
         Route("/api/graphs/{name}/state", save_state, methods=["PUT"]),
         Route("/api/graphs/{name}/rename", rename, methods=["POST"]),
         Route("/api/graphs/{name}/scores", scores, methods=["POST"]),
-        Route("/api/lens/{node_id}", lens),
         Route("/api/jobs", list_jobs, methods=["GET"]),
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from circuitmap.attribution import attribute
 from circuitmap.errors import CircuitmapError
-from circuitmap.features import add_logit_lens, feature_of, logit_lens
+from circuitmap.features import add_logit_lens
 from circuitmap.graphs.export import graph_json, prompt_slug, write_graph_json
 from circuitmap.models import Model
 from circuitmap.server.store import DOCUMENT, FULL_GRAPH, GraphStore, StoreError, check_name
@@ -48,12 +48,6 @@ class Engine:
     def __post_init__(self) -> None:
         self.transcoders.check_model(self.model.n_layers, self.model.d_model)
         self.transcoders.to(device=self.model.device, dtype=self.model.dtype)
-
-    def lens(self, node_id: str) -> dict:
-        """The logit lens of a feature node id, as the ``lens`` field of the viewer JSON."""
-        layer, index = feature_of(node_id)
-        with self.lock:
-            return logit_lens(self.model, self.transcoders, [(layer, index)], self.lens_tokens)[0].as_json()
 
 
 @dataclass

@@ -1,0 +1,423 @@
+"""The explorer in a real browser (headless Chromium through Playwright): graph list, graph view, saved state,
+computing a graph, the offline export, client-side scores against Python, and a performance probe.
+
+Needs Debian's Chromium at /usr/bin/chromium and the playwright package; without them the module is skipped,
+except in CI (CI=true), where a missing browser is a failure. Screenshots (and the performance figures) go to
+$CIRCUITMAP_TEST_ARTIFACTS, or test-artifacts/screenshots in the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import jsonschema
+import pytest
+import torch
+import uvicorn
+from browser_support import (
+    CHROMIUM,
+    REPO,
+    launch_chromium,
+    measure_page,
+    pick_nodes,
+    synthetic_document,
+    write_exported_html,
+)
+from conftest import tiny_model
+from test_attribution import random_transcoders
+
+from circuitmap.attribution import attribute
+from circuitmap.graphs import subgraph_scores
+from circuitmap.graphs.export import graph_json, json_schema, write_graph_json
+from circuitmap.server import Engine, create_app
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    sync_playwright = None
+
+
+def _missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if sync_playwright is None:
+        return "the playwright package is not installed"
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is absent (apt-get install chromium)"
+    return None
+
+
+if _missing() and os.environ.get("CI") == "true":
+    pytest.fail(f"browser tests cannot run in CI: {_missing()}", pytrace=False)
+if _missing():
+    pytest.skip(f"browser tests skipped: {_missing()}", allow_module_level=True)
+
+PROMPT = "The cat sat"
+VIEWPORT = {"width": 1400, "height": 900}
+READY = "() => document.body.dataset.ready === '1'"
+EDGE_ROWS = 30  # edges the panel lists before "show all"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    model = tiny_model("llama", dtype=torch.float64)
+    transcoders = random_transcoders("plt-topk-skip", 3, 32).to(dtype=torch.float64)
+    return Engine(model, transcoders, model_spec="tiny-llama", transcoders_spec="random")
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(engine):
+    return attribute(engine.model, engine.transcoders, PROMPT, progress=False)
+
+
+@pytest.fixture
+def graphs(tmp_path, tiny_graph) -> Path:
+    """A graph folder holding one pruned graph, ``cat``, with its full graph (so scores are exact)."""
+    folder = tmp_path / "graphs" / "cat"
+    folder.mkdir(parents=True)
+    write_graph_json(graph_json(tiny_graph, slug="cat"), folder / "graph.json")
+    tiny_graph.save(folder / "graph.safetensors")
+    return tmp_path / "graphs"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; the test fails on any uncaught error in the page's scripts."""
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"errors in the page: {errors}"
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    folder = Path(os.environ.get("CIRCUITMAP_TEST_ARTIFACTS") or REPO / "test-artifacts" / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def screenshot(artifacts):
+    """``screenshot(page, name)`` saves a PNG of the page into the artifacts folder."""
+
+    def take(page, name: str) -> Path:
+        path = artifacts / f"{name}.png"
+        page.screenshot(path=str(path))
+        return path
+
+    return take
+
+
+class Served:
+    """The explorer app run by uvicorn in a background thread on a free local port."""
+
+    def __init__(self, app):
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the explorer server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def open_graph(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_function(READY)
+
+
+def node_position(page, node_id: str) -> dict:
+    return page.evaluate("id => window.circuitmapExplorer.nodeScreenPosition(id)", node_id)
+
+
+def click_node(page, node_id: str) -> None:
+    """Click a node on the canvas with the real mouse and wait for the panel to show it."""
+    at = node_position(page, node_id)
+    page.mouse.click(at["x"], at["y"])
+    expect(page.get_by_test_id("node-id")).to_have_text(node_id)
+
+
+def top_features(document: dict, count: int) -> list[str]:
+    """The ``count`` most influential feature ids of a document."""
+    features = [n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    return [n["node_id"] for n in sorted(features, key=lambda n: n["influence"])[:count]]
+
+
+def read_document(graphs: Path, name: str) -> dict:
+    return json.loads((graphs / name / "graph.json").read_text(encoding="utf-8"))
+
+
+def close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def python_scores(graph, pinned: list[str], supernodes: list[list[str]]) -> tuple[float | None, ...]:
+    scores = subgraph_scores(graph, pinned, [group[1:] for group in supernodes])
+    return tuple(None if math.isnan(v) else v for v in (scores.replacement, scores.completeness))
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_list_open_and_inspect_a_node(page, graphs, screenshot):
+    document = read_document(graphs, "cat")
+    with Served(create_app(graphs)) as base:
+        page.goto(base + "/")
+        row = page.get_by_test_id("graph-row")
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text(PROMPT)
+        expect(row).to_contain_text("tiny-llama")
+        screenshot(page, "list")
+        row.get_by_test_id("graph-link").click()
+        page.wait_for_url(base + "/graph/cat")
+        page.wait_for_function(READY)
+        expect(page.get_by_test_id("graph-title")).to_have_text("cat")
+
+        feature = top_features(document, 1)[0]
+        node = next(n for n in document["nodes"] if n["node_id"] == feature)
+        click_node(page, feature)
+        expect(page.get_by_test_id("node-layer")).to_have_text(node["layer"])
+        expect(page.get_by_test_id("node-position")).to_contain_text(str(node["ctx_idx"]))
+        expect(page.get_by_test_id("node-label")).to_have_value(node["clerp"])
+        incoming = [link for link in document["links"] if link["target"] == feature]
+        outgoing = [link for link in document["links"] if link["source"] == feature]
+        for direction, links in (("incoming", incoming), ("outgoing", outgoing)):
+            rows = page.get_by_test_id(f"{direction}-edges").get_by_test_id("edge")
+            expect(rows).to_have_count(min(EDGE_ROWS, len(links)))
+        expect(page.get_by_test_id("lens-body")).not_to_be_empty()
+        screenshot(page, "graph-node-selected")
+
+        first = page.get_by_test_id("incoming-edges").get_by_test_id("edge").first
+        other = first.get_attribute("data-node-id")
+        first.click()
+        expect(page.get_by_test_id("node-id")).to_have_text(other)
+
+
+def test_pin_group_label_save_and_reload(page, graphs, screenshot):
+    document = read_document(graphs, "cat")
+    a, b, c = top_features(document, 3)
+    with Served(create_app(graphs)) as base:
+        open_graph(page, base + "/graph/cat")
+        for node_id in (a, b):
+            click_node(page, node_id)
+            page.keyboard.press("p")
+        expect(page.get_by_test_id("pinned-item")).to_have_count(2)
+        for box in page.get_by_test_id("pinned-check").all():
+            box.check()
+        page.get_by_test_id("group-button").click()
+        page.get_by_test_id("dialog-input").fill("cat group")
+        page.get_by_test_id("dialog-ok").click()
+        expect(page.get_by_test_id("supernode-label")).to_have_text("cat group")
+
+        click_node(page, c)
+        page.get_by_test_id("node-label").fill("a renamed feature")
+        expect(page.get_by_test_id("save-status")).to_have_text("unsaved changes")
+        expect(page.get_by_test_id("score-basis")).to_have_text("exact")
+        screenshot(page, "subgraph-before-save")
+        page.get_by_test_id("save-button").click()
+        expect(page.get_by_test_id("save-status")).to_have_text("saved")
+
+        saved = read_document(graphs, "cat")
+        assert set(saved["qParams"]["pinnedIds"]) == {a, b}
+        assert saved["qParams"]["supernodes"] == [["cat group", a, b]]
+        assert next(n for n in saved["nodes"] if n["node_id"] == c)["clerp"] == "a renamed feature"
+
+        open_graph(page, base + "/graph/cat")
+        assert page.evaluate("location.hash") == ""
+        state = page.evaluate("window.circuitmapExplorer.state()")
+        assert set(state["pinned"]) == {a, b}
+        assert state["supernodes"] == [["cat group", a, b]]
+        expect(page.get_by_test_id("supernode-label")).to_have_text("cat group")
+        expect(page.get_by_test_id("node-id")).to_have_text(c)
+        expect(page.get_by_test_id("node-label")).to_have_value("a renamed feature")
+        expect(page.get_by_test_id("save-status")).not_to_have_text("unsaved changes")
+        screenshot(page, "subgraph-after-reload")
+
+
+def test_rename_delete_and_errors_are_shown(page, graphs, screenshot):
+    with Served(create_app(graphs)) as base:
+        page.goto(base + "/graph/missing")
+        expect(page.get_by_test_id("message")).to_contain_text("missing")
+        expect(page.get_by_test_id("home-link")).to_be_visible()
+        page.goto(base + "/")
+        page.get_by_test_id("rename-graph").click()
+        page.get_by_test_id("dialog-input").fill(".hidden")
+        page.get_by_test_id("dialog-ok").click()
+        expect(page.locator("#dialog-error")).to_be_visible()
+        page.get_by_test_id("dialog-input").fill("kitten")
+        page.get_by_test_id("dialog-ok").click()
+        expect(page.get_by_test_id("graph-link")).to_have_text("kitten")
+        assert (graphs / "kitten" / "graph.json").exists() and not (graphs / "cat").exists()
+        page.get_by_test_id("delete-graph").click()
+        screenshot(page, "list-delete-confirm")
+        page.get_by_test_id("dialog-ok").click()
+        expect(page.get_by_test_id("graph-list-empty")).to_be_visible()
+        assert not (graphs / "kitten").exists()
+
+
+def test_a_stale_save_asks_to_reload(page, graphs):
+    a = top_features(read_document(graphs, "cat"), 1)[0]
+    with Served(create_app(graphs)) as base:
+        open_graph(page, base + "/graph/cat")
+        click_node(page, a)
+        page.keyboard.press("p")
+        changed = read_document(graphs, "cat")
+        changed["qParams"]["clickedId"] = a
+        write_graph_json(changed, graphs / "cat" / "graph.json")
+        page.get_by_test_id("save-button").click()
+        expect(page.get_by_test_id("save-status")).to_have_text("not saved")
+        expect(page.get_by_test_id("message")).to_contain_text("Reload the page")
+        assert read_document(graphs, "cat")["qParams"]["pinnedIds"] == []
+
+
+def test_compute_a_graph_from_the_list(page, graphs, engine, screenshot):
+    with Served(create_app(graphs, engine=engine)) as base:
+        page.goto(base + "/")
+        expect(page.get_by_test_id("graph-row")).to_have_count(1)
+        page.get_by_test_id("compute-prompt").fill("A dog ran")
+        page.get_by_test_id("compute-name").fill("dog")
+        page.get_by_test_id("compute-button").click()
+        expect(page.get_by_test_id("job")).to_have_count(1)
+        screenshot(page, "compute-job")
+        page.wait_for_url(base + "/graph/dog", timeout=60_000)
+        page.wait_for_function(READY)
+        expect(page.get_by_test_id("graph-title")).to_have_text("dog")
+        expect(page.get_by_test_id("graph-prompt")).to_have_text("A dog ran")
+        document = read_document(graphs, "dog")
+        feature = top_features(document, 1)[0]
+        click_node(page, feature)
+        expect(page.get_by_test_id("lens")).to_be_visible()
+        screenshot(page, "computed-graph")
+
+
+def test_exported_page_works_offline(page, tiny_graph, tmp_path, screenshot):
+    document = graph_json(tiny_graph, slug="cat-export")
+    path = write_exported_html(document, tmp_path / "cat.html")
+    blocked: list[str] = []
+    failed: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(("file:", "data:")):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    open_graph(page, path.as_uri())
+    expect(page.get_by_test_id("graph-title")).to_have_text("cat-export")
+    expect(page.locator("#save-bar")).to_be_hidden()
+    expect(page.get_by_test_id("home-link")).to_be_hidden()
+    painted = page.evaluate(
+        """() => {
+          const canvas = document.querySelector('[data-testid="graph-base"]');
+          const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+          let inked = 0;
+          for (let k = 0; k < pixels.length; k += 4) if (pixels[k] < 200) inked++;
+          return inked;
+        }"""
+    )
+    assert painted > 500
+
+    a, b = top_features(document, 2)
+    click_node(page, a)
+    page.get_by_test_id("pin-button").click()
+    click_node(page, b)
+    page.keyboard.press("p")
+    expect(page.get_by_test_id("score-basis")).to_have_text("on the document's edges")
+    page.wait_for_function("() => location.hash.includes('pinned=')")
+    page.reload()
+    page.wait_for_function(READY)
+    assert set(page.evaluate("window.circuitmapExplorer.state()")["pinned"]) == {a, b}
+    expect(page.get_by_test_id("node-id")).to_have_text(b)
+    screenshot(page, "exported-offline")
+    assert blocked == [] and failed == []
+
+
+def test_client_scores_equal_python_subgraph_scores(page, tiny_graph, tmp_path, screenshot):
+    document = graph_json(tiny_graph, slug="cat-full", prune=False)
+    targets = [n for n in document["nodes"] if n["feature_type"] == "logit"]
+    assert all("target_weight" in n and "input_total" in n for n in targets)
+    features = top_features(document, 12)
+    errors = [n["node_id"] for n in document["nodes"] if n["feature_type"] == "mlp reconstruction error"]
+    cases = [
+        (features[:3], []),
+        (features[:1], [["pair", features[4], features[5]]]),
+        (features[6:10] + errors[:3], [["trio", features[1], features[2], features[3]]]),
+        ([], []),
+    ]
+    path = write_exported_html(document, tmp_path / "cat-full.html")
+    for pinned, supernodes in cases:
+        fragment = f"pinned={quote(','.join(pinned))}&supernodes={quote(json.dumps(supernodes))}"
+        page.goto("about:blank")
+        open_graph(page, f"{path.as_uri()}#{fragment}")
+        shown = tuple(
+            json.loads(page.get_by_test_id(f"score-{key}").get_attribute("data-value"))
+            for key in ("replacement", "completeness")
+        )
+        expected = python_scores(tiny_graph, pinned, supernodes)
+        assert all(close(x, y) for x, y in zip(shown, expected, strict=True)), (pinned, shown, expected)
+    everything = [n["node_id"] for n in document["nodes"] if n["influence"] is not None]
+    computed = page.evaluate("ids => window.circuitmapExplorer.clientScores(ids)", everything)
+    expected = python_scores(tiny_graph, everything, [])
+    assert close(computed["replacement"], expected[0]) and close(computed["completeness"], expected[1])
+    screenshot(page, "client-scores")
+
+
+def test_synthetic_document_is_schema_valid():
+    document = synthetic_document(300, 2000, n_layers=5, lens=True)
+    jsonschema.Draft202012Validator(json_schema()).validate(document)
+
+
+def test_performance_on_5000_nodes_and_100000_links(page, tmp_path, artifacts, screenshot):
+    document = synthetic_document(5000, 100_000)
+    path = write_exported_html(document, tmp_path / "large.html")
+    figures = measure_page(page, path.as_uri(), pick_nodes(document, 5))
+    screenshot(page, "performance-5000-nodes")
+    summary = {
+        "nodes": len(document["nodes"]),
+        "links": len(document["links"]),
+        "cpus": os.cpu_count(),
+        **figures,
+    }
+    (artifacts / "performance.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(
+        f"\nexplorer, {summary['nodes']} nodes and {summary['links']} links: first paint "
+        f"{figures['first_paint_ms']:.0f} ms, first frame {figures['first_frame_ms']:.0f} ms, hover "
+        f"{max(figures['hover_ms']):.0f} ms max, click {max(figures['click_ms']):.0f} ms max"
+    )
