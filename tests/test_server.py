@@ -238,8 +238,50 @@ def test_no_cors_and_no_cross_site_writes(client):
         "/api/graphs/cat/rename", content=b'{"name": "x"}', headers={"content-type": "text/plain"}
     )
     assert plain.status_code == 415
+    other_port = client.put("/api/graphs/cat/state", json={}, headers={"origin": "http://127.0.0.1:9999"})
+    assert other_port.status_code == 403
     same = client.put("/api/graphs/cat/state", json={}, headers={"origin": "http://127.0.0.1:8041"})
     assert same.status_code == 200
+
+
+def test_errors_are_one_line_json(client, graphs):
+    for response, status in (
+        (client.get("/api/nothing"), 404),
+        (client.post("/api/graphs", json={}), 405),
+        (
+            client.put(
+                "/api/graphs/cat/state", content=b"[" * 50_000, headers={"content-type": "application/json"}
+            ),
+            400,
+        ),
+        (
+            client.put(
+                "/api/graphs/cat/state",
+                content=json.dumps({"labels": {_state_ids(graphs)[0]: "\ud800"}}).encode(),
+                headers={"content-type": "application/json"},
+            ),
+            400,
+        ),
+    ):
+        assert response.status_code == status and "\n" not in response.json()["detail"]
+
+
+def test_a_document_without_viewer_state_is_refused_not_corrupted(client, graphs):
+    broken = {"metadata": {"prompt": "x"}, "nodes": [], "links": []}
+    (graphs / "broken").mkdir()
+    (graphs / "broken" / "graph.json").write_text(json.dumps(broken))
+    response = client.put("/api/graphs/broken/state", json={"pinnedIds": []})
+    assert response.status_code == 422 and "qParams" in response.json()["detail"]
+    assert json.loads((graphs / "broken" / "graph.json").read_text()) == broken
+    (graphs / "nometa").mkdir()
+    (graphs / "nometa" / "graph.json").write_text("[]")
+    assert client.post("/api/graphs/nometa/rename", json={"name": "renamed"}).status_code == 422
+    assert (graphs / "nometa").is_dir() and not (graphs / "renamed").exists()
+
+
+def _state_ids(graphs) -> list[str]:
+    document = json.loads((graphs / "cat" / "graph.json").read_text())
+    return [node["node_id"] for node in document["nodes"]]
 
 
 def test_requests_must_address_this_machine(graphs):
@@ -251,6 +293,18 @@ def test_requests_must_address_this_machine(graphs):
         assert client.get("/api/graphs").status_code == 200
     with TestClient(create_app(graphs, allowed_hosts=None), base_url="http://10.1.2.3") as client:
         assert client.get("/api/graphs").status_code == 200
+
+
+def test_network_servers_still_check_the_host(monkeypatch):
+    import socket
+
+    from circuitmap.cli_server import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", []) == {"localhost", "127.0.0.1", "::1"}
+    network = allowed_hosts("0.0.0.0", ["proxy.example"])
+    assert {"localhost", "0.0.0.0", "proxy.example", socket.gethostname().lower()} <= network
+    assert "evil.example" not in network
+    assert allowed_hosts("0.0.0.0", ["*"]) is None
 
 
 def test_non_loopback_needs_an_explicit_host(monkeypatch, tmp_path, capsys):
@@ -459,6 +513,11 @@ def test_export_html_command(graphs, tmp_path, capsys):
     assert main(["export-html", str(tmp_path / "bad.json"), "-o", str(out)]) == 2
     assert "not a viewer JSON document" in capsys.readouterr().err
     assert main(["export-html", str(graphs / "cat"), "-o", str(tmp_path)]) == 2
+    document = json.loads((graphs / "cat" / "graph.json").read_text())
+    document["nodes"][0]["clerp"] = "\ud800"
+    (tmp_path / "surrogate.json").write_text(json.dumps(document))
+    assert main(["export-html", str(tmp_path / "surrogate.json"), "-o", str(out)]) == 2
+    assert "not valid Unicode" in capsys.readouterr().err
 
 
 def test_store_refuses_a_missing_folder(tmp_path):

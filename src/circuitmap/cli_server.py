@@ -37,10 +37,30 @@ def serve(app, sock: socket.socket, url: str) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def start_explorer(graphs: Path, engine, host: str | None, port: int, path: str = "/") -> None:
+def allowed_hosts(host: str, extra: list[str]) -> frozenset[str] | None:
+    """The names requests may address: the local names, ``host`` and ``extra``; on a network address also
+    this machine's names and addresses. ``*`` in ``extra`` allows any (no DNS-rebinding protection)."""
+    from circuitmap.server.app import LOCAL_HOSTS, is_loopback
+
+    if "*" in extra:
+        return None
+    names = set(LOCAL_HOSTS) | {host.strip("[]").lower()} | {name.strip("[]").lower() for name in extra}
+    if not is_loopback(host):
+        for name in {socket.gethostname(), socket.getfqdn()}:
+            names.add(name.lower())
+            try:
+                names |= {str(info[4][0]).lower() for info in socket.getaddrinfo(name, None)}
+            except OSError:
+                continue
+    return frozenset(names)
+
+
+def start_explorer(
+    graphs: Path, engine, host: str | None, port: int, path: str = "/", allow_hosts: tuple[str, ...] = ()
+) -> None:
     """Serve ``graphs`` (with ``engine`` to compute new ones) on ``host`` (default loopback) and ``port``."""
     from circuitmap.server import GraphStore, check_bind, create_app
-    from circuitmap.server.app import LOCAL_HOSTS, is_loopback
+    from circuitmap.server.app import is_loopback
 
     explicit = host is not None
     host = host or DEFAULT_HOST
@@ -52,8 +72,7 @@ def start_explorer(graphs: Path, engine, host: str | None, port: int, path: str 
             file=sys.stderr,
         )
     graphs.mkdir(parents=True, exist_ok=True)
-    allowed = LOCAL_HOSTS | {host.strip("[]").lower()} if is_loopback(host) else None
-    app = create_app(GraphStore(graphs), engine, allowed_hosts=allowed)
+    app = create_app(GraphStore(graphs), engine, allowed_hosts=allowed_hosts(host, list(allow_hosts)))
     sock = bind(host, port)
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     serve(app, sock, f"http://{shown}:{sock.getsockname()[1]}{path}")
@@ -77,7 +96,7 @@ def _cmd_serve(args: argparse.Namespace, load) -> int:
             transcoders_spec=args.transcoders,
             max_feature_nodes=args.max_feature_nodes,
         )
-    start_explorer(Path(args.graphs), engine, args.host, args.port)
+    start_explorer(Path(args.graphs), engine, args.host, args.port, allow_hosts=tuple(args.allow_host))
     return 0
 
 
@@ -137,6 +156,13 @@ def add_server_commands(commands, add_model_args, load, positive_int) -> None:
     )
     serve_parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"
+    )
+    serve_parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name requests may address, e.g. behind a proxy (repeatable)",
     )
     serve_parser.set_defaults(run=lambda args: _cmd_serve(args, load))
 

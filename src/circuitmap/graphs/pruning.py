@@ -182,13 +182,13 @@ def _start(graph: Graph) -> np.ndarray:
 def _propagate(rows: np.ndarray, sources: np.ndarray, flow: np.ndarray, start: np.ndarray) -> np.ndarray:
     """``start·(I + Â + Â² + …)`` over the given edges, by sparse vector–matrix products until a term is zero.
 
-    In a DAG the k-th term is zero once k exceeds the longest path, so ``n_nodes`` steps always suffice; a
-    term still nonzero after that means the edges contain a cycle.
+    In a DAG the k-th term is zero once k exceeds the longest path, so ``n_nodes + 1`` steps always suffice
+    (an empty graph included); a term still nonzero after that means the edges contain a cycle.
     """
     n_nodes = len(start)
     total = start.copy()
     term = start
-    for _ in range(n_nodes):
+    for _ in range(n_nodes + 1):
         term = np.bincount(sources, weights=term[rows] * flow, minlength=n_nodes)
         if not term.any():
             return total

@@ -9,10 +9,10 @@ package's own files only (a fixed list read at start-up, never a path from the r
 - with an engine (a model and transcoders): ``POST /api/jobs``, ``GET /api/jobs``, ``GET /api/jobs/<id>``,
   ``DELETE /api/jobs/<id>`` (cancel). Graphs carry their features' logit lens, computed with them.
 
-Errors are ``{"detail": "<one line>"}`` with a 4xx status. Safety: requests must name a local host (``Host``
-header; this stops DNS-rebinding pages) unless the server was bound to another address on purpose; a request
-that changes anything must be JSON and, if it has an ``Origin``, come from the same host; bodies are capped;
-no CORS headers are ever sent, so other sites' pages cannot read answers.
+Errors are ``{"detail": "<one line>"}`` with a 4xx (or 500) status. Safety: requests must name one of the
+allowed hosts (``Host`` header: the local names by default; this stops DNS-rebinding pages); a request that
+changes anything must be JSON and, if it has an ``Origin``, come from the same origin (host and port);
+bodies are capped; no CORS headers are ever sent, so other sites' pages cannot read answers.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -201,7 +202,12 @@ def create_app(
 
     app = Starlette(
         routes=routes,
-        exception_handlers={StoreError: _store_error, CircuitmapError: _user_error},
+        exception_handlers={
+            StoreError: _store_error,
+            CircuitmapError: _user_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
         lifespan=lifespan,
     )
     app.state.store = store
@@ -236,7 +242,7 @@ class Guard:
         if method in _SAFE_METHODS:
             return None
         origin = headers.get("origin")
-        if origin is not None and _host_name(urlsplit(origin).netloc) != host:
+        if origin is not None and urlsplit(origin).netloc.lower() != headers.get("host", "").strip().lower():
             return 403, "cross-origin requests are refused"
         if method in ("POST", "PUT") and not headers.get("content-type", "").startswith("application/json"):
             return 415, "send the request body as application/json"
@@ -301,7 +307,7 @@ async def _json_object(request: Request) -> dict:
         raise StoreError(str(error), 413) from None
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise StoreError("the request body is not valid JSON") from None
     if not isinstance(value, dict):
         raise StoreError("the request body must be a JSON object")
@@ -328,3 +334,11 @@ async def _store_error(request: Request, error: StoreError) -> JSONResponse:
 
 async def _user_error(request: Request, error: CircuitmapError) -> JSONResponse:
     return _error(str(error), 400)
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    return _error(str(error.detail), error.status_code)
+
+
+async def _server_error(request: Request, error: Exception) -> JSONResponse:
+    return _error(f"internal error: {type(error).__name__}: {error}", 500)

@@ -48,8 +48,11 @@ def render_html(document: dict) -> str:
 def export_html(document: dict, path: str | Path) -> Path:
     """Write ``render_html(document)`` to ``path`` atomically; returns the path."""
     path = Path(path)
-    text = render_html(document)
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    try:
+        data = render_html(document).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise CircuitmapError(f"the graph holds text that is not valid Unicode: {error}") from None
+    atomic_write(path, lambda temporary: temporary.write_bytes(data))
     return path
 
 

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from circuitmap.attribution import attribute
 from circuitmap.errors import CircuitmapError
@@ -184,12 +185,9 @@ class Jobs:
         if job.cancel.is_set():
             raise JobCancelled
 
-        def write(folder):
+        def write(folder: Path, name: str) -> None:
+            document["metadata"]["slug"] = name
             graph.save(folder / FULL_GRAPH)
             write_graph_json(document, folder / DOCUMENT)
 
-        name = self.store.add(job.name, write)
-        if name != job.name:
-            document["metadata"]["slug"] = name
-            write_graph_json(document, self.store.folder(name) / DOCUMENT)
-        return name
+        return self.store.add(job.name, write)

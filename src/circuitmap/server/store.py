@@ -18,6 +18,7 @@ import re
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,6 +89,7 @@ class GraphStore:
             raise CircuitmapError(f"graph folder {root} does not exist or is not a folder")
         self.root = root.resolve()
         self._lock = threading.Lock()
+        self._cache_lock = threading.Lock()
         self._summaries: dict[str, tuple[str, Summary]] = {}
         self._graphs: OrderedDict[tuple[str, str], Graph] = OrderedDict()
 
@@ -123,8 +125,10 @@ class GraphStore:
 
     def read(self, name: str) -> tuple[bytes, str]:
         """The document's bytes, exactly as stored, and its revision."""
-        path = self._document_path(name)
-        data = path.read_bytes()
+        try:
+            data = self._document_path(name).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"no graph named {name!r}", 404) from None
         return data, _revision(data)
 
     def document(self, name: str) -> tuple[dict, str]:
@@ -132,7 +136,7 @@ class GraphStore:
         data, revision = self.read(name)
         try:
             return json.loads(data), revision
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise StoreError(f"graph {name!r} has an unreadable {DOCUMENT}: {error}", 500) from None
 
     def summaries(self) -> list[Summary]:
@@ -147,8 +151,10 @@ class GraphStore:
 
     def summary(self, name: str) -> Summary:
         """The summary of one graph, cached until its document changes."""
-        path = self._document_path(name)
-        stat = path.stat()
+        try:
+            stat = self._document_path(name).stat()
+        except FileNotFoundError:
+            raise StoreError(f"no graph named {name!r}", 404) from None
         key = f"{stat.st_mtime_ns}-{stat.st_size}"
         cached = self._summaries.get(name)
         if cached is not None and cached[0] == key:
@@ -185,7 +191,14 @@ class GraphStore:
                 raise StoreError(
                     f"graph {name!r} was saved elsewhere since it was opened: reload it, then save again", 409
                 )
-            apply_state(document, state)
+            try:
+                apply_state(document, state)
+            except (KeyError, TypeError, AttributeError) as error:
+                raise StoreError(
+                    f"graph {name!r} is not a viewer document this explorer can save into: {error!r} is "
+                    "missing or malformed",
+                    422,
+                ) from None
             path = write_graph_json(document, self._document_path(name))
             return _revision(path.read_bytes())
 
@@ -194,12 +207,13 @@ class GraphStore:
         check_name(new_name)
         with self._lock:
             source = self.folder(name)
-            self._document_path(name)
+            document, _ = self.document(name)
+            if not isinstance(document, dict) or not isinstance(document.get("metadata"), dict):
+                raise StoreError(f"graph {name!r} is not a viewer document (no metadata): not renamed", 422)
             target = self.root / new_name
             if target.exists() or target.is_symlink():
                 raise StoreError(f"a graph named {new_name!r} already exists", 409)
             source.rename(target)
-            document, _ = self.document(new_name)
             document["metadata"]["slug"] = new_name
             write_graph_json(document, target / DOCUMENT)
             self._forget(name)
@@ -218,9 +232,9 @@ class GraphStore:
                 folder.rmdir()
             self._forget(name)
 
-    def add(self, name: str, write) -> str:
-        """Create graph ``name`` (or ``name-2``, ``name-3`` … if taken) by ``write(folder)`` into a temporary
-        folder that is renamed into place when complete; returns the name used."""
+    def add(self, name: str, write: Callable[[Path, str], None]) -> str:
+        """Create graph ``name`` (or ``name-2``, ``name-3`` … if taken) by ``write(folder, chosen_name)`` into
+        a temporary folder that is renamed into place when complete; returns the name used."""
         check_name(name)
         with self._lock:
             staging = self.root / f".incoming-{name}-{threading.get_ident()}"
@@ -228,8 +242,8 @@ class GraphStore:
                 shutil.rmtree(staging)
             staging.mkdir()
             try:
-                write(staging)
                 chosen = self._free_name(name)
+                write(staging, chosen)
                 staging.rename(self.root / chosen)
             finally:
                 if staging.exists():
@@ -262,17 +276,19 @@ class GraphStore:
             raise StoreError(f"graph {name!r} has no full graph ({FULL_GRAPH})", 404)
         stat = path.stat()
         key = (name, f"{stat.st_mtime_ns}-{stat.st_size}")
-        if key not in self._graphs:
-            self._graphs[key] = load_graph(path)
-            while len(self._graphs) > _CACHED_GRAPHS:
-                self._graphs.popitem(last=False)
-        self._graphs.move_to_end(key)
-        return self._graphs[key]
+        with self._cache_lock:
+            if key not in self._graphs:
+                self._graphs[key] = load_graph(path)
+                while len(self._graphs) > _CACHED_GRAPHS:
+                    self._graphs.popitem(last=False)
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
 
     def _forget(self, name: str) -> None:
         self._summaries.pop(name, None)
-        for key in [key for key in self._graphs if key[0] == name]:
-            del self._graphs[key]
+        with self._cache_lock:
+            for key in [key for key in self._graphs if key[0] == name]:
+                del self._graphs[key]
 
 
 def apply_state(document: dict, state: dict) -> None:
@@ -298,8 +314,7 @@ def apply_state(document: dict, state: dict) -> None:
         raise StoreError("labels must be an object of node id → label")
     _known(list(labels), nodes, "labels")
     for identifier, label in labels.items():
-        if not isinstance(label, str) or len(label) > MAX_LABEL:
-            raise StoreError(f"the label of {identifier} must be a string of at most {MAX_LABEL} characters")
+        _check_text(f"the label of {identifier}", label)
     view = _view(state.get("view", {}))
 
     members = [member for group in groups for member in group[1:]]
@@ -345,9 +360,18 @@ def _members(supernodes) -> list[str]:
 def _supernodes(supernodes, nodes: dict) -> list[list[str]]:
     _known(_members(supernodes), nodes, "supernodes")
     for group in supernodes:
-        if len(group[0]) > MAX_LABEL:
-            raise StoreError(f"a supernode label has more than {MAX_LABEL} characters")
+        _check_text("a supernode label", group[0])
     return [list(group) for group in supernodes]
+
+
+def _check_text(what: str, text) -> None:
+    """Labels are strings of at most ``MAX_LABEL`` characters that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(text, str) or len(text) > MAX_LABEL:
+        raise StoreError(f"{what} must be a string of at most {MAX_LABEL} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoreError(f"{what} is not valid Unicode text") from None
 
 
 def _view(view) -> dict:
