@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -61,6 +62,18 @@ PROMPT = "The cat sat"
 VIEWPORT = {"width": 1400, "height": 900}
 READY = "() => document.body.dataset.ready === '1'"
 EDGE_ROWS = 30  # edges the panel lists before "show all"
+TARGET_CLERP = re.compile(r'^Output "(.*)" \(p=[0-9.]+\)$', re.DOTALL)
+# Ctrl+S twice, P (pins the selected node), Ctrl+S again: all in one task, while the first save runs.
+SAVE_SAVE_PIN_SAVE = """
+() => {
+  const press = (key, ctrlKey) =>
+    document.body.dispatchEvent(new KeyboardEvent('keydown', { key, ctrlKey, bubbles: true }));
+  press('s', true);
+  press('s', true);
+  press('p', false);
+  press('s', true);
+}
+"""
 
 
 # ---------------------------------------------------------------- fixtures
@@ -304,6 +317,68 @@ def test_a_stale_save_asks_to_reload(page, graphs):
         assert read_document(graphs, "cat")["qParams"]["pinnedIds"] == []
 
 
+def test_a_saved_label_typed_back_is_saved_and_reloads_clean(page, graphs):
+    document = read_document(graphs, "cat")
+    original = {n["node_id"]: n["clerp"] for n in document["nodes"]}
+    feature = top_features(document, 1)[0]
+    target = next(n for n in document["nodes"] if n["feature_type"] == "logit")
+    target_id, target_name = target["node_id"], TARGET_CLERP.match(target["clerp"]).group(1)
+    label = page.get_by_test_id("node-label")
+    status = page.get_by_test_id("save-status")
+
+    def relabel(texts: dict[str, str]) -> dict[str, str]:
+        """Type each node's label, save, and return the clerps on disk."""
+        for node_id, text in texts.items():
+            click_node(page, node_id)
+            label.fill(text)
+        expect(status).to_have_text("unsaved changes")
+        page.get_by_test_id("save-button").click()
+        expect(status).to_have_text("saved")
+        return {n["node_id"]: n["clerp"] for n in read_document(graphs, "cat")["nodes"]}
+
+    with Served(create_app(graphs)) as base:
+        open_graph(page, base + "/graph/cat")
+        saved = relabel({feature: "renamed feature", target_id: "renamed target"})
+        assert saved[feature] == "renamed feature"
+        assert saved[target_id] == f'Output "renamed target" (p={target["token_prob"]:.3f})'
+        expect(label).to_have_value("renamed target")
+
+        saved = relabel({feature: original[feature], target_id: target_name})
+        assert saved[feature] == original[feature] and saved[target_id] == original[target_id]
+        page.wait_for_function("() => location.hash.includes('node=') && !location.hash.includes('labels=')")
+        page.reload()
+        page.wait_for_function(READY)
+        expect(page.get_by_test_id("node-id")).to_have_text(target_id)
+        expect(label).to_have_value(target_name)
+        expect(status).not_to_have_text("unsaved changes")
+        click_node(page, feature)
+        expect(label).to_have_value(original[feature])
+
+        # A link taken before the save holds labels equal to the saved ones: they are no edits.
+        labels = quote(json.dumps({target_id: target_name}))
+        page.goto("about:blank")
+        open_graph(page, f"{base}/graph/cat#node={quote(target_id)}&labels={labels}")
+        assert page.evaluate("window.circuitmapExplorer.state()")["labels"] == {}
+        expect(status).not_to_have_text("unsaved changes")
+
+
+def test_saves_asked_for_during_a_save_do_not_conflict(page, graphs):
+    a, b = top_features(read_document(graphs, "cat"), 2)
+    puts: list[str] = []
+    page.on("request", lambda request: puts.append(request.url) if request.method == "PUT" else None)
+    with Served(create_app(graphs)) as base:
+        open_graph(page, base + "/graph/cat")
+        click_node(page, a)
+        page.keyboard.press("p")
+        click_node(page, b)
+        page.evaluate(SAVE_SAVE_PIN_SAVE)
+        page.wait_for_function("() => !window.circuitmapExplorer.saving()")
+        expect(page.get_by_test_id("save-status")).to_have_text("saved")
+        expect(page.get_by_test_id("message")).to_be_hidden()
+        assert set(read_document(graphs, "cat")["qParams"]["pinnedIds"]) == {a, b}
+        assert len(puts) == 2  # the first save, then one for the pin made while it ran
+
+
 def test_compute_a_graph_from_the_list(page, graphs, engine, screenshot):
     with Served(create_app(graphs, engine=engine)) as base:
         page.goto(base + "/")
@@ -397,6 +472,51 @@ def test_client_scores_equal_python_subgraph_scores(page, tiny_graph, tmp_path, 
     expected = python_scores(tiny_graph, everything, [])
     assert close(computed["replacement"], expected[0]) and close(computed["completeness"], expected[1])
     screenshot(page, "client-scores")
+
+
+def small_document() -> dict:
+    return synthetic_document(60, 200, n_layers=4, n_positions=5)
+
+
+def test_a_document_without_nodes_opens(page, tmp_path):
+    document = small_document()
+    document["nodes"], document["links"] = [], []
+    open_graph(page, write_exported_html(document, tmp_path / "empty.html").as_uri())
+    expect(page.get_by_test_id("graph-empty")).to_be_visible()
+    expect(page.get_by_test_id("shown-counts")).to_have_text("0 of 0 nodes, 0 of 0 links")
+    expect(page.get_by_test_id("message")).to_be_hidden()
+
+
+def test_malformed_saved_state_is_ignored_with_a_notice(page, tmp_path):
+    document = small_document()
+    a = top_features(document, 1)[0]
+    cases = [
+        ({"pinnedIds": 5}, [], []),
+        ({"supernodes": {"group": [a]}, "clickedId": 7}, [], []),
+        ({"pinnedIds": [a, 3], "supernodes": ["not a group", ["kept", a]]}, [a], [["kept", a]]),
+        ({"view": "wide", "pinnedIds": "abc"}, [], []),
+        ("not an object", [], []),
+    ]
+    for q_params, pinned, supernodes in cases:
+        document["qParams"] = q_params
+        path = write_exported_html(document, tmp_path / "malformed.html")
+        page.goto("about:blank")
+        open_graph(page, path.as_uri())
+        expect(page.get_by_test_id("message")).to_contain_text("Malformed parts of the saved state")
+        state = page.evaluate("window.circuitmapExplorer.state()")
+        assert (state["pinned"], state["supernodes"], state["clicked"]) == (pinned, supernodes, ""), q_params
+
+
+def test_a_very_long_token_does_not_stall_the_page(page, tmp_path):
+    document = small_document()
+    document["metadata"]["prompt_tokens"][2] = " long" * 4000
+    open_graph(page, write_exported_html(document, tmp_path / "long-token.html").as_uri())
+    token = next(n["node_id"] for n in document["nodes"] if n["feature_type"] == "embedding")
+    for _ in range(3):  # every hover redraws the overlay with its column headers
+        at = node_position(page, token)
+        page.mouse.move(at["x"], at["y"])
+        expect(page.get_by_test_id("tooltip")).to_have_attribute("data-node-id", token)
+        page.mouse.move(1, 1)
 
 
 def test_synthetic_document_is_schema_valid():

@@ -19,6 +19,7 @@
   const SLOW_DRAW_MS = 12;
   const CHEAP_LINKS = 4000;
   const SETTLE_MS = 140;
+  const MIN_GLYPH_PX = 2;
 
   class GraphCanvas {
     // Builds both canvases inside `container`; `handlers` get onHover(i, clientX, clientY) and onSelect(i).
@@ -36,6 +37,8 @@
       this.pinned = new Set();
       this.lastBaseMs = 0;
       this.bucket = this.linkBuckets();
+      this.tokenNames = Array.from({ length: graph.nPositions }, (_, p) => visibleToken(graph.tokens[p]));
+      this.headers = { width: NaN, texts: new Map() };
       this.setLinks(new Int32Array(graph.m).map((_, e) => e));
       this.measure();
       this.layout();
@@ -404,7 +407,7 @@
       for (let p = 0; p < g.nPositions; p++) {
         const x = tx + (p + 0.5) * sx;
         if (x < GUTTER - sx || x > this.width + sx) continue;
-        ctx.fillText(fitText(ctx, visibleToken(g.tokens[p]), sx - 4), x, HEADER / 2);
+        ctx.fillText(this.headerText(ctx, p, sx - 4), x, HEADER / 2);
       }
       ctx.font = "11px system-ui, sans-serif";
       ctx.fillStyle = "#64748b";
@@ -416,6 +419,18 @@
         if (y < HEADER || y > this.height || (!edge && crowded)) continue;
         ctx.fillText(rowName(row, g.nRows), GUTTER / 2, y);
       }
+    }
+
+    // Column header of position p fitted to `width` pixels, cached until the column width changes (the
+    // overlay, bands included, redraws on every hover).
+    headerText(ctx, p, width) {
+      if (this.headers.width !== width) this.headers = { width, texts: new Map() };
+      let text = this.headers.texts.get(p);
+      if (text === undefined) {
+        text = fitText(ctx, this.tokenNames[p], width);
+        this.headers.texts.set(p, text);
+      }
+      return text;
     }
 
     // The shown node under canvas point (px, py), looked up in the grid cells around it; -1 for none.
@@ -572,11 +587,22 @@
     return (token === undefined ? "" : String(token)).replace(/ /g, "\u2423").replace(/\n/g, "\u21b5");
   }
 
-  // `text` cut with an ellipsis to fit `width` pixels.
+  // `text` cut with an ellipsis to fit `width` pixels: no more characters than could fit (a glyph is at
+  // least MIN_GLYPH_PX wide) are measured, and the longest prefix that fits is found by bisection.
   function fitText(ctx, text, width) {
-    if (ctx.measureText(text).width <= width) return text;
-    let cut = text.length;
-    while (cut > 0 && ctx.measureText(`${text.slice(0, cut)}\u2026`).width > width) cut--;
+    const most = Math.ceil(width / MIN_GLYPH_PX);
+    if (text.length <= most && ctx.measureText(text).width <= width) return text;
+    const fits = (cut) => ctx.measureText(`${text.slice(0, cut)}\u2026`).width <= width;
+    let low = 0;
+    let high = Math.min(text.length - 1, most);
+    while (low < high) {
+      const middle = Math.ceil((low + high) / 2);
+      if (fits(middle)) low = middle;
+      else high = middle - 1;
+    }
+    // Do not split a surrogate pair (a character outside the BMP).
+    const lead = text.charCodeAt(low - 1);
+    const cut = lead >= 0xd800 && lead <= 0xdbff ? low - 1 : low;
     return cut > 0 ? `${text.slice(0, cut)}\u2026` : "";
   }
 

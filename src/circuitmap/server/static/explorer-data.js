@@ -223,6 +223,7 @@
     // Influence on the targets over the live links: target weights pushed down link by link until zero.
     propagate(live) {
       const total = Float64Array.from(this.targetWeight);
+      if (!this.n) return total; // no nodes: nothing to push (the loop below would not run)
       let term = Float64Array.from(this.targetWeight);
       for (let step = 0; step < this.n; step++) {
         const next = new Float64Array(this.n);
@@ -280,31 +281,75 @@
     return view;
   }
 
-  // The explorer state saved in a document's qParams (and qParams.view), on top of the default view.
-  function stateFromDocument(doc) {
-    const q = doc.qParams || {};
+  // Whether `value` is a plain JSON object (not null, not a list).
+  function isObject(value) {
+    return typeof value === "object" && value !== null && !Array.isArray(value);
+  }
+
+  // Whether a saved part is absent (missing or null): absent parts take their defaults without a notice.
+  function absent(value) {
+    return value === undefined || value === null;
+  }
+
+  // The node ids in `value`: a list of strings; a non-list, or entries that are not strings, are left out
+  // and described in `problems`.
+  function idList(value, what, problems) {
+    if (absent(value)) return [];
+    if (!Array.isArray(value)) {
+      problems.push(`${what} is not a list`);
+      return [];
+    }
+    const ids = value.filter((id) => typeof id === "string");
+    const bad = value.length - ids.length;
+    if (bad) problems.push(`${what} holds ${bad} id(s) that are not text`);
+    return ids;
+  }
+
+  // The supernodes in `value`: a list of [label, id, …] groups; groups of another shape are left out and
+  // described in `problems`.
+  function groupList(value, problems) {
+    if (absent(value)) return [];
+    if (!Array.isArray(value)) {
+      problems.push("supernodes is not a list");
+      return [];
+    }
+    const groups = value.filter((group) => Array.isArray(group) && typeof group[0] === "string");
+    if (groups.length < value.length) {
+      problems.push(`${value.length - groups.length} supernode(s) are not [label, id, \u2026] lists`);
+    }
+    return groups.map((group) => [group[0], ...idList(group.slice(1), `supernode "${group[0]}"`, problems)]);
+  }
+
+  // The explorer state saved in a document's qParams (and qParams.view), on top of the default view. Parts
+  // of the wrong type count as absent; each is described in `problems`, for the caller to report.
+  function stateFromDocument(doc, problems = []) {
+    if (!absent(doc.qParams) && !isObject(doc.qParams)) problems.push("qParams is not an object");
+    const q = isObject(doc.qParams) ? doc.qParams : {};
+    if (!absent(q.clickedId) && typeof q.clickedId !== "string") problems.push("clickedId is not text");
+    if (!absent(q.view) && !isObject(q.view)) problems.push("view is not an object");
     return normalizeState({
-      pinned: q.pinnedIds || [],
-      supernodes: q.supernodes || [],
+      pinned: idList(q.pinnedIds, "pinnedIds", problems),
+      supernodes: groupList(q.supernodes, problems),
       labels: {},
-      clicked: q.clickedId || "",
-      view: overlayView(defaultView(doc.metadata), q.view),
+      clicked: typeof q.clickedId === "string" ? q.clickedId : "",
+      view: overlayView(defaultView(doc.metadata), isObject(q.view) ? q.view : {}),
     });
   }
 
   // A well-formed copy of a state: unique pins, members pinned, each node in at most one supernode, labels
-  // that are strings.
+  // that are strings (parts of the wrong type are dropped, so that nothing here throws).
   function normalizeState(state) {
     const seen = new Set();
     const supernodes = [];
-    for (const group of state.supernodes || []) {
+    for (const group of Array.isArray(state.supernodes) ? state.supernodes : []) {
       if (!Array.isArray(group) || group.length < 2) continue;
       const members = group.slice(1).filter((id) => typeof id === "string" && !seen.has(id));
       members.forEach((id) => seen.add(id));
       if (members.length) supernodes.push([String(group[0]), ...members]);
     }
-    const pinned = [...new Set([...(state.pinned || []), ...seen])].filter((id) => typeof id === "string");
-    const labels = state.labels || {};
+    const listed = Array.isArray(state.pinned) ? state.pinned : [];
+    const pinned = [...new Set([...listed, ...seen])].filter((id) => typeof id === "string");
+    const labels = isObject(state.labels) ? state.labels : {};
     return {
       pinned,
       supernodes,
@@ -339,9 +384,9 @@
   }
 
   // A state read from a URL hash: the hash is the whole state, except that view fields it lacks keep the
-  // values of `fallback`'s view; null when the hash holds no state. Malformed parts throw, for the caller
-  // to report.
-  function stateFromHash(hash, fallback) {
+  // values of `fallback`'s view; null when the hash holds no state. Unreadable JSON throws, for the caller
+  // to report; supernodes of the wrong shape are left out and described in `problems`.
+  function stateFromHash(hash, fallback, problems = []) {
     const params = new URLSearchParams(hash.replace(/^#/, ""));
     if (!HASH_KEYS.some((key) => params.has(key))) return null;
     const extra = {};
@@ -351,7 +396,7 @@
     }
     return normalizeState({
       pinned: params.has("pinned") ? params.get("pinned").split(",").filter(Boolean) : [],
-      supernodes: params.has("supernodes") ? JSON.parse(params.get("supernodes")) : [],
+      supernodes: params.has("supernodes") ? groupList(JSON.parse(params.get("supernodes")), problems) : [],
       labels: params.has("labels") ? JSON.parse(params.get("labels")) : {},
       clicked: params.get("node") || "",
       view: overlayView(fallback.view, extra),

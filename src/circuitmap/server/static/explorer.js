@@ -15,13 +15,20 @@
     // `options`: doc, name (served), revision, config, exported (bool).
     constructor(options) {
       Object.assign(this, options);
+      this.notices = [];
+      this.noticeKind = "info";
       this.graph = new cm.Graph(this.doc);
-      this.docState = this.knownState(cm.stateFromDocument(this.doc), "saved state");
+      const problems = [];
+      const saved = cm.stateFromDocument(this.doc, problems);
+      this.reportMalformed(problems, "saved state");
+      this.docState = this.knownState(saved, "saved state");
       this.savedKey = dirtyKey(this.docState);
       this.state = this.initialState();
       this.checked = new Set();
       this.shownAll = { incoming: false, outgoing: false };
       this.scoreRound = 0;
+      this.saving = false;
+      this.saveQueued = false;
     }
 
     get served() {
@@ -43,6 +50,7 @@
       this.subgraph = new cm.SubgraphView($("subgraph-svg"), {
         onNodeClick: (item, event) => this.onSubgraphClick(item, event),
       });
+      $("graph-empty").hidden = this.graph.n > 0;
       this.applyState();
       this.canvas.drawNow();
       this.recordFirstPaint();
@@ -68,18 +76,35 @@
         state: () => JSON.parse(JSON.stringify(this.state)),
         select: (id) => this.select(this.graph.index.has(id) ? this.graph.index.get(id) : -1),
         clientScores: (ids) => this.graph.subgraphScores(ids),
+        saving: () => this.saving,
       };
     }
 
-    // The state to start from: the URL hash when it holds one, else the document's saved state.
+    // The state to start from: the URL hash when it holds one (less label edits equal to the saved labels,
+    // as a link taken before a save holds), else the document's saved state.
     initialState() {
+      const problems = [];
       try {
-        const fromHash = cm.stateFromHash(location.hash, this.docState);
-        if (fromHash) return this.knownState(fromHash, "link");
+        const fromHash = cm.stateFromHash(location.hash, this.docState, problems);
+        this.reportMalformed(problems, "link");
+        if (fromHash) return this.withoutUnchangedLabels(this.knownState(fromHash, "link"));
       } catch (error) {
-        showMessage(`The state in this link could not be read (${error.message}); showing the saved state.`);
+        const text = `The state in this link could not be read (${error.message}); showing the saved state.`;
+        this.notify(text, "error");
       }
       return cm.normalizeState(this.docState);
+    }
+
+    // Show a notice in the banner along with the earlier ones (an error among them keeps the banner red).
+    notify(text, kind = "info") {
+      if (kind === "error") this.noticeKind = "error";
+      this.notices.push(text);
+      showMessage(this.notices.join(" "), this.noticeKind);
+    }
+
+    // Report the parts of the state from `source` that were ignored for being malformed.
+    reportMalformed(problems, source) {
+      if (problems.length) this.notify(`Malformed parts of the ${source} were ignored: ${problems.join("; ")}.`);
     }
 
     // `state` without the ids this graph lacks, with a notice saying how many were dropped from `source`.
@@ -100,7 +125,7 @@
         view: state.view,
       });
       if (unknown.size) {
-        showMessage(`${unknown.size} node id(s) in the ${source} are not in this graph and were ignored.`, "info");
+        this.notify(`${unknown.size} node id(s) in the ${source} are not in this graph and were ignored.`);
       }
       return clean;
     }
@@ -143,7 +168,7 @@
       $("graph-info").replaceChildren(...items);
       if (this.graph.skippedLinks) {
         const count = this.graph.skippedLinks;
-        showMessage(`${count} link(s) name nodes missing from the document and are not shown.`, "info");
+        this.notify(`${count} link(s) name nodes missing from the document and are not shown.`);
       }
     }
 
@@ -234,6 +259,8 @@
     // The hash was edited or a link followed: take its state (or the saved one) as a whole.
     onHashChange() {
       if (location.hash.replace(/^#/, "") === cm.stateToHash(this.state)) return;
+      this.notices = [];
+      this.noticeKind = "info";
       this.state = this.initialState();
       this.checked.clear();
       this.applyState();
@@ -267,9 +294,32 @@
       $("save-button").classList.toggle("primary", dirty);
     }
 
-    // Send the state to the server; a stale revision means someone else saved: the user must reload. A
-    // failure stays shown ("not saved") until the next change.
+    // Save the state. A save asked for while one runs (Ctrl+S is not blocked by the disabled button) waits
+    // for it, then runs with the new revision if that one succeeded and something changed since.
     async save() {
+      if (this.saving) {
+        this.saveQueued = true;
+        return;
+      }
+      this.saving = true;
+      let saved;
+      do {
+        this.saveQueued = false;
+        saved = await this.saveOnce();
+      } while (saved && this.saveQueued && this.needsSave());
+      this.saving = false;
+      this.saveQueued = false;
+      this.withoutUnchangedLabels(this.state);
+    }
+
+    // Whether the state differs from the saved one (the selection included, which Save also stores).
+    needsSave() {
+      return dirtyKey(this.state) !== this.savedKey || this.state.clicked !== this.docState.clicked;
+    }
+
+    // Send the state to the server once; resolves to whether it was saved. A stale revision means someone
+    // else saved: the user must reload. A failure stays shown ("not saved") until the next change.
+    async saveOnce() {
       const button = $("save-button");
       const status = $("save-status");
       button.disabled = true;
@@ -280,11 +330,13 @@
         const body = Object.assign({ revision: this.revision }, cm.savedForm(snapshot));
         const { data } = await api("PUT", `/api/graphs/${encodeURIComponent(this.name)}/state`, body);
         this.revision = data.revision;
-        this.savedKey = dirtyKey(snapshot);
+        this.savedAs(snapshot);
         status.textContent = "saved";
         status.className = "save-status saved";
+        this.notices = [];
         hideMessage();
-        this.updateSaveStatus();
+        this.stateChanged();
+        return true;
       } catch (error) {
         status.textContent = "not saved";
         status.className = "save-status failed";
@@ -294,9 +346,34 @@
                 "version (your unsaved changes here will be lost), then redo them."
             : `Could not save: ${error.message}`,
         );
+        return false;
       } finally {
         button.disabled = false;
       }
+    }
+
+    // Make the just-saved `snapshot` the saved state: its labels become the nodes' clerps (as the server
+    // wrote them) and leave the state, which keeps only the edits made since.
+    savedAs(snapshot) {
+      for (const [id, label] of Object.entries(snapshot.labels)) {
+        const i = this.graph.index.get(id);
+        const node = this.graph.nodes[i];
+        node.clerp = this.graph.kind[i] === KIND.TARGET ? targetClerp(label, node.token_prob) : label;
+      }
+      this.docState = cm.normalizeState(Object.assign({}, snapshot, { labels: {} }));
+      this.savedKey = dirtyKey(this.docState);
+      this.withoutUnchangedLabels(this.state);
+      this.tipNode = -1;
+      this.renderPanel();
+      this.renderSubgraph();
+    }
+
+    // `state` without the label edits equal to their node's saved label (they change nothing).
+    withoutUnchangedLabels(state) {
+      for (const [id, label] of Object.entries(state.labels)) {
+        if (label === this.savedLabel(this.graph.index.get(id))) delete state.labels[id];
+      }
+      return state;
     }
 
     // ------------------------------------------------------------ selection, labels, tooltip
@@ -306,14 +383,18 @@
       return Object.prototype.hasOwnProperty.call(this.state.labels, id) ? this.state.labels[id] : undefined;
     }
 
-    // The text the label box edits: the clerp, or a target's name inside its `Output "…" (p=…)` clerp
-    // (the server keeps that form around a saved target label).
-    editableLabel(i) {
-      const edited = this.editedLabel(this.graph.ids[i]);
-      if (edited !== undefined) return edited;
+    // The saved label of node i as the label box edits it: the clerp, or a target's name inside its
+    // `Output "…" (p=…)` clerp (the server keeps that form around a saved target label).
+    savedLabel(i) {
       const clerp = this.graph.nodes[i].clerp || "";
       const match = this.graph.kind[i] === KIND.TARGET && clerp.match(TARGET_CLERP);
       return match ? match[1] : clerp;
+    }
+
+    // The text the label box edits: the edited label, else the saved one.
+    editableLabel(i) {
+      const edited = this.editedLabel(this.graph.ids[i]);
+      return edited === undefined ? this.savedLabel(i) : edited;
     }
 
     // Label of node i as shown: the edited one (a target's in its Output form), else the clerp.
@@ -321,7 +402,7 @@
       const edited = this.editedLabel(this.graph.ids[i]);
       if (edited === undefined) return this.graph.nodes[i].clerp || "";
       if (this.graph.kind[i] !== KIND.TARGET) return edited;
-      return `Output "${edited}" (p=${formatNumber(this.graph.nodes[i].token_prob)})`;
+      return targetClerp(edited, this.graph.nodes[i].token_prob);
     }
 
     // Label of node i, or a description when it has none; a token's own text with its spaces shown.
@@ -403,13 +484,14 @@
       tip.style.transform = `translate(${Math.max(0, x)}px, ${Math.max(0, y)}px)`;
     }
 
-    // Record a label edit for the selected node (an edit back to the document's label is no edit).
+    // Record a label edit for the selected node (an edit back to the saved label is no edit; while a save
+    // runs every edit is kept, as the saved label may be about to change).
     editLabel(value) {
       const id = this.state.clicked;
       const i = this.graph.index.get(id);
       if (i === undefined) return;
       delete this.state.labels[id];
-      if (value !== this.editableLabel(i)) this.state.labels[id] = value;
+      if (this.saving || value !== this.savedLabel(i)) this.state.labels[id] = value;
       this.tipNode = -1;
       this.renderSubgraph();
       this.stateChanged();
@@ -671,6 +753,21 @@
     const form = cm.savedForm(state);
     delete form.clickedId;
     return JSON.stringify(form);
+  }
+
+  // A target's clerp around `label`, as the server writes it: `Output "<label>" (p=<token_prob>)`.
+  function targetClerp(label, probability) {
+    const p = typeof probability === "number" ? pythonFixed3(probability) : formatNumber(probability);
+    return `Output "${label}" (p=${p})`;
+  }
+
+  // `value` with 3 decimals as Python's `:.3f` writes it: exact halves (odd sixteenths, the only ones a
+  // binary number holds) go to the even digit, where toFixed rounds them up.
+  function pythonFixed3(value) {
+    const sixteenths = value * 16;
+    if (!Number.isInteger(sixteenths) || sixteenths % 2 === 0) return value.toFixed(3);
+    const low = Math.floor(value * 1000);
+    return ((low % 2 === 0 ? low : low + 1) / 1000).toFixed(3);
   }
 
   // Dialog check: a label must not be empty.
