@@ -345,7 +345,11 @@ def test_a_saved_label_typed_back_is_saved_and_reloads_clean(page, graphs):
 
         saved = relabel({feature: original[feature], target_id: target_name})
         assert saved[feature] == original[feature] and saved[target_id] == original[target_id]
-        page.wait_for_function("() => location.hash.includes('node=') && !location.hash.includes('labels=')")
+        page.wait_for_function(
+            "id => location.hash.includes(`node=${encodeURIComponent(id)}`)"
+            " && !location.hash.includes('labels=')",
+            arg=target_id,
+        )
         page.reload()
         page.wait_for_function(READY)
         expect(page.get_by_test_id("node-id")).to_have_text(target_id)
@@ -435,7 +439,10 @@ def test_exported_page_works_offline(page, tiny_graph, tmp_path, screenshot):
     click_node(page, b)
     page.keyboard.press("p")
     expect(page.get_by_test_id("score-basis")).to_have_text("on the document's edges")
-    page.wait_for_function("() => location.hash.includes('pinned=')")
+    page.wait_for_function(
+        "ids => { const h = decodeURIComponent(location.hash); return ids.every(id => h.includes(id)); }",
+        arg=[a, b],
+    )
     page.reload()
     page.wait_for_function(READY)
     assert set(page.evaluate("window.circuitmapExplorer.state()")["pinned"]) == {a, b}
