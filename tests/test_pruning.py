@@ -328,6 +328,25 @@ def test_scores_match_dense(seed):
     np.testing.assert_allclose([scores.replacement, scores.completeness], expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_subgraph_scores_read_only_kept_rows_and_equal_the_masked_scores(seed):
+    graph = random_graph(seed)
+    rng = np.random.default_rng(seed)
+    for size in (0, 1, graph.n_nodes // 3, graph.n_nodes):
+        chosen = rng.choice(graph.n_nodes, size=size, replace=False)
+        pinned, grouped = chosen[: size // 2].tolist(), chosen[size // 2 :].tolist()
+        node_mask = np.isin(np.arange(graph.n_nodes), chosen)
+        node_mask |= (graph.kind == NodeKind.TOKEN) | (graph.kind == NodeKind.TARGET)
+        edge_mask = node_mask[graph.target_indices()] & node_mask[graph.indices]
+        expected = graph_scores(graph, node_mask, edge_mask)
+        scores = subgraph_scores(graph, pinned, supernodes=[grouped] if grouped else [])
+        np.testing.assert_allclose(
+            [scores.replacement, scores.completeness],
+            [expected.replacement, expected.completeness],
+            rtol=1e-12,
+        )
+
+
 def reference_prune(graph: Graph, node_threshold: float, edge_threshold: float) -> tuple[set, set]:
     """Pruning written out with Python loops over dense influence, taking prefixes that reach θ·total."""
     kind = graph.kind

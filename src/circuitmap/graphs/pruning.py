@@ -132,8 +132,45 @@ def graph_scores(
     live = kept[rows] & kept[sources]
     if edge_mask is not None:
         live &= _checked_mask(edge_mask, graph.n_edges, "edge_mask")
-    rows, sources, flow = rows[live], sources[live], flow[live]
+    return _live_scores(graph, kept, rows[live], sources[live], flow[live], row_totals)
 
+
+def subgraph_scores(
+    graph: Graph, kept: Iterable[int | str], supernodes: Iterable[Iterable[int | str]] = ()
+) -> Scores:
+    """Scores of a user's subgraph: ``kept`` nodes and supernode members (indices or node ids), tokens and
+    targets, with the edges between them; everything else counts as error.
+
+    Equal to ``graph_scores`` with those masks, but it reads only the kept nodes' rows of the CSR edges, so
+    it answers in milliseconds on graphs of hundreds of millions of edges.
+    """
+    members = [*kept, *(member for group in supernodes for member in group)]
+    node_mask = _always_kept(graph)
+    node_mask[_node_indices(graph, members)] = True
+    targets = np.flatnonzero(node_mask)
+    starts, ends = graph.indptr[targets], graph.indptr[targets + 1]
+    lengths = (ends - starts).astype(np.intp)
+    positions = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    rows = np.repeat(targets, lengths)
+    sources = graph.indices[positions].astype(np.intp, copy=False)
+    magnitude = np.abs(graph.weights[positions]).astype(np.float64)
+    row_totals = np.bincount(rows, weights=magnitude, minlength=graph.n_nodes)
+    live = node_mask[sources]
+    rows, sources, magnitude = rows[live], sources[live], magnitude[live]
+    flow = np.divide(magnitude, row_totals[rows], out=np.zeros_like(magnitude), where=row_totals[rows] > 0)
+    return _live_scores(graph, node_mask, rows, sources, flow, row_totals)
+
+
+def _live_scores(
+    graph: Graph,
+    kept: np.ndarray,
+    rows: np.ndarray,
+    sources: np.ndarray,
+    flow: np.ndarray,
+    row_totals: np.ndarray,
+) -> Scores:
+    """Both scores from the live edges (``rows``, ``sources``, normalised ``flow``) and each kept node's
+    total incoming ``|A|`` (see the module docstring)."""
     influence = _propagate(rows, sources, flow, _start(graph))
     kind = graph.kind
     live_share = np.bincount(rows, weights=flow, minlength=graph.n_nodes)
@@ -150,19 +187,6 @@ def graph_scores(
             (influence[with_input] * clean_share[with_input]).sum(), influence[with_input].sum()
         ),
     )
-
-
-def subgraph_scores(
-    graph: Graph, kept: Iterable[int | str], supernodes: Iterable[Iterable[int | str]] = ()
-) -> Scores:
-    """Scores of a user's subgraph: ``kept`` nodes and supernode members (indices or node ids), tokens and
-    targets, with the edges between them; everything else counts as error."""
-    members = [*kept, *(member for group in supernodes for member in group)]
-    node_mask = _always_kept(graph)
-    node_mask[_node_indices(graph, members)] = True
-    rows = graph.target_indices()
-    edge_mask = node_mask[rows] & node_mask[graph.indices]
-    return graph_scores(graph, node_mask, edge_mask)
 
 
 def _normalize(graph: Graph, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
