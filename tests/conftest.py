@@ -147,3 +147,15 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The explorer's engine on a tiny float64 llama with random skip-PLT transcoders."""
+    from test_attribution import random_transcoders
+
+    from circuitmap.server import Engine
+
+    model = tiny_model("llama", dtype=torch.float64)
+    transcoders = random_transcoders("plt-topk-skip", 3, 32).to(dtype=torch.float64)
+    return Engine(model, transcoders, model_spec="tiny-llama", transcoders_spec="random")

@@ -19,7 +19,6 @@ from urllib.parse import quote
 
 import jsonschema
 import pytest
-import torch
 import uvicorn
 from browser_support import (
     CHROMIUM,
@@ -30,13 +29,11 @@ from browser_support import (
     synthetic_document,
     write_exported_html,
 )
-from conftest import tiny_model
-from test_attribution import random_transcoders
 
 from circuitmap.attribution import attribute
 from circuitmap.graphs import subgraph_scores
 from circuitmap.graphs.export import graph_json, json_schema, write_graph_json
-from circuitmap.server import Engine, create_app
+from circuitmap.server import create_app
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -77,13 +74,6 @@ SAVE_SAVE_PIN_SAVE = """
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    model = tiny_model("llama", dtype=torch.float64)
-    transcoders = random_transcoders("plt-topk-skip", 3, 32).to(dtype=torch.float64)
-    return Engine(model, transcoders, model_spec="tiny-llama", transcoders_spec="random")
 
 
 @pytest.fixture(scope="module")

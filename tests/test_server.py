@@ -22,17 +22,10 @@ from circuitmap.errors import CircuitmapError
 from circuitmap.features import add_logit_lens, logit_lens
 from circuitmap.graphs import subgraph_scores
 from circuitmap.graphs.export import graph_json, json_schema, write_graph_json
-from circuitmap.server import Engine, GraphStore, check_bind, create_app, render_html
+from circuitmap.server import GraphStore, check_bind, create_app, render_html
 from circuitmap.server.export_html import DOCUMENT_ID
 
 PROMPT = "The cat sat"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    model = tiny_model("llama", dtype=torch.float64)
-    transcoders = random_transcoders("plt-topk-skip", 3, 32).to(dtype=torch.float64)
-    return Engine(model, transcoders, model_spec="tiny-llama", transcoders_spec="random")
 
 
 @pytest.fixture(scope="module")

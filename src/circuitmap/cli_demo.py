@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from circuitmap.cli_server import add_explorer_args
 from circuitmap.models.loading import cache_dir
 
 QUICK_MINUTES = 15
@@ -58,7 +59,14 @@ def cmd_demo(args: argparse.Namespace, load, attribute_with) -> int:
     if status != 0 or args.no_serve:
         return status
     engine = Engine(model, transcoders, model_spec=args.model, transcoders_spec=str(folder))
-    start_explorer(Path(args.out), engine, args.host, args.port, path=f"/graph/{graph_folder.name}")
+    start_explorer(
+        Path(args.out),
+        engine,
+        args.host,
+        args.port,
+        path=f"/graph/{graph_folder.name}",
+        allow_hosts=tuple(args.allow_host),
+    )
     return 0
 
 
@@ -76,8 +84,5 @@ def add_demo_command(commands, add_model_args, load, attribute_with, default_pro
         help="graph folder; the graph goes in a sub-folder (circuitmap-demo)",
     )
     demo.add_argument("--no-serve", action="store_true", help="stop after writing the graph")
-    demo.add_argument("--host", help="explorer address (default 127.0.0.1)")
-    demo.add_argument(
-        "--port", type=int, default=8041, help="explorer port (default 8041; 0 picks a free one)"
-    )
+    add_explorer_args(demo)
     demo.set_defaults(run=lambda args: cmd_demo(args, load, attribute_with))

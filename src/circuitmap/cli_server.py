@@ -137,6 +137,23 @@ def _cmd_export_html(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_explorer_args(parser: argparse.ArgumentParser) -> None:
+    """``--host``, ``--port`` and ``--allow-host``: where the explorer listens and whom it answers."""
+    parser.add_argument(
+        "--host", help=f"address to listen on (default {DEFAULT_HOST}; others must be given explicitly)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name requests may address, e.g. behind a proxy (repeatable)",
+    )
+
+
 def add_server_commands(commands, add_model_args, load, positive_int) -> None:
     """Register ``serve`` and ``export-html`` on the top-level subparsers."""
     serve_parser = commands.add_parser("serve", help="explore graphs in the browser (a local web app)")
@@ -151,19 +168,7 @@ def add_server_commands(commands, add_model_args, load, positive_int) -> None:
         type=positive_int,
         help="cap on feature nodes of graphs computed from the browser",
     )
-    serve_parser.add_argument(
-        "--host", help=f"address to listen on (default {DEFAULT_HOST}; others must be given explicitly)"
-    )
-    serve_parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"
-    )
-    serve_parser.add_argument(
-        "--allow-host",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="another host name requests may address, e.g. behind a proxy (repeatable)",
-    )
+    add_explorer_args(serve_parser)
     serve_parser.set_defaults(run=lambda args: _cmd_serve(args, load))
 
     export = commands.add_parser(

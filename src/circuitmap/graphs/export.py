@@ -206,7 +206,7 @@ def graph_json(
         "pruned": bool(prune),
         "model": graph.model_name,
         "transcoders": graph.transcoders_name,
-        "scores": {"full": _scores_json(full_scores), "exported": _scores_json(exported_scores)},
+        "scores": {"full": full_scores.as_json(), "exported": exported_scores.as_json()},
         "n_nodes": {"full": graph.n_nodes, "exported": len(nodes)},
         "n_edges": {"full": graph.n_edges, "exported": len(links)},
         "info": graph.info,
@@ -324,14 +324,6 @@ def _additions(graph: Graph, node: int, input_total: float) -> dict:
     if kind == NodeKind.TARGET:
         extra["target_weight"] = float(graph.target_weight[node])
     return extra
-
-
-def _scores_json(scores: pruning.Scores) -> dict:
-    """Scores as JSON numbers; a NaN score (zero denominator) becomes null."""
-    return {
-        "replacement": scores.replacement if math.isfinite(scores.replacement) else None,
-        "completeness": scores.completeness if math.isfinite(scores.completeness) else None,
-    }
 
 
 def prompt_slug(prompt: str) -> str:

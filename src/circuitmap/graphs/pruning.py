@@ -44,6 +44,7 @@ Either score is NaN when its denominator is zero (no target weight; no influenti
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,6 +71,13 @@ class Scores:
 
     replacement: float
     completeness: float
+
+    def as_json(self) -> dict:
+        """Both scores as JSON numbers; an undefined (NaN) score becomes null."""
+        return {
+            "replacement": self.replacement if math.isfinite(self.replacement) else None,
+            "completeness": self.completeness if math.isfinite(self.completeness) else None,
+        }
 
 
 def normalized_weights(graph: Graph) -> np.ndarray:

@@ -149,13 +149,7 @@ def create_app(
         result = await run_in_threadpool(
             store.scores, request.path_params["name"], body.get("pinnedIds", []), body.get("supernodes", [])
         )
-        return JSONResponse(
-            {
-                "replacement": _finite(result.replacement),
-                "completeness": _finite(result.completeness),
-                "exact": True,
-            }
-        )
+        return JSONResponse({**result.as_json(), "exact": True})
 
     def needs_engine() -> Jobs:
         if jobs is None:
@@ -210,8 +204,6 @@ def create_app(
         },
         lifespan=lifespan,
     )
-    app.state.store = store
-    app.state.jobs = jobs
     return Guard(app, allowed_hosts, max_body)
 
 
@@ -220,7 +212,6 @@ class Guard:
 
     def __init__(self, app: Starlette, allowed_hosts: frozenset[str] | None, max_body: int):
         self.app = app
-        self.state = app.state
         self.allowed_hosts = allowed_hosts
         self.max_body = max_body
 
@@ -318,10 +309,6 @@ def _asset_response(assets: dict[str, bytes], name: str) -> Response:
     return Response(
         assets[name], media_type=ASSET_TYPES[Path(name).suffix], headers={"Cache-Control": "no-cache"}
     )
-
-
-def _finite(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None
 
 
 def _error(message: str, status: int) -> JSONResponse:
