@@ -1,5 +1,30 @@
-"""What features mean: their logit lens (more evidence, such as dashboards, builds on this)."""
+"""What features mean: dashboards built from a corpus, stored in SQLite, labelled, and their logit lens."""
 
+from circuitmap.features.build import BuildConfig, BuildReport, build_features, default_database_path
 from circuitmap.features.logit_lens import Lens, add_logit_lens, feature_of, logit_lens, output_directions
+from circuitmap.features.store import (
+    Example,
+    FeatureDashboard,
+    FeatureStore,
+    Label,
+    QuantileGroup,
+    SearchHit,
+)
 
-__all__ = ["Lens", "add_logit_lens", "feature_of", "logit_lens", "output_directions"]
+__all__ = [
+    "BuildConfig",
+    "BuildReport",
+    "Example",
+    "FeatureDashboard",
+    "FeatureStore",
+    "Label",
+    "Lens",
+    "QuantileGroup",
+    "SearchHit",
+    "add_logit_lens",
+    "build_features",
+    "default_database_path",
+    "feature_of",
+    "logit_lens",
+    "output_directions",
+]

@@ -87,6 +87,46 @@ def logit_lens(
     return results
 
 
+def layer_output_lens(
+    model: Model, transcoders: Transcoders, layer: int, k: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The lens of every feature of ``layer`` at once: top ids, top logits, bottom ids, bottom logits
+    (each ``[d_features, k]``), computed in chunks to bound memory."""
+    norm = get_module(model.hf_model, model.adapter.final_norm)
+    unembedding = model.unembedding.detach()
+    k = min(k, unembedding.shape[0])
+    parts = []
+    with torch.no_grad():
+        for start in range(0, transcoders.d_features, _CHUNK):
+            ids = torch.arange(start, min(start + _CHUNK, transcoders.d_features), device=transcoders.device)
+            directions = output_directions(transcoders, layer, ids).to(unembedding.device, unembedding.dtype)
+            logits = ((norm(directions) - norm(torch.zeros_like(directions))) @ unembedding.T).float()
+            top_values, top_ids = logits.topk(k, dim=-1)
+            bottom_values, bottom_ids = logits.topk(k, dim=-1, largest=False)
+            parts.append((top_ids, top_values, bottom_ids, bottom_values))
+    return tuple(torch.cat([part[i] for part in parts]).cpu() for i in range(4))
+
+
+def layer_input_lens(
+    model: Model, transcoders: Transcoders, layer: int, k: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens whose embeddings alone excite each feature of ``layer`` most: ids and the pre-activation
+    ``W_enc · mlp_norm(embedding) + b_enc`` they would give (each ``[d_features, k]``)."""
+    embeddings = model.hf_model.get_input_embeddings().weight.detach()
+    norm = get_module(model.points.layers[layer], model.adapter.mlp_norm)
+    k = min(k, embeddings.shape[0])
+    with torch.no_grad():
+        normed = norm(embeddings.unsqueeze(0)).squeeze(0)
+        parts = []
+        for start in range(0, transcoders.d_features, _CHUNK):
+            ids = torch.arange(start, min(start + _CHUNK, transcoders.d_features), device=transcoders.device)
+            encoder = transcoders.encoder_vectors(layer, ids).to(normed.device, normed.dtype)
+            bias = transcoders.layers[layer].b_enc[ids].to(normed.device, normed.dtype)
+            values, tokens = (normed @ encoder.T + bias).float().T.topk(k, dim=-1)
+            parts.append((tokens, values))
+    return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+
+
 def _named(model: Model, ids: torch.Tensor, values: torch.Tensor) -> list[tuple[str, float]]:
     """(token string, value) pairs."""
     return list(zip(model.token_strings(ids), values.tolist(), strict=True))

@@ -20,7 +20,8 @@ class Adapter:
 
     Per-layer paths are relative to one decoder layer. ``attn_out`` and ``mlp_out`` name the module whose
     output is what the block adds to the residual stream (after any post-norm). ``residual_norms`` are every
-    normalisation on the residual path inside a layer (freezing them makes the layer linear in its input).
+    normalisation on the residual path inside a layer (freezing them makes the layer linear in its input);
+    ``mlp_norm`` is the one whose output the MLP reads.
     """
 
     family: str
@@ -32,6 +33,7 @@ class Adapter:
     attn_out: str
     mlp_out: str
     residual_norms: tuple[str, ...]
+    mlp_norm: str
     rms_weight_offset: float = 0.0
 
 
@@ -46,6 +48,7 @@ def _llama_like(family: str) -> Adapter:
         attn_out="self_attn",
         mlp_out="mlp",
         residual_norms=("input_layernorm", "post_attention_layernorm"),
+        mlp_norm="post_attention_layernorm",
     )
 
 
@@ -65,6 +68,7 @@ def _gemma_like(family: str) -> Adapter:
             "pre_feedforward_layernorm",
             "post_feedforward_layernorm",
         ),
+        mlp_norm="pre_feedforward_layernorm",
         rms_weight_offset=1.0,
     )
 
@@ -86,6 +90,7 @@ ADAPTERS: dict[str, Adapter] = {
         attn_out="attn",
         mlp_out="mlp",
         residual_norms=("ln_1", "ln_2"),
+        mlp_norm="ln_2",
     ),
     "gpt_neox": Adapter(
         family="gpt_neox",
@@ -97,6 +102,7 @@ ADAPTERS: dict[str, Adapter] = {
         attn_out="attention",
         mlp_out="mlp",
         residual_norms=("input_layernorm", "post_attention_layernorm"),
+        mlp_norm="post_attention_layernorm",
     ),
 }
 

@@ -1,0 +1,456 @@
+"""Build a feature database: one streamed pass over a corpus, resumable, then the dashboards are written.
+
+Contexts of the corpus are packed as for training, run through the model a batch at a time, and every
+layer's features are encoded from the MLP inputs; ``LayerStatistics`` keeps the running top contexts, the
+random sample, the histogram and the counts. Every few minutes the running state is saved inside the
+database in one transaction, so a killed build resumes from its last checkpoint and never leaves a corrupt
+file. At the end the logit lens, the input tokens and the automatic labels are computed and everything is
+written in a single transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from tqdm.auto import tqdm
+
+from circuitmap import __version__
+from circuitmap.errors import CircuitmapError
+from circuitmap.features import schema
+from circuitmap.features.bookkeeping import LayerStatistics, histogram_edges
+from circuitmap.features.labels import automatic_labels
+from circuitmap.features.logit_lens import layer_input_lens, layer_output_lens
+from circuitmap.features.store import now, refresh_search_labels
+from circuitmap.models import Model
+from circuitmap.training.activations import pack_contexts
+from circuitmap.training.corpus import iter_documents
+from circuitmap.transcoders import Transcoders
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What one build computes. ``tokens`` counts scored tokens (every context position but the first)."""
+
+    tokens: int = 1_000_000
+    context_length: int = 128
+    batch_size: int = 16
+    top: int = 20
+    samples: int = 20
+    quantiles: int = 5
+    window: int = 32
+    before: int = 24
+    lens_tokens: int = 10
+    seed: int = 0
+
+    def check(self) -> None:
+        """A clear error for settings that cannot work together."""
+        for name in ("tokens", "batch_size", "top", "samples", "quantiles", "window", "lens_tokens"):
+            if getattr(self, name) < 1:
+                raise CircuitmapError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.context_length < 2:
+            raise CircuitmapError(f"context_length must be at least 2, got {self.context_length}")
+        if self.window > self.context_length:
+            raise CircuitmapError(
+                f"the window ({self.window}) cannot be longer than a context ({self.context_length})"
+            )
+        if not 0 <= self.before < self.window:
+            raise CircuitmapError(f"before must lie in [0, window), got {self.before}")
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What a build did: tokens and contexts read, features without a full top list, time spent."""
+
+    path: Path
+    tokens: int
+    contexts: int
+    short_features: int
+    dead_features: int
+    corpus_exhausted: bool
+    seconds: float
+    already_complete: bool = False
+
+
+def default_database_path(transcoders: Transcoders) -> Path:
+    """Where a set's feature database lives by default: the cache, named by the set's fingerprint."""
+    from circuitmap.models.loading import cache_dir
+
+    return cache_dir() / "features" / f"{schema.fingerprint(transcoders)[:16]}.sqlite"
+
+
+def build_features(
+    model: Model,
+    transcoders: Transcoders,
+    corpus: str | Path | list[str | Path],
+    path: str | Path,
+    config: BuildConfig = BuildConfig(),
+    *,
+    model_name: str | None = None,
+    transcoders_name: str | None = None,
+    progress: bool = True,
+    checkpoint_seconds: float = 300.0,
+    stop: threading.Event | None = None,
+) -> BuildReport:
+    """Build (or resume building) the feature database of ``transcoders`` at ``path`` from ``corpus``.
+
+    A finished database is left alone (``already_complete``). Setting ``stop`` ends the build at the next
+    batch boundary after saving a checkpoint; running again resumes it.
+    """
+    config.check()
+    transcoders.check_model(model.n_layers, model.d_model)
+    path = Path(path)
+    started = time.perf_counter()
+    corpus_spec = corpus if isinstance(corpus, list) else [corpus]
+    settings = json.dumps({**asdict(config), "corpus": [str(c) for c in corpus_spec]}, sort_keys=True)
+    meta = _open_or_create(path, model, transcoders, settings, model_name, transcoders_name, config)
+    if meta["status"] == "complete":
+        return BuildReport(
+            path, int(meta["tokens_done"]), 0, 0, 0, False, time.perf_counter() - started, already_complete=True
+        )
+    connection = schema.connect(path, readonly=False)
+    try:
+        state = _load_state(connection, transcoders.n_layers, transcoders.d_features, config)
+        contexts_done = int(meta["contexts_done"])
+        contexts = _stream(model, corpus_spec, config, skip=contexts_done)
+        needed = math.ceil(config.tokens / (config.context_length - 1))
+        bar = tqdm(
+            total=needed * (config.context_length - 1),
+            initial=contexts_done * (config.context_length - 1),
+            unit="tok",
+            unit_scale=True,
+            desc="features",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        pending: list[tuple[int, torch.Tensor]] = []
+        last_save = time.monotonic()
+        exhausted = False
+        with bar:
+            while contexts_done < needed:
+                if stop is not None and stop.is_set():
+                    _checkpoint(connection, state, pending, contexts_done, config)
+                    raise BuildInterrupted(path, contexts_done * (config.context_length - 1))
+                batch = _take(contexts, min(config.batch_size, needed - contexts_done))
+                if batch is None:
+                    exhausted = True
+                    break
+                ids = torch.arange(contexts_done, contexts_done + len(batch))
+                _process(model, transcoders, state, batch, ids, config)
+                pending.extend(zip(ids.tolist(), batch, strict=True))
+                contexts_done += len(batch)
+                bar.update(len(batch) * (config.context_length - 1))
+                if time.monotonic() - last_save >= checkpoint_seconds:
+                    _checkpoint(connection, state, pending, contexts_done, config)
+                    last_save = time.monotonic()
+        _checkpoint(connection, state, pending, contexts_done, config)
+        tokens = contexts_done * (config.context_length - 1)
+        if exhausted:
+            print(
+                f"the corpus has only {tokens:,} tokens ({config.tokens:,} asked for); the dashboards keep what "
+                "it holds",
+                file=sys.stderr,
+            )
+        short, dead = _finish(connection, model, transcoders, state, config, tokens, progress)
+        _vacuum(connection)
+    finally:
+        connection.close()
+    return BuildReport(path, tokens, contexts_done, short, dead, exhausted, time.perf_counter() - started)
+
+
+class BuildInterrupted(CircuitmapError):
+    """A build stopped on request after saving its progress."""
+
+    def __init__(self, path: Path, tokens: int):
+        super().__init__(f"stopped after {tokens:,} tokens, saved in {path}; run the same command to resume")
+
+
+def _open_or_create(
+    path: Path,
+    model: Model,
+    transcoders: Transcoders,
+    settings: str,
+    model_name: str | None,
+    transcoders_name: str | None,
+    config: BuildConfig,
+) -> dict[str, str]:
+    """The database's metadata, creating the file (atomically, by renaming a finished one into place)."""
+    if path.exists():
+        connection = schema.connect(path, readonly=True)
+        try:
+            meta = schema.read_meta(connection, path)
+        finally:
+            connection.close()
+        schema.check_transcoders(meta, transcoders, path)
+        if meta["status"] != "complete" and meta["settings"] != settings:
+            raise CircuitmapError(
+                f"{path}: an unfinished build with other settings ({_difference(meta['settings'], settings)}); "
+                "resume it with its own settings or delete the file to start over"
+            )
+        return meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "status": "building",
+        "fingerprint": schema.fingerprint(transcoders),
+        "model": model_name or model.name,
+        "transcoders": transcoders_name or "transcoders",
+        "kind": transcoders.kind,
+        "n_layers": str(transcoders.n_layers),
+        "d_features": str(transcoders.d_features),
+        "d_model": str(transcoders.d_model),
+        "settings": settings,
+        "tokens": str(config.tokens),
+        "tokens_done": "0",
+        "contexts_done": "0",
+        "quantiles": str(config.quantiles),
+        "histogram_edges": json.dumps(histogram_edges()),
+        "created": now(),
+        "circuitmap_version": __version__,
+    }
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        connection = sqlite3.connect(temporary)
+        try:
+            schema.create(connection, meta)
+            vocab = model.token_strings(torch.arange(model.d_vocab))
+            with connection:
+                connection.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)", enumerate(vocab))
+        finally:
+            connection.close()
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return meta
+
+
+def _difference(stored: str, wanted: str) -> str:
+    old, new = json.loads(stored), json.loads(wanted)
+    return ", ".join(f"{key} {old.get(key)} → {new.get(key)}" for key in sorted(new) if old.get(key) != new[key])
+
+
+def _stream(model: Model, corpus: list, config: BuildConfig, skip: int) -> Iterator[torch.Tensor]:
+    contexts = pack_contexts(iter_documents(corpus), model.tokenizer, config.context_length)
+    for _ in range(skip):
+        if next(contexts, None) is None:
+            break
+    return contexts
+
+
+def _take(contexts: Iterator[torch.Tensor], n: int) -> torch.Tensor | None:
+    batch = [context for _, context in zip(range(n), contexts, strict=False)]
+    return torch.stack(batch) if batch else None
+
+
+def _process(
+    model: Model,
+    transcoders: Transcoders,
+    state: list[LayerStatistics],
+    batch: torch.Tensor,
+    ids: torch.Tensor,
+    config: BuildConfig,
+) -> None:
+    """Run one batch and fold every layer's activations into the running statistics."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + int(ids[0]))
+    with torch.inference_mode():
+        cache = model.activations(batch, points=["mlp_in"])
+        for layer, statistics in enumerate(state):
+            acts = transcoders.encode(layer, cache["mlp_in", layer]).to("cpu", torch.float32)
+            acts[:, 0] = 0
+            keys = torch.rand(len(batch), transcoders.d_features, generator=generator)
+            statistics.update(acts, ids, keys, config.before)
+
+
+def _load_state(
+    connection: sqlite3.Connection, n_layers: int, d_features: int, config: BuildConfig
+) -> list[LayerStatistics]:
+    blobs = dict(connection.execute("SELECT layer, tensors FROM build_state"))
+    if not blobs:
+        return [LayerStatistics.empty(d_features, config.top, config.samples, config.window) for _ in range(n_layers)]
+    return [LayerStatistics.from_tensors(load_tensors(blobs[layer])) for layer in range(n_layers)]
+
+
+def _checkpoint(
+    connection: sqlite3.Connection,
+    state: list[LayerStatistics],
+    pending: list[tuple[int, torch.Tensor]],
+    contexts_done: int,
+    config: BuildConfig,
+) -> None:
+    """Save the running state, the new contexts and the progress in one transaction."""
+    with connection:
+        connection.executemany(
+            "INSERT OR REPLACE INTO contexts (id, tokens) VALUES (?, ?)",
+            [(id_, tokens.numpy().astype("<i4").tobytes()) for id_, tokens in pending],
+        )
+        connection.executemany(
+            "INSERT OR REPLACE INTO build_state (layer, tensors) VALUES (?, ?)",
+            [(layer, save_tensors(statistics.tensors())) for layer, statistics in enumerate(state)],
+        )
+        connection.executemany(
+            "UPDATE meta SET value = ? WHERE key = ?",
+            [
+                (str(contexts_done), "contexts_done"),
+                (str(contexts_done * (config.context_length - 1)), "tokens_done"),
+            ],
+        )
+    pending.clear()
+
+
+def _finish(
+    connection: sqlite3.Connection,
+    model: Model,
+    transcoders: Transcoders,
+    state: list[LayerStatistics],
+    config: BuildConfig,
+    tokens: int,
+    progress: bool,
+) -> tuple[int, int]:
+    """Write every feature's dashboard, the search index and the automatic labels; mark the build complete.
+    Returns the number of features with fewer than ``top`` contexts, and of features never active."""
+    context_tokens = _all_contexts(connection, config.context_length)
+    strings = model.token_strings(torch.arange(model.d_vocab))
+    short = dead = 0
+    d_features = transcoders.d_features
+    created = now()
+    with connection:
+        connection.execute("DELETE FROM features")
+        connection.execute("DELETE FROM examples")
+        connection.execute("DELETE FROM search")
+        connection.execute("DELETE FROM labels WHERE source = 'auto'")
+        for layer in tqdm(range(transcoders.n_layers), desc="dashboards", disable=not progress, leave=False):
+            statistics = state[layer]
+            top, sample = statistics.top.ranked(), statistics.sample.ranked()
+            output = layer_output_lens(model, transcoders, layer, config.lens_tokens)
+            inputs = layer_input_lens(model, transcoders, layer, config.lens_tokens)
+            counts = (top.contexts >= 0).sum(0)
+            short += int((counts < config.top).sum())
+            dead += int((counts == 0).sum())
+            labels = automatic_labels(top, peak_tokens(top, context_tokens), peak_tokens(top, context_tokens, 1), output[0], strings)
+            connection.executemany(
+                "INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _feature_rows(layer, statistics, top, output, inputs, tokens),
+            )
+            connection.executemany(
+                "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [*_example_rows(layer, "top", top), *_example_rows(layer, "sample", sample)],
+            )
+            connection.executemany(
+                "INSERT INTO labels (layer, feature, source, text, confidence, author, created, evidence) "
+                "VALUES (?, ?, 'auto', ?, ?, NULL, ?, ?)",
+                [
+                    (layer, feature, label.text, label.confidence, created, json.dumps(label.evidence))
+                    for feature, label in labels.items()
+                ],
+            )
+            connection.executemany(
+                "INSERT INTO search (rowid, label, tokens) VALUES (?, '', ?)",
+                [
+                    (layer * d_features + feature, text)
+                    for feature, text in enumerate(_search_tokens(top, context_tokens, output, inputs, strings))
+                ],
+            )
+        manual = connection.execute("SELECT DISTINCT layer, feature FROM labels").fetchall()
+        refresh_search_labels(connection, {(layer, feature) for layer, feature in manual}, d_features)
+        referenced = {int(c) for s in state for lst in (s.top, s.sample) for c in lst.contexts.unique().tolist()}
+        kept = sorted(c for c in referenced if c >= 0)
+        connection.execute("CREATE TEMP TABLE keep (id INTEGER PRIMARY KEY)")
+        connection.executemany("INSERT INTO keep VALUES (?)", [(c,) for c in kept])
+        connection.execute("DELETE FROM contexts WHERE id NOT IN (SELECT id FROM keep)")
+        connection.execute("DROP TABLE keep")
+        connection.execute("DELETE FROM build_state")
+        connection.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [("status", "complete"), ("completed", now()), ("short_features", str(short)), ("dead_features", str(dead))],
+        )
+    return short, dead
+
+
+def _all_contexts(connection: sqlite3.Connection, context_length: int) -> torch.Tensor:
+    """Token ids of every stored context, ``[n, T]`` indexed by context id (contexts are numbered from 0)."""
+    rows = connection.execute("SELECT id, tokens FROM contexts ORDER BY id").fetchall()
+    tokens = torch.full((len(rows), context_length), -1, dtype=torch.long)
+    for id_, blob in rows:
+        tokens[id_] = torch.from_numpy(np.frombuffer(blob, dtype="<i4").astype(np.int64))
+    return tokens
+
+
+def _feature_rows(layer, statistics, top, output, inputs, tokens):
+    top_ids, top_values, bottom_ids, bottom_values = output
+    input_ids, input_values = inputs
+    maxima = torch.where(top.contexts[0] >= 0, top.maxima[0], 0.0)
+    active = statistics.active
+    mean = torch.where(active > 0, statistics.total / active.clamp(min=1), 0.0)
+    for feature in range(active.shape[0]):
+        yield (
+            layer,
+            feature,
+            int(active[feature]),
+            int(active[feature]) / tokens if tokens else 0.0,
+            float(maxima[feature]),
+            float(mean[feature]),
+            statistics.histogram[feature].numpy().astype("<i8").tobytes(),
+            _pairs(top_ids[feature], top_values[feature]),
+            _pairs(bottom_ids[feature], bottom_values[feature]),
+            _pairs(input_ids[feature], input_values[feature]),
+        )
+
+
+def _pairs(ids: torch.Tensor, values: torch.Tensor) -> str:
+    return json.dumps([[int(i), float(v)] for i, v in zip(ids, values, strict=True)])
+
+
+def _example_rows(layer: int, kind: str, contexts):
+    valid = contexts.contexts >= 0
+    for feature in range(contexts.contexts.shape[1]):
+        keep = valid[:, feature]
+        yield (
+            layer,
+            feature,
+            kind,
+            contexts.contexts[keep, feature].numpy().astype("<i8").tobytes(),
+            contexts.starts[keep, feature].numpy().astype("<i8").tobytes(),
+            contexts.maxima[keep, feature].numpy().astype("<f4").tobytes(),
+            contexts.windows[keep, feature].numpy().astype("<f4").tobytes(),
+        )
+
+
+def _search_tokens(top, context_tokens, output, inputs, strings: list[str]) -> list[str]:
+    """Per feature, the distinct tokens that characterise it (peak tokens of its top contexts, its top output
+    and input tokens), as text for the search index."""
+    peaks = peak_tokens(top, context_tokens)
+    texts = []
+    for feature in range(peaks.shape[1]):
+        ids = [*peaks[:, feature].tolist(), *output[0][feature].tolist(), *inputs[0][feature].tolist()]
+        seen = dict.fromkeys(strings[i].strip() for i in ids if i >= 0)
+        texts.append(" | ".join(token for token in seen if token))
+    return texts
+
+
+def peak_tokens(top, context_tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Token id at each listed context's maximum (plus ``offset`` positions), ``[size, F]``; -1 where empty or
+    beyond the context."""
+    valid = top.contexts >= 0
+    position = top.starts + top.windows.argmax(-1) + offset
+    inside = valid & (position < context_tokens.shape[1])
+    rows = context_tokens[top.contexts.clamp(min=0), position.clamp(max=context_tokens.shape[1] - 1)]
+    return torch.where(inside, rows, -1)
+
+
+def _vacuum(connection: sqlite3.Connection) -> None:
+    """Give back the space of the build state."""
+    connection.execute("VACUUM")

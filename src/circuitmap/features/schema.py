@@ -1,0 +1,146 @@
+"""The feature database: one SQLite file per transcoder set, its schema and the checks made on opening it.
+
+The schema is documented in ``docs/feature-store.md``; ``SCHEMA_VERSION`` changes whenever a table or a
+column changes meaning. A reader refuses a file written with a newer version, or for another transcoder set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import torch
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.transcoders import Transcoders
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE vocab (
+    id INTEGER PRIMARY KEY,
+    text TEXT NOT NULL
+);
+CREATE TABLE contexts (
+    id INTEGER PRIMARY KEY,
+    tokens BLOB NOT NULL
+);
+CREATE TABLE build_state (
+    layer INTEGER PRIMARY KEY,
+    tensors BLOB NOT NULL
+);
+CREATE TABLE features (
+    layer INTEGER NOT NULL,
+    feature INTEGER NOT NULL,
+    active_tokens INTEGER NOT NULL,
+    density REAL NOT NULL,
+    max_activation REAL NOT NULL,
+    mean_activation REAL NOT NULL,
+    histogram BLOB NOT NULL,
+    output_top TEXT NOT NULL,
+    output_bottom TEXT NOT NULL,
+    input_top TEXT NOT NULL,
+    PRIMARY KEY (layer, feature)
+);
+CREATE TABLE examples (
+    layer INTEGER NOT NULL,
+    feature INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('top', 'sample')),
+    contexts BLOB NOT NULL,
+    starts BLOB NOT NULL,
+    maxima BLOB NOT NULL,
+    activations BLOB NOT NULL,
+    PRIMARY KEY (layer, feature, kind)
+);
+CREATE TABLE labels (
+    id INTEGER PRIMARY KEY,
+    layer INTEGER NOT NULL,
+    feature INTEGER NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('auto', 'manual', 'llm')),
+    text TEXT NOT NULL,
+    confidence REAL,
+    author TEXT,
+    created TEXT NOT NULL,
+    evidence TEXT
+);
+CREATE INDEX labels_by_feature ON labels (layer, feature, source, id);
+CREATE INDEX labels_by_text ON labels (text COLLATE NOCASE);
+CREATE VIRTUAL TABLE search USING fts5 (label, tokens, tokenize = 'unicode61 remove_diacritics 2');
+"""
+
+
+def fingerprint(transcoders: Transcoders) -> str:
+    """A hash that tells transcoder sets apart: kind, shapes, activation and a sample of every layer's
+    weights (encoder bias, first and last encoder and decoder rows)."""
+    digest = hashlib.sha256()
+    described = (
+        f"{transcoders.kind} {transcoders.n_layers} {transcoders.d_features} {transcoders.d_model} "
+        f"{transcoders.activation_name} {transcoders.k}"
+    )
+    digest.update(described.encode())
+    ends = torch.tensor([0, transcoders.d_features - 1], device=transcoders.device)
+    with torch.no_grad():
+        for layer in range(transcoders.n_layers):
+            for tensor in (
+                transcoders.layers[layer].b_enc,
+                transcoders.encoder_vectors(layer, ends),
+                transcoders.decoder_vectors(layer, ends),
+            ):
+                digest.update(tensor.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def connect(path: str | Path, *, readonly: bool) -> sqlite3.Connection:
+    """Open a feature database (read-only through a URI when asked; never creates a file then)."""
+    path = Path(path)
+    if readonly:
+        if not path.is_file():
+            raise CircuitmapError(f"{path}: no such feature database")
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        connection = sqlite3.connect(path, check_same_thread=False)
+    connection.execute("PRAGMA busy_timeout = 10000")
+    return connection
+
+
+def create(connection: sqlite3.Connection, meta: dict[str, str]) -> None:
+    """Create every table in an empty database and write its metadata."""
+    with connection:
+        connection.executescript(SCHEMA)
+        connection.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [("schema_version", str(SCHEMA_VERSION)), *meta.items()],
+        )
+
+
+def read_meta(connection: sqlite3.Connection, path: str | Path) -> dict[str, str]:
+    """The metadata of a feature database; a clear error for files that are not one, or are too new."""
+    try:
+        rows = connection.execute("SELECT key, value FROM meta").fetchall()
+    except sqlite3.DatabaseError as error:
+        raise CircuitmapError(f"{path}: not a circuitmap feature database ({error})") from None
+    meta = dict(rows)
+    version = meta.get("schema_version", "")
+    if not version.isdigit():
+        raise CircuitmapError(f"{path}: not a circuitmap feature database (no schema version)")
+    if int(version) > SCHEMA_VERSION:
+        raise CircuitmapError(
+            f"{path}: written with feature-database schema {version}, newer than the {SCHEMA_VERSION} this "
+            "circuitmap reads; upgrade circuitmap"
+        )
+    return meta
+
+
+def check_transcoders(meta: dict[str, str], transcoders: Transcoders, path: str | Path) -> None:
+    """Refuse a database built for another transcoder set, naming both."""
+    expected = fingerprint(transcoders)
+    if meta.get("fingerprint") != expected:
+        raise CircuitmapError(
+            f"{path}: built for another transcoder set ({meta.get('transcoders', '?')}, fingerprint "
+            f"{meta.get('fingerprint', '?')[:12]}), not this one (fingerprint {expected[:12]})"
+        )
