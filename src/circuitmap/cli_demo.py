@@ -66,6 +66,7 @@ def cmd_demo(args: argparse.Namespace, load, attribute_with) -> int:
         args.port,
         path=f"/graph/{graph_folder.name}",
         allow_hosts=tuple(args.allow_host),
+        features=args.features,
     )
     return 0
 

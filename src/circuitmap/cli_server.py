@@ -55,16 +55,46 @@ def allowed_hosts(host: str, extra: list[str]) -> frozenset[str] | None:
     return frozenset(names)
 
 
+def open_features(path: str | None, engine):
+    """The feature database the explorer shows: ``path`` (refused when built for another set than the
+    engine's), else the default database of the engine's set when there is one, else None."""
+    from circuitmap.features import FeatureStore, default_database_path
+
+    transcoders = engine.transcoders if engine is not None else None
+    if path is not None:
+        return FeatureStore(path, transcoders=transcoders)
+    if transcoders is None:
+        return None
+    default = default_database_path(transcoders)
+    if not default.is_file():
+        return None
+    try:
+        return FeatureStore(default, transcoders=transcoders)
+    except CircuitmapError as error:
+        print(f"warning: the default feature database is not used: {error}", file=sys.stderr)
+        return None
+
+
 def start_explorer(
-    graphs: Path, engine, host: str | None, port: int, path: str = "/", allow_hosts: tuple[str, ...] = ()
+    graphs: Path,
+    engine,
+    host: str | None,
+    port: int,
+    path: str = "/",
+    allow_hosts: tuple[str, ...] = (),
+    features: str | None = None,
 ) -> None:
-    """Serve ``graphs`` (with ``engine`` to compute new ones) on ``host`` (default loopback) and ``port``."""
+    """Serve ``graphs`` (with ``engine`` to compute new ones, and the feature database ``features`` or the
+    engine's default one) on ``host`` (default loopback) and ``port``."""
     from circuitmap.server import GraphStore, check_bind, create_app
     from circuitmap.server.app import is_loopback
 
     explicit = host is not None
     host = host or DEFAULT_HOST
     check_bind(host, explicit)
+    store = open_features(features, engine)
+    if store is not None:
+        print(f"feature database: {store.path}", flush=True)
     if not is_loopback(host):
         print(
             f"warning: serving on {host}: anyone who can reach this machine can read, edit and delete these "
@@ -72,7 +102,9 @@ def start_explorer(
             file=sys.stderr,
         )
     graphs.mkdir(parents=True, exist_ok=True)
-    app = create_app(GraphStore(graphs), engine, allowed_hosts=allowed_hosts(host, list(allow_hosts)))
+    app = create_app(
+        GraphStore(graphs), engine, features=store, allowed_hosts=allowed_hosts(host, list(allow_hosts))
+    )
     sock = bind(host, port)
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     serve(app, sock, f"http://{shown}:{sock.getsockname()[1]}{path}")
@@ -96,7 +128,14 @@ def _cmd_serve(args: argparse.Namespace, load) -> int:
             transcoders_spec=args.transcoders,
             max_feature_nodes=args.max_feature_nodes,
         )
-    start_explorer(Path(args.graphs), engine, args.host, args.port, allow_hosts=tuple(args.allow_host))
+    start_explorer(
+        Path(args.graphs),
+        engine,
+        args.host,
+        args.port,
+        allow_hosts=tuple(args.allow_host),
+        features=args.features,
+    )
     return 0
 
 
@@ -138,7 +177,8 @@ def _cmd_export_html(args: argparse.Namespace) -> int:
 
 
 def add_explorer_args(parser: argparse.ArgumentParser) -> None:
-    """``--host``, ``--port`` and ``--allow-host``: where the explorer listens and whom it answers."""
+    """``--host``, ``--port``, ``--allow-host`` and ``--features``: where the explorer listens, whom it
+    answers, and the feature database it shows."""
     parser.add_argument(
         "--host", help=f"address to listen on (default {DEFAULT_HOST}; others must be given explicitly)"
     )
@@ -151,6 +191,12 @@ def add_explorer_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="another host name requests may address, e.g. behind a proxy (repeatable)",
+    )
+    parser.add_argument(
+        "--features",
+        metavar="DB",
+        help="feature database to show dashboards and labels from (default: the transcoders' own, "
+        "if it was built)",
     )
 
 

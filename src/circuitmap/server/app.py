@@ -7,7 +7,12 @@ package's own files only (a fixed list read at start-up, never a path from the r
   ``PUT /api/graphs/<name>/state``; ``POST /api/graphs/<name>/rename``; ``DELETE /api/graphs/<name>``;
   ``POST /api/graphs/<name>/scores`` (exact subgraph scores from the full graph);
 - with an engine (a model and transcoders): ``POST /api/jobs``, ``GET /api/jobs``, ``GET /api/jobs/<id>``,
-  ``DELETE /api/jobs/<id>`` (cancel). Graphs carry their features' logit lens, computed with them.
+  ``DELETE /api/jobs/<id>`` (cancel). Graphs carry their features' logit lens, computed with them;
+- with a feature database: ``GET /api/features/<layer>/<feature>`` (the feature's dashboard),
+  ``GET /api/features/search?q=<text>`` (features by label or token; ``12/3071`` names one directly) and
+  ``PUT /api/features/<layer>/<feature>/label`` (a manual label, ``{"text": ..., "author": ...}``; empty text
+  clears it). Graph documents are then served, and computed, with the current label of every feature node
+  that has none of its own (``label_source`` says where it came from).
 
 Errors are ``{"detail": "<one line>"}`` with a 4xx (or 500) status. Safety: requests must name one of the
 allowed hosts (``Host`` header: the local names by default; this stops DNS-rebinding pages); a request that
@@ -19,8 +24,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +41,9 @@ from starlette.routing import Route
 
 from circuitmap import __version__
 from circuitmap.errors import CircuitmapError
+from circuitmap.features.graph_labels import add_feature_labels, unlabelled_features
+from circuitmap.features.schema import check_transcoders
+from circuitmap.features.store import FeatureStore
 from circuitmap.server.jobs import Engine, Jobs
 from circuitmap.server.store import GraphStore, StoreError
 
@@ -50,6 +60,10 @@ CONTENT_SECURITY_POLICY = (
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
+_INDEX = re.compile(r"[0-9]{1,9}")
+MAX_SEARCH = 200
+MAX_SEARCH_HITS = 100
+MAX_AUTHOR = 100
 
 
 def package_assets() -> dict[str, bytes]:
@@ -84,16 +98,21 @@ def create_app(
     graphs: str | Path | GraphStore,
     engine: Engine | None = None,
     *,
+    features: FeatureStore | None = None,
     allowed_hosts: frozenset[str] | None = LOCAL_HOSTS,
     max_body: int = MAX_BODY,
 ) -> Guard:
-    """The explorer app over a graph folder; with ``engine``, it can also compute new graphs.
+    """The explorer app over a graph folder; with ``engine``, it can also compute new graphs; with
+    ``features`` (the database of the engine's transcoder set, when there is an engine), it shows feature
+    dashboards and labels. The caller keeps ownership of ``features`` (the app does not close it).
 
     ``allowed_hosts``: the names requests may address (``Host`` header, port ignored); None allows any,
     for a server bound to a network address on purpose.
     """
     store = graphs if isinstance(graphs, GraphStore) else GraphStore(graphs)
-    jobs = Jobs(engine, store) if engine is not None else None
+    if features is not None and engine is not None:
+        check_transcoders(features.meta, engine.transcoders, features.path)
+    jobs = Jobs(engine, store, features) if engine is not None else None
     assets = package_assets()
     if PAGE not in assets:
         raise CircuitmapError(f"the package has no explorer page ({PAGE}): the installation is incomplete")
@@ -114,6 +133,7 @@ def create_app(
                 "can_compute": engine is not None,
                 "model": engine.model_spec if engine else None,
                 "transcoders": engine.transcoders_spec if engine else None,
+                "features": _features_summary(features),
                 "version": __version__,
             }
         )
@@ -124,6 +144,8 @@ def create_app(
 
     async def get_graph(request: Request) -> Response:
         data, revision = await run_in_threadpool(store.read, request.path_params["name"])
+        if features is not None:
+            data = await run_in_threadpool(labelled_document, data, features)
         return Response(
             data,
             media_type="application/json",
@@ -170,6 +192,35 @@ def create_app(
     def cancel_job(request: Request) -> JSONResponse:
         return JSONResponse(needs_engine().cancel(request.path_params["job_id"]).as_json())
 
+    def needs_features() -> FeatureStore:
+        if features is None:
+            raise StoreError("this server has no feature database (start it with --features)", 404)
+        return features
+
+    async def get_feature(request: Request) -> JSONResponse:
+        layer, feature = _feature_key(request)
+        dashboard = await run_in_threadpool(needs_features().get, layer, feature)
+        return JSONResponse(dashboard.as_json(), headers={"Cache-Control": "no-store"})
+
+    async def search_features(request: Request) -> JSONResponse:
+        database = needs_features()
+        text = request.query_params.get("q", "")
+        if len(text) > MAX_SEARCH:
+            raise StoreError(f"the search text has {len(text)} characters; at most {MAX_SEARCH} are allowed")
+        limit = _search_limit(request.query_params.get("limit", "20"))
+        hits = await run_in_threadpool(database.search, text, limit)
+        return JSONResponse({"hits": [_json(hit) for hit in hits]})
+
+    async def set_feature_label(request: Request) -> JSONResponse:
+        database = needs_features()
+        layer, feature = _feature_key(request)
+        body = await _json_object(request)
+        text, author = _label_fields(body)
+        saved = await run_in_threadpool(lambda: database.set_label(layer, feature, text, author=author))
+        dashboard = (await run_in_threadpool(database.get, layer, feature)).as_json()
+        current = {key: dashboard[key] for key in ("label", "labels")}
+        return JSONResponse({"saved": _json(saved), **current})
+
     routes = [
         Route("/", page),
         Route("/graph/{name}", page),
@@ -186,6 +237,9 @@ def create_app(
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/api/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+        Route("/api/features/search", search_features, methods=["GET"]),
+        Route("/api/features/{layer}/{feature}", get_feature, methods=["GET"]),
+        Route("/api/features/{layer}/{feature}/label", set_feature_label, methods=["PUT"]),
     ]
 
     @asynccontextmanager
@@ -205,6 +259,77 @@ def create_app(
         lifespan=lifespan,
     )
     return Guard(app, allowed_hosts, max_body)
+
+
+def labelled_document(data: bytes, features: FeatureStore) -> bytes:
+    """A stored graph document with its unlabelled feature nodes labelled from ``features``; the bytes as
+    they are when nothing needs a label or the document cannot be read (or names a node id wrongly)."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        return data
+    if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):
+        return data
+    try:
+        if not unlabelled_features(document):
+            return data
+        add_feature_labels(document, features)
+    except CircuitmapError:
+        return data
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _features_summary(features: FeatureStore | None) -> dict | None:
+    """What ``/api/config`` says of the feature database: its set, its size and the corpus tokens read."""
+    if features is None:
+        return None
+    meta = features.meta
+    return {
+        "model": meta.get("model"),
+        "transcoders": meta.get("transcoders"),
+        "n_layers": features.n_layers,
+        "d_features": features.d_features,
+        "tokens": int(meta.get("tokens_done", "0") or 0),
+    }
+
+
+def _feature_key(request: Request) -> tuple[int, int]:
+    """(layer, feature) from the path, or a 400 error naming what is wrong."""
+    layer, feature = request.path_params["layer"], request.path_params["feature"]
+    for name, value in (("layer", layer), ("feature", feature)):
+        if not _INDEX.fullmatch(value):
+            raise StoreError(f"the {name} must be a whole number, got {value[:40]!r}")
+    return int(layer), int(feature)
+
+
+def _search_limit(value: str) -> int:
+    """The ``limit`` query parameter: 1 to ``MAX_SEARCH_HITS``."""
+    if not _INDEX.fullmatch(value) or not 1 <= int(value) <= MAX_SEARCH_HITS:
+        raise StoreError(f"limit must be a whole number from 1 to {MAX_SEARCH_HITS}, got {value[:40]!r}")
+    return int(value)
+
+
+def _label_fields(body: dict) -> tuple[str, str | None]:
+    """The text and author of a label edit, checked."""
+    text, author = body.get("text"), body.get("author")
+    if not isinstance(text, str):
+        raise StoreError("the label text must be a string (empty clears the manual label)")
+    if author is not None and not isinstance(author, str):
+        raise StoreError("the author must be a string")
+    for value in (text, author or ""):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise StoreError("the label holds text that is not valid Unicode") from None
+    author = " ".join(author.split()) if author else None
+    if author and len(author) > MAX_AUTHOR:
+        raise StoreError(f"an author name has at most {MAX_AUTHOR} characters, got {len(author)}")
+    return text, author or None
+
+
+def _json(value: object) -> dict:
+    """A dataclass as a JSON-ready dict."""
+    return json.loads(json.dumps(asdict(value)))
 
 
 class Guard:

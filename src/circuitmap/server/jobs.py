@@ -4,7 +4,8 @@ The ``Engine`` holds the model and transcoders the server was started with. Jobs
 is not shared between threads); each reports its stage and rows done through ``attribute``'s progress
 callback, which is also where a cancel request takes effect: the callback raises, the computation unwinds
 and nothing is written. A finished graph is written to a hidden folder and renamed into the graph folder,
-so the list never shows half a graph.
+so the list never shows half a graph. With a feature database, every feature node is written with its
+feature's current label.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from circuitmap.attribution import attribute
 from circuitmap.errors import CircuitmapError
-from circuitmap.features import add_logit_lens
+from circuitmap.features import FeatureStore, add_logit_lens
+from circuitmap.features.graph_labels import add_feature_labels
 from circuitmap.graphs.export import graph_json, prompt_slug, write_graph_json
 from circuitmap.models import Model
 from circuitmap.server.store import DOCUMENT, FULL_GRAPH, GraphStore, StoreError, check_name
@@ -85,9 +87,10 @@ class Job:
 class Jobs:
     """The queue of graph computations of one server (see the module docstring)."""
 
-    def __init__(self, engine: Engine, store: GraphStore):
+    def __init__(self, engine: Engine, store: GraphStore, features: FeatureStore | None = None):
         self.engine = engine
         self.store = store
+        self.features = features
         self._jobs: dict[str, Job] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._numbers = itertools.count(1)
@@ -184,6 +187,8 @@ class Jobs:
             add_logit_lens(document, engine.model, engine.transcoders, engine.lens_tokens)
         if job.cancel.is_set():
             raise JobCancelled
+        if self.features is not None:
+            add_feature_labels(document, self.features)
 
         def write(folder: Path, name: str) -> None:
             document["metadata"]["slug"] = name

@@ -10,6 +10,9 @@
   const SCORE_DELAY_MS = 200;
   const DOCUMENT_EDGES = "on the document's edges";
   const TARGET_CLERP = /^Output "(.*)" \(p=[0-9.]+\)$/s;
+  const NO_DATABASE =
+    "No feature database on this server: build one with circuitmap features build and serve with " +
+    "--features to see this feature's contexts, activations and label.";
 
   class Explorer {
     // `options`: doc, name (served), revision, config, exported (bool).
@@ -29,6 +32,8 @@
       this.scoreRound = 0;
       this.saving = false;
       this.saveQueued = false;
+      this.browsedFeature = null;
+      this.featureNodes = null;
     }
 
     get served() {
@@ -51,6 +56,7 @@
         onNodeClick: (item, event) => this.onSubgraphClick(item, event),
       });
       $("graph-empty").hidden = this.graph.n > 0;
+      this.setUpFeatures();
       this.applyState();
       this.canvas.drawNow();
       this.recordFirstPaint();
@@ -77,7 +83,25 @@
         select: (id) => this.select(this.graph.index.has(id) ? this.graph.index.get(id) : -1),
         clientScores: (ids) => this.graph.subgraphScores(ids),
         saving: () => this.saving,
+        openFeature: (layer, feature) => this.openFeature(layer, feature),
       };
+    }
+
+    // The feature dashboard of the node panel and the feature search box (with a feature database only).
+    setUpFeatures() {
+      const available = this.served && Boolean(this.config.features);
+      this.dashboard = new cm.FeatureDashboard($("feature-dashboard"), {
+        available,
+        canEdit: available && !this.config.read_only,
+        note: this.served ? NO_DATABASE : "",
+        onLabelSaved: (layer, feature, label) => this.featureLabelSaved(layer, feature, label),
+      });
+      $("feature-search").hidden = !available;
+      if (!available) return;
+      this.featureSearch = new cm.FeatureSearch($("feature-search-input"), $("feature-hits"), {
+        onOpen: (layer, feature) => this.openFeature(layer, feature),
+        inGraph: (layer, feature) => this.nodesOfFeature(layer, feature).length > 0,
+      });
     }
 
     // The state to start from: the URL hash when it holds one (less label edits equal to the saved labels,
@@ -359,6 +383,7 @@
         const i = this.graph.index.get(id);
         const node = this.graph.nodes[i];
         node.clerp = this.graph.kind[i] === KIND.TARGET ? targetClerp(label, node.token_prob) : label;
+        delete node.label_source;
       }
       this.docState = cm.normalizeState(Object.assign({}, snapshot, { labels: {} }));
       this.savedKey = dirtyKey(this.docState);
@@ -439,10 +464,12 @@
       return token === undefined ? String(position) : `${position} \u00b7 \u201c${cm.visibleToken(token)}\u201d`;
     }
 
-    // Select node i (-1 or undefined: none).
+    // Select node i (-1 or undefined: none); this ends showing a feature found by search.
     select(i) {
       const id = i >= 0 ? this.graph.ids[i] : "";
-      if (id === this.state.clicked) return;
+      const browsing = this.browsedFeature !== null;
+      this.browsedFeature = null;
+      if (id === this.state.clicked && !browsing) return;
       this.state.clicked = id;
       this.shownAll = { incoming: false, outgoing: false };
       this.applyMarks();
@@ -499,13 +526,18 @@
 
     // ------------------------------------------------------------ node panel
 
-    // The selected node's facts, label, pin button, logit lens and edges.
+    // The selected node's facts, label, pin button, logit lens, feature dashboard and edges; with no node
+    // selected, the dashboard of a feature found by search that the graph lacks.
     renderPanel() {
       const i = this.graph.index.get(this.state.clicked);
-      $("panel-empty").hidden = i !== undefined;
-      $("panel-body").hidden = i === undefined;
+      const browsed = i === undefined ? this.browsedFeature : null;
+      $("panel-empty").hidden = i !== undefined || browsed !== null;
+      $("panel-body").hidden = i === undefined && browsed === null;
+      $("node-details").hidden = i === undefined;
+      $("node-edges").hidden = i === undefined;
       if (i === undefined) {
         this.panelNode = undefined;
+        this.dashboard.show(browsed && { ...browsed, activation: NaN, inGraph: false });
         return;
       }
       const g = this.graph;
@@ -528,6 +560,7 @@
         : `${formatNumber(g.influence[i])} (share above it; smaller = more influential)`;
       $("pin-button").textContent = this.state.pinned.includes(g.ids[i]) ? "Unpin (P)" : "Pin (P)";
       this.renderLens(i);
+      this.renderDashboard(i);
       this.renderEdges(i, "incoming");
       this.renderEdges(i, "outgoing");
     }
@@ -568,11 +601,12 @@
       return button;
     }
 
-    // Logit lens of a feature, as stored in the document when the graph was computed.
+    // Logit lens of a feature, as stored in the document when the graph was computed (the feature dashboard
+    // shows the database's instead, when there is one).
     renderLens(i) {
       const g = this.graph;
       const section = $("lens-section");
-      section.hidden = g.kind[i] !== KIND.FEATURE;
+      section.hidden = g.kind[i] !== KIND.FEATURE || this.dashboard.available;
       if (section.hidden) return;
       const lens = g.nodes[i].lens;
       $("lens-body").replaceChildren(
@@ -580,6 +614,63 @@
           ? lensTable(lens)
           : el("p", { class: "empty" }, ["not available: this graph was saved without its logit lens."]),
       );
+    }
+
+    // The feature dashboard of node i (fetched in the background), or none for other kinds.
+    renderDashboard(i) {
+      const g = this.graph;
+      const feature = g.kind[i] === KIND.FEATURE ? g.featureIndex(i) : null;
+      if (feature === null) return this.dashboard.show(null);
+      const lens = g.nodes[i].lens;
+      this.dashboard.show({ layer: g.layer[i], feature, activation: g.activation[i], inGraph: true, lens });
+    }
+
+    // ------------------------------------------------------------ features of the database
+
+    // Node indices of a feature (layer, index) in this graph, one per position.
+    nodesOfFeature(layer, feature) {
+      if (!this.featureNodes) {
+        const g = this.graph;
+        this.featureNodes = new Map();
+        for (let i = 0; i < g.n; i++) {
+          const index = g.kind[i] === KIND.FEATURE ? g.featureIndex(i) : null;
+          if (index === null) continue;
+          const key = `${g.layer[i]}_${index}`;
+          if (!this.featureNodes.has(key)) this.featureNodes.set(key, []);
+          this.featureNodes.get(key).push(i);
+        }
+      }
+      return this.featureNodes.get(`${layer}_${feature}`) || [];
+    }
+
+    // Show a feature found by search: select its most active node when the graph has it.
+    openFeature(layer, feature) {
+      const nodes = this.nodesOfFeature(layer, feature);
+      if (nodes.length) {
+        const activation = this.graph.activation;
+        this.select(nodes.reduce((best, i) => (activation[i] > activation[best] ? i : best)));
+        return;
+      }
+      this.select(-1);
+      this.browsedFeature = { layer, feature };
+      this.renderPanel();
+    }
+
+    // A feature's label changed in the database: the graph's nodes of it that show the database's label (or
+    // no label) show the new one.
+    featureLabelSaved(layer, feature, label) {
+      for (const i of this.nodesOfFeature(layer, feature)) {
+        const node = this.graph.nodes[i];
+        if (node.clerp && !node.label_source) continue;
+        node.clerp = label ? label.text : "";
+        if (label) node.label_source = label.source;
+        else delete node.label_source;
+      }
+      this.withoutUnchangedLabels(this.state);
+      this.tipNode = -1;
+      this.renderPanel();
+      this.renderSubgraph();
+      this.updateSaveStatus();
     }
 
     // ------------------------------------------------------------ pins, supernodes and the subgraph pane

@@ -1,0 +1,36 @@
+"""Feature labels in graph documents: unlabelled feature nodes take their feature's current label.
+
+A node keeps its own ``clerp`` when it has one (a label typed in the explorer, or given at export); only
+empty ones are filled, and those get a ``label_source`` (``auto``, ``manual`` or ``llm``) saying where the
+text came from.
+"""
+
+from __future__ import annotations
+
+from circuitmap.features.logit_lens import FEATURE_TYPE, feature_of
+from circuitmap.features.store import FeatureStore
+
+
+def unlabelled_features(document: dict) -> list[tuple[dict, tuple[int, int]]]:
+    """The feature nodes of a viewer document whose ``clerp`` is empty, each with its (layer, feature)."""
+    return [
+        (node, feature_of(node["node_id"]))
+        for node in document.get("nodes", [])
+        if isinstance(node, dict) and node.get("feature_type") == FEATURE_TYPE and not node.get("clerp")
+    ]
+
+
+def add_feature_labels(document: dict, store: FeatureStore) -> dict:
+    """Give each unlabelled feature node of ``document`` its feature's current label from ``store`` (one
+    query for all of them), with ``label_source``; returns the document."""
+    nodes = unlabelled_features(document)
+    wanted = {key for _, key in nodes if 0 <= key[0] < store.n_layers and 0 <= key[1] < store.d_features}
+    if not wanted:
+        return document
+    labels = store.labels_of(sorted(wanted))
+    for node, key in nodes:
+        label = labels.get(key)
+        if label is not None:
+            node["clerp"] = label.text
+            node["label_source"] = label.source
+    return document
