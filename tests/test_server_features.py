@@ -244,21 +244,21 @@ def test_a_database_of_another_set_is_refused(graphs, db_path, engine):
         transcoders_spec="other",
     )
     with pytest.raises(CircuitmapError, match="another transcoder set"):
-        open_features(str(db_path), other)
+        open_features(str(db_path), other.transcoders)
     with FeatureStore(db_path) as unchecked, pytest.raises(CircuitmapError, match="another transcoder set"):
         create_app(graphs, other, features=unchecked)
-    with open_features(str(db_path), engine) as store:
+    with open_features(str(db_path), engine.transcoders) as store:
         assert store.n_layers == 3
 
 
 def test_the_default_database_is_opened_when_it_exists(db_path, engine, tmp_path, monkeypatch):
     default = tmp_path / "cache" / "default.sqlite"
     monkeypatch.setattr("circuitmap.features.default_database_path", lambda transcoders: default)
-    assert open_features(None, engine) is None
+    assert open_features(None, engine.transcoders) is None
     assert open_features(None, None) is None
     default.parent.mkdir()
     shutil.copy(db_path, default)
-    with open_features(None, engine) as store:
+    with open_features(None, engine.transcoders) as store:
         assert store.path == default
 
 

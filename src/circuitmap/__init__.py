@@ -1,7 +1,10 @@
 """circuitmap: attribution graphs, interventions and persona vectors for Hugging Face causal LMs."""
 
+__version__ = "0.1.0"
+
 from circuitmap.attribution import Direction, attribute
 from circuitmap.errors import CircuitmapError
+from circuitmap.features import BuildConfig, FeatureStore, build_features
 from circuitmap.graphs import Graph, export_graph_json, graph_scores, load_graph, prune, subgraph_scores
 from circuitmap.models import DEFAULT_MODEL, Model, load_model, supported_families
 from circuitmap.transcoders import (
@@ -12,10 +15,10 @@ from circuitmap.transcoders import (
     save_transcoders,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
     "DEFAULT_MODEL",
+    "BuildConfig",
+    "FeatureStore",
     "CircuitmapError",
     "CrossLayerTranscoder",
     "Direction",
@@ -24,6 +27,7 @@ __all__ = [
     "PerLayerTranscoders",
     "Transcoders",
     "attribute",
+    "build_features",
     "export_graph_json",
     "graph_scores",
     "load_graph",

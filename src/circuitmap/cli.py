@@ -14,6 +14,7 @@ from circuitmap import __version__
 from circuitmap.attribution import Direction, attribute
 from circuitmap.attribution.estimate import available_memory, estimate_attribution
 from circuitmap.cli_demo import add_demo_command
+from circuitmap.cli_features import add_feature_commands
 from circuitmap.cli_server import add_server_commands
 from circuitmap.cli_training import add_training_commands, positive_int
 from circuitmap.errors import CircuitmapError
@@ -190,6 +191,7 @@ def _attribute_and_write(args: argparse.Namespace, model, transcoders) -> int:
     started = time.perf_counter()
     document = graph_json(graph, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
     add_logit_lens(document, model, transcoders)
+    _add_feature_labels(document, args.features, transcoders)
     lines = _summary(graph, document, args.top)
     pruning_seconds = time.perf_counter() - started
     out = Path(args.out)
@@ -204,6 +206,19 @@ def _attribute_and_write(args: argparse.Namespace, model, transcoders) -> int:
     )
     print(f"wrote {graph_file} and {json_file}")
     return 0
+
+
+def _add_feature_labels(document: dict, path: str | None, transcoders) -> None:
+    """Label the document's feature nodes from the feature database (``path``, else the set's default one
+    when it exists)."""
+    from circuitmap.cli_server import open_features
+    from circuitmap.features.graph_labels import add_feature_labels
+
+    store = open_features(path, transcoders)
+    if store is not None:
+        with store:
+            add_feature_labels(document, store)
+        print(f"feature labels from {store.path}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     at_parser.add_argument("--out", required=True, help="folder for graph.safetensors and graph.json")
     at_parser.add_argument(
+        "--features", help="feature database whose labels name the nodes (default: the set's own, if built)"
+    )
+    at_parser.add_argument(
         "--estimate", action="store_true", help="print expected memory and time, then stop"
     )
     at_parser.add_argument(
@@ -278,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(commands, _add_model_args, _load)
     add_demo_command(commands, _add_model_args, _load, attribute_with, DEFAULT_PROMPT)
     add_server_commands(commands, _add_model_args, _load, positive_int)
+    add_feature_commands(commands, _add_model_args, _load, positive_int)
     return parser
 
 

@@ -55,12 +55,11 @@ def allowed_hosts(host: str, extra: list[str]) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def open_features(path: str | None, engine):
-    """The feature database the explorer shows: ``path`` (refused when built for another set than the
-    engine's), else the default database of the engine's set when there is one, else None."""
+def open_features(path: str | None, transcoders):
+    """The feature database to use: ``path`` (refused when built for another set than ``transcoders``),
+    else the default database of ``transcoders`` when there is one, else None."""
     from circuitmap.features import FeatureStore, default_database_path
 
-    transcoders = engine.transcoders if engine is not None else None
     if path is not None:
         return FeatureStore(path, transcoders=transcoders)
     if transcoders is None:
@@ -92,7 +91,7 @@ def start_explorer(
     explicit = host is not None
     host = host or DEFAULT_HOST
     check_bind(host, explicit)
-    store = open_features(features, engine)
+    store = open_features(features, engine.transcoders if engine is not None else None)
     if store is not None:
         print(f"feature database: {store.path}", flush=True)
     if not is_loopback(host):
@@ -168,6 +167,12 @@ def _cmd_export_html(args: argparse.Namespace) -> int:
     from circuitmap.server import export_html
 
     document = load_document(Path(args.graph), args.node_threshold, args.edge_threshold)
+    if args.features:
+        from circuitmap.features import FeatureStore
+        from circuitmap.features.graph_labels import add_feature_labels
+
+        with FeatureStore(args.features) as store:
+            add_feature_labels(document, store)
     out = Path(args.output)
     if out.is_dir():
         raise CircuitmapError(f"-o {out} is a folder: name the .html file to write")
@@ -226,4 +231,5 @@ def add_server_commands(commands, add_model_args, load, positive_int) -> None:
         "--node-threshold", type=float, default=0.8, help="pruning of a .safetensors graph (default 0.8)"
     )
     export.add_argument("--edge-threshold", type=float, default=0.98, help="(default 0.98)")
+    export.add_argument("--features", help="feature database whose labels name unlabelled feature nodes")
     export.set_defaults(run=_cmd_export_html)

@@ -83,7 +83,7 @@ class ContextList:
         self.windows[slot, enter_feature] = acts[row.unsqueeze(1), positions, enter_feature.unsqueeze(1)]
 
     def ranked(self) -> ContextList:
-        """The same list with each feature's slots ordered by maximum activation, largest first (empty last)."""
+        """The same list with each feature's slots ordered by maximum, largest first (empty slots last)."""
         order = torch.where(self.contexts >= 0, self.maxima, -math.inf).argsort(dim=0, descending=True)
         window = self.windows.shape[2]
         return ContextList(
@@ -147,7 +147,9 @@ class LayerStatistics:
         values = acts.flatten(0, 1)[token, feature]
         self.active += torch.bincount(feature, minlength=self.active.shape[0])
         self.total.index_add_(0, feature, values.double())
-        bins = ((values.log10() - HISTOGRAM_LOW) * (HISTOGRAM_BINS / (HISTOGRAM_HIGH - HISTOGRAM_LOW))).floor()
+        bins = (
+            (values.log10() - HISTOGRAM_LOW) * (HISTOGRAM_BINS / (HISTOGRAM_HIGH - HISTOGRAM_LOW))
+        ).floor()
         bins = bins.long().clamp(0, HISTOGRAM_BINS - 1)
         counts = torch.bincount(feature * HISTOGRAM_BINS + bins, minlength=self.histogram.numel())
         self.histogram += counts.view_as(self.histogram)

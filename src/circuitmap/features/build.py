@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +83,7 @@ class BuildReport:
     dead_features: int
     corpus_exhausted: bool
     seconds: float
+    finish_seconds: float = 0.0
     already_complete: bool = False
 
 
@@ -119,7 +121,14 @@ def build_features(
     meta = _open_or_create(path, model, transcoders, settings, model_name, transcoders_name, config)
     if meta["status"] == "complete":
         return BuildReport(
-            path, int(meta["tokens_done"]), 0, 0, 0, False, time.perf_counter() - started, already_complete=True
+            path,
+            int(meta["tokens_done"]),
+            0,
+            0,
+            0,
+            False,
+            time.perf_counter() - started,
+            already_complete=True,
         )
     connection = schema.connect(path, readonly=False)
     try:
@@ -160,15 +169,19 @@ def build_features(
         tokens = contexts_done * (config.context_length - 1)
         if exhausted:
             print(
-                f"the corpus has only {tokens:,} tokens ({config.tokens:,} asked for); the dashboards keep what "
+                f"the corpus has only {tokens:,} tokens ({config.tokens:,} asked for); "
+                "the dashboards keep what "
                 "it holds",
                 file=sys.stderr,
             )
+        finishing = time.perf_counter()
         short, dead = _finish(connection, model, transcoders, state, config, tokens, progress)
         _vacuum(connection)
+        finish_seconds = time.perf_counter() - finishing
     finally:
         connection.close()
-    return BuildReport(path, tokens, contexts_done, short, dead, exhausted, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return BuildReport(path, tokens, contexts_done, short, dead, exhausted, seconds, finish_seconds)
 
 
 class BuildInterrupted(CircuitmapError):
@@ -197,7 +210,8 @@ def _open_or_create(
         schema.check_transcoders(meta, transcoders, path)
         if meta["status"] != "complete" and meta["settings"] != settings:
             raise CircuitmapError(
-                f"{path}: an unfinished build with other settings ({_difference(meta['settings'], settings)}); "
+                f"{path}: an unfinished build with other settings "
+                f"({_difference(meta['settings'], settings)}); "
                 "resume it with its own settings or delete the file to start over"
             )
         return meta
@@ -240,7 +254,9 @@ def _open_or_create(
 
 def _difference(stored: str, wanted: str) -> str:
     old, new = json.loads(stored), json.loads(wanted)
-    return ", ".join(f"{key} {old.get(key)} → {new.get(key)}" for key in sorted(new) if old.get(key) != new[key])
+    return ", ".join(
+        f"{key} {old.get(key)} → {new.get(key)}" for key in sorted(new) if old.get(key) != new[key]
+    )
 
 
 def _stream(model: Model, corpus: list, config: BuildConfig, skip: int) -> Iterator[torch.Tensor]:
@@ -280,7 +296,10 @@ def _load_state(
 ) -> list[LayerStatistics]:
     blobs = dict(connection.execute("SELECT layer, tensors FROM build_state"))
     if not blobs:
-        return [LayerStatistics.empty(d_features, config.top, config.samples, config.window) for _ in range(n_layers)]
+        return [
+            LayerStatistics.empty(d_features, config.top, config.samples, config.window)
+            for _ in range(n_layers)
+        ]
     return [LayerStatistics.from_tensors(load_tensors(blobs[layer])) for layer in range(n_layers)]
 
 
@@ -340,9 +359,11 @@ def _finish(
             counts = (top.contexts >= 0).sum(0)
             short += int((counts < config.top).sum())
             dead += int((counts == 0).sum())
-            labels = automatic_labels(top, peak_tokens(top, context_tokens), peak_tokens(top, context_tokens, 1), output[0], strings)
+            labels = automatic_labels(
+                top, peak_tokens(top, context_tokens), peak_tokens(top, context_tokens, 1), output[0], strings
+            )
             connection.executemany(
-                "INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _feature_rows(layer, statistics, top, output, inputs, tokens),
             )
             connection.executemany(
@@ -361,12 +382,16 @@ def _finish(
                 "INSERT INTO search (rowid, label, tokens) VALUES (?, '', ?)",
                 [
                     (layer * d_features + feature, text)
-                    for feature, text in enumerate(_search_tokens(top, context_tokens, output, inputs, strings))
+                    for feature, text in enumerate(
+                        _search_tokens(top, context_tokens, output, inputs, strings)
+                    )
                 ],
             )
         manual = connection.execute("SELECT DISTINCT layer, feature FROM labels").fetchall()
         refresh_search_labels(connection, {(layer, feature) for layer, feature in manual}, d_features)
-        referenced = {int(c) for s in state for lst in (s.top, s.sample) for c in lst.contexts.unique().tolist()}
+        referenced = {
+            int(c) for s in state for lst in (s.top, s.sample) for c in lst.contexts.unique().tolist()
+        }
         kept = sorted(c for c in referenced if c >= 0)
         connection.execute("CREATE TEMP TABLE keep (id INTEGER PRIMARY KEY)")
         connection.executemany("INSERT INTO keep VALUES (?)", [(c,) for c in kept])
@@ -375,7 +400,12 @@ def _finish(
         connection.execute("DELETE FROM build_state")
         connection.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            [("status", "complete"), ("completed", now()), ("short_features", str(short)), ("dead_features", str(dead))],
+            [
+                ("status", "complete"),
+                ("completed", now()),
+                ("short_features", str(short)),
+                ("dead_features", str(dead)),
+            ],
         )
     return short, dead
 
@@ -390,42 +420,58 @@ def _all_contexts(connection: sqlite3.Connection, context_length: int) -> torch.
 
 
 def _feature_rows(layer, statistics, top, output, inputs, tokens):
-    top_ids, top_values, bottom_ids, bottom_values = output
-    input_ids, input_values = inputs
-    maxima = torch.where(top.contexts[0] >= 0, top.maxima[0], 0.0)
+    """Rows of the ``features`` table for every feature of one layer."""
+    top_ids, top_values, bottom_ids, bottom_values = (t.numpy() for t in output)
+    input_ids, input_values = (t.numpy() for t in inputs)
+    maxima = torch.where(top.contexts[0] >= 0, top.maxima[0], 0.0).tolist()
     active = statistics.active
-    mean = torch.where(active > 0, statistics.total / active.clamp(min=1), 0.0)
-    for feature in range(active.shape[0]):
+    mean = torch.where(active > 0, statistics.total / active.clamp(min=1), 0.0).tolist()
+    histogram = statistics.histogram.numpy()
+    for feature, count in enumerate(active.tolist()):
+        first, counts = trim_histogram(histogram[feature])
         yield (
             layer,
             feature,
-            int(active[feature]),
-            int(active[feature]) / tokens if tokens else 0.0,
-            float(maxima[feature]),
-            float(mean[feature]),
-            statistics.histogram[feature].numpy().astype("<i8").tobytes(),
-            _pairs(top_ids[feature], top_values[feature]),
-            _pairs(bottom_ids[feature], bottom_values[feature]),
-            _pairs(input_ids[feature], input_values[feature]),
+            count,
+            count / tokens if tokens else 0.0,
+            maxima[feature],
+            mean[feature],
+            first,
+            counts,
+            pack_tokens(top_ids[feature], top_values[feature]),
+            pack_tokens(bottom_ids[feature], bottom_values[feature]),
+            pack_tokens(input_ids[feature], input_values[feature]),
         )
 
 
-def _pairs(ids: torch.Tensor, values: torch.Tensor) -> str:
-    return json.dumps([[int(i), float(v)] for i, v in zip(ids, values, strict=True)])
+def trim_histogram(counts: np.ndarray) -> tuple[int, bytes]:
+    """The first non-empty bin and the counts from there to the last non-empty one (int64)."""
+    nonzero = np.flatnonzero(counts)
+    if nonzero.size == 0:
+        return 0, b""
+    return int(nonzero[0]), counts[nonzero[0] : nonzero[-1] + 1].astype("<i8").tobytes()
+
+
+def pack_tokens(ids: np.ndarray, values: np.ndarray) -> bytes:
+    """Token ids (int32) followed by their values (float32), as one blob."""
+    return ids.astype("<i4").tobytes() + values.astype("<f4").tobytes()
 
 
 def _example_rows(layer: int, kind: str, contexts):
-    valid = contexts.contexts >= 0
-    for feature in range(contexts.contexts.shape[1]):
+    """Rows of the ``examples`` table (the windows zlib-compressed) for one list of one layer."""
+    valid = (contexts.contexts >= 0).numpy()
+    ids, starts = contexts.contexts.numpy(), contexts.starts.numpy()
+    maxima, windows = contexts.maxima.numpy(), contexts.windows.numpy()
+    for feature in range(ids.shape[1]):
         keep = valid[:, feature]
         yield (
             layer,
             feature,
             kind,
-            contexts.contexts[keep, feature].numpy().astype("<i8").tobytes(),
-            contexts.starts[keep, feature].numpy().astype("<i8").tobytes(),
-            contexts.maxima[keep, feature].numpy().astype("<f4").tobytes(),
-            contexts.windows[keep, feature].numpy().astype("<f4").tobytes(),
+            ids[keep, feature].astype("<i8").tobytes(),
+            starts[keep, feature].astype("<i8").tobytes(),
+            maxima[keep, feature].astype("<f4").tobytes(),
+            zlib.compress(windows[keep, feature].astype("<f4").tobytes(), 1),
         )
 
 

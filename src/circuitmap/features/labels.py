@@ -83,7 +83,9 @@ def label_from_evidence(peak_tokens: list[str], next_tokens: list[str | None], p
     if output_share > input_share:
         key = said.most_common(1)[0][0]
         token = _form([t for t in next_tokens if t is not None], key)
-        return Label(f"says {shown(token)}", "auto", round(output_share, 4), evidence={**evidence, "kind": "output"})
+        return Label(
+            f"says {shown(token)}", "auto", round(output_share, 4), evidence={**evidence, "kind": "output"}
+        )
     token = _form(peak_tokens, dominant)
     return Label(shown(token), "auto", round(input_share, 4), evidence={**evidence, "kind": "input"})
 

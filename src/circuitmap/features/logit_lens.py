@@ -122,7 +122,7 @@ def layer_input_lens(
             ids = torch.arange(start, min(start + _CHUNK, transcoders.d_features), device=transcoders.device)
             encoder = transcoders.encoder_vectors(layer, ids).to(normed.device, normed.dtype)
             bias = transcoders.layers[layer].b_enc[ids].to(normed.device, normed.dtype)
-            values, tokens = (normed @ encoder.T + bias).float().T.topk(k, dim=-1)
+            values, tokens = (encoder @ normed.T + bias.unsqueeze(1)).float().topk(k, dim=-1)
             parts.append((tokens, values))
     return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 

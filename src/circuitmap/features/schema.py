@@ -41,10 +41,11 @@ CREATE TABLE features (
     density REAL NOT NULL,
     max_activation REAL NOT NULL,
     mean_activation REAL NOT NULL,
+    histogram_first INTEGER NOT NULL,
     histogram BLOB NOT NULL,
-    output_top TEXT NOT NULL,
-    output_bottom TEXT NOT NULL,
-    input_top TEXT NOT NULL,
+    output_top BLOB NOT NULL,
+    output_bottom BLOB NOT NULL,
+    input_top BLOB NOT NULL,
     PRIMARY KEY (layer, feature)
 );
 CREATE TABLE examples (
@@ -76,7 +77,8 @@ CREATE VIRTUAL TABLE search USING fts5 (label, tokens, tokenize = 'unicode61 rem
 
 def fingerprint(transcoders: Transcoders) -> str:
     """A hash that tells transcoder sets apart: kind, shapes, activation and a sample of every layer's
-    weights (encoder bias, first and last encoder and decoder rows)."""
+    weights (encoder bias, first and last encoder and decoder rows) rounded to float32, so that the same
+    set loaded in another precision keeps its database."""
     digest = hashlib.sha256()
     described = (
         f"{transcoders.kind} {transcoders.n_layers} {transcoders.d_features} {transcoders.d_model} "
@@ -91,7 +93,7 @@ def fingerprint(transcoders: Transcoders) -> str:
                 transcoders.encoder_vectors(layer, ends),
                 transcoders.decoder_vectors(layer, ends),
             ):
-                digest.update(tensor.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

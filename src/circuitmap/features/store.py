@@ -10,8 +10,9 @@ import json
 import re
 import sqlite3
 import threading
+import zlib
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,8 @@ class FeatureStore:
         if self.meta.get("status") != "complete":
             done, total = self.meta.get("tokens_done", "0"), self.meta.get("tokens", "?")
             raise CircuitmapError(
-                f"{self.path}: the build is not finished ({done} of {total} tokens); run `circuitmap features "
+                f"{self.path}: the build is not finished ({done} of {total} tokens); "
+                "run `circuitmap features "
                 "build` with the same arguments to resume it"
             )
         if transcoders is not None:
@@ -166,7 +168,8 @@ class FeatureStore:
         vocab = self.vocab
         with self._lock:
             row = self._connection.execute(
-                "SELECT active_tokens, density, max_activation, mean_activation, histogram, output_top, "
+                "SELECT active_tokens, density, max_activation, mean_activation, histogram_first, histogram, "
+                "output_top, "
                 "output_bottom, input_top FROM features WHERE layer = ? AND feature = ?",
                 (layer, feature),
             ).fetchone()
@@ -185,7 +188,10 @@ class FeatureStore:
             labels = self._labels(layer, feature)
         if row is None:
             raise CircuitmapError(f"{self.path}: no record of feature {feature} in layer {layer}")
-        active, density, maximum, mean, histogram, output_top, output_bottom, input_top = row
+        active, density, maximum, mean, first, histogram, output_top, output_bottom, input_top = row
+        counts = np.zeros(len(self.histogram_edges) - 1, dtype=np.int64)
+        stored = np.frombuffer(histogram, dtype="<i8")
+        counts[first : first + stored.size] = stored
         top = _examples(examples.get("top"), tokens, vocab)
         sample = _examples(examples.get("sample"), tokens, vocab)
         return FeatureDashboard(
@@ -195,7 +201,7 @@ class FeatureStore:
             density=density,
             max_activation=maximum,
             mean_activation=mean,
-            histogram=np.frombuffer(histogram, dtype="<i8").tolist(),
+            histogram=counts.tolist(),
             histogram_edges=self.histogram_edges,
             top_examples=top,
             quantile_groups=_quantile_groups(sample, self.quantiles),
@@ -223,7 +229,8 @@ class FeatureStore:
                     chunk = indices[start : start + 500]
                     marks = ",".join("?" * len(chunk))
                     for row in self._connection.execute(
-                        "SELECT layer, feature, text, source, confidence, author, created, evidence FROM labels "
+                        "SELECT layer, feature, text, source, confidence, author, created, evidence "
+                        "FROM labels "
                         f"WHERE layer = ? AND feature IN ({marks}) ORDER BY id",
                         (layer, *chunk),
                     ):
@@ -248,7 +255,9 @@ class FeatureStore:
                     (query, limit),
                 ).fetchall()
             elif text.strip():
-                pattern = "%" + text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                pattern = (
+                    "%" + text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                )
                 rows = self._connection.execute(
                     "SELECT rowid, label, tokens FROM search WHERE label LIKE ?1 ESCAPE '\\' "
                     "OR tokens LIKE ?1 ESCAPE '\\' LIMIT ?2",
@@ -299,12 +308,14 @@ class FeatureStore:
 
     def _row_hit(self, row) -> SearchHit:
         key, label, tokens = row
-        return SearchHit(layer=key // self.d_features, feature=key % self.d_features, label=label, tokens=tokens)
+        return SearchHit(
+            layer=key // self.d_features, feature=key % self.d_features, label=label, tokens=tokens
+        )
 
 
 def now() -> str:
     """The current UTC time in ISO 8601, to the second."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 def write_labels(path: str | Path, labels: list[tuple[int, int, Label]], d_features: int) -> None:
@@ -336,7 +347,9 @@ def write_labels(path: str | Path, labels: list[tuple[int, int, Label]], d_featu
         connection.close()
 
 
-def refresh_search_labels(connection: sqlite3.Connection, features: set[tuple[int, int]], d_features: int) -> None:
+def refresh_search_labels(
+    connection: sqlite3.Connection, features: set[tuple[int, int]], d_features: int
+) -> None:
     """Set the search index's label text of each feature to its current label."""
     for layer, feature in sorted(features):
         rows = connection.execute(
@@ -363,18 +376,21 @@ def _label(row) -> Label:
     )
 
 
-def _named(blob: str, vocab: list[str]) -> list[tuple[str, float]]:
-    return [(vocab[token], value) for token, value in json.loads(blob)]
+def _named(blob: bytes, vocab: list[str]) -> list[tuple[str, float]]:
+    """(token, value) pairs from a blob of int32 ids followed by float32 values."""
+    n = len(blob) // 8
+    ids, values = np.frombuffer(blob, dtype="<i4", count=n), np.frombuffer(blob, dtype="<f4", offset=4 * n)
+    return [(vocab[token], value) for token, value in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
 def _examples(row, tokens: dict[int, np.ndarray], vocab: list[str]) -> list[Example]:
-    if row is None:
+    if row is None or not row[0]:
         return []
     contexts, starts, maxima, activations = row
     contexts = np.frombuffer(contexts, dtype="<i8")
     starts = np.frombuffer(starts, dtype="<i8")
     maxima = np.frombuffer(maxima, dtype="<f4")
-    windows = np.frombuffer(activations, dtype="<f4").reshape(len(contexts), -1)
+    windows = np.frombuffer(zlib.decompress(activations), dtype="<f4").reshape(len(contexts), -1)
     examples = []
     for context, start, maximum, window in zip(contexts, starts, maxima, windows, strict=True):
         ids = tokens[int(context)][start : start + window.shape[0]]

@@ -1,0 +1,105 @@
+"""Feature database: build time for every feature of SmolLM2-135M's quick transcoders, and lookup latency.
+
+usage: python benchmarks/features.py [--tokens 1000000] [--db FILE] [--skip-build] [--lookups 200] [--runs 5]
+
+The build reads the shared corpora folder (Gutenberg novels, Tiny Shakespeare, TinyStories, WikiText-2, in
+that file order) with the default settings (contexts of 128 tokens, 20 top and 20 sampled contexts per
+feature) and prints the wall time, the streaming rate and the time spent writing the dashboards. Lookups
+time ``FeatureStore.get`` of random features on an open store (medians and 95th percentiles over the runs),
+then a few searches. The quick set is the one ``circuitmap demo`` trains into the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from circuitmap import load_model, load_transcoders
+from circuitmap.cli_demo import quick_transcoders_folder
+from circuitmap.features import BuildConfig, FeatureStore, build_features
+from circuitmap.models import DEFAULT_MODEL
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CORPUS = SHARED / "data" / "corpora"
+SEARCHES = ["Paris", "says", "the", "12/100", "France"]
+
+
+def build(args: argparse.Namespace, path: Path) -> None:
+    model = load_model(DEFAULT_MODEL)
+    transcoders = load_transcoders(args.transcoders)
+    report = build_features(
+        model,
+        transcoders,
+        args.corpus,
+        path,
+        BuildConfig(tokens=args.tokens),
+        model_name=DEFAULT_MODEL,
+        transcoders_name=str(args.transcoders),
+    )
+    streaming = report.seconds - report.finish_seconds
+    print(f"build: {report.tokens:,} tokens, {transcoders.n_layers * transcoders.d_features:,} features")
+    print(
+        f"  total {report.seconds / 60:.1f} min; streaming {streaming / 60:.1f} min "
+        f"({report.tokens / streaming:.0f} tokens/s); dashboards and labels {report.finish_seconds:.0f} s"
+    )
+    print(
+        f"  database {path.stat().st_size / 2**20:.0f} MiB; {report.dead_features:,} features never active, "
+        f"{report.short_features:,} with fewer than 20 contexts"
+    )
+
+
+def lookups(args: argparse.Namespace, path: Path) -> None:
+    rng = random.Random(0)
+    with FeatureStore(path) as store:
+        store.vocab  # noqa: B018 - read once, as a server does at start-up
+        features = [
+            (rng.randrange(store.n_layers), rng.randrange(store.d_features)) for _ in range(args.lookups)
+        ]
+        medians, tails = [], []
+        for _ in range(args.runs):
+            times = []
+            for layer, feature in features:
+                start = time.perf_counter()
+                store.get(layer, feature)
+                times.append((time.perf_counter() - start) * 1000)
+            times.sort()
+            medians.append(statistics.median(times))
+            tails.append(times[int(0.95 * len(times))])
+        print(
+            f"lookup (get): median {statistics.median(medians):.2f} ms, 95th percentile "
+            f"{statistics.median(tails):.2f} ms ({args.lookups} random features × {args.runs} runs)"
+        )
+        for text in SEARCHES:
+            start = time.perf_counter()
+            hits = store.search(text)
+            print(f"search {text!r}: {len(hits)} hits in {(time.perf_counter() - start) * 1000:.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--transcoders", default=str(quick_transcoders_folder(DEFAULT_MODEL)))
+    parser.add_argument("--corpus", default=str(CORPUS))
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--db", help="database file (default: a temporary file, removed afterwards)")
+    parser.add_argument("--skip-build", action="store_true", help="only time lookups on an existing --db")
+    parser.add_argument("--lookups", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(args.db) if args.db else Path(folder) / "features.sqlite"
+        if not args.skip_build:
+            build(args, path)
+        lookups(args, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The ``features`` commands: build a transcoder set's feature database, and read, search and label it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.features import (
+    BuildConfig,
+    FeatureDashboard,
+    FeatureStore,
+    build_features,
+    default_database_path,
+)
+from circuitmap.features.build import BuildInterrupted
+
+
+def add_feature_commands(commands, add_model_args: Callable, load: Callable, positive_int: Callable) -> None:
+    """Register ``circuitmap features build|show|search|label|export|label-llm``."""
+    parser = commands.add_parser("features", help="feature dashboards and labels of a transcoder set")
+    sub = parser.add_subparsers(dest="features_command", required=True, metavar="COMMAND")
+
+    build = sub.add_parser("build", help="build (or resume) the feature database from a corpus")
+    add_model_args(build)
+    build.add_argument("--transcoders", required=True, help="transcoder set (folder, npz or hub reference)")
+    build.add_argument(
+        "--corpus",
+        required=True,
+        action="append",
+        help="text/jsonl file, folder, glob or hf:dataset (repeatable)",
+    )
+    build.add_argument("--db", help="database file (default: the cache, named by the set's fingerprint)")
+    defaults = BuildConfig()
+    build.add_argument(
+        "--tokens", type=positive_int, default=defaults.tokens, help="tokens to read (default 1M)"
+    )
+    build.add_argument("--context-length", type=positive_int, default=defaults.context_length)
+    build.add_argument(
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="contexts per batch"
+    )
+    build.add_argument("--top", type=positive_int, default=defaults.top, help="top contexts kept per feature")
+    build.add_argument(
+        "--samples", type=positive_int, default=defaults.samples, help="contexts sampled across quantiles"
+    )
+    build.add_argument("--quantiles", type=positive_int, default=defaults.quantiles)
+    build.add_argument(
+        "--window", type=positive_int, default=defaults.window, help="tokens shown per context"
+    )
+    build.add_argument("--seed", type=int, default=defaults.seed)
+    build.add_argument(
+        "--checkpoint-minutes", type=float, default=5.0, help="how often progress is saved (default 5)"
+    )
+    build.set_defaults(run=lambda args: _cmd_build(args, load))
+
+    show = sub.add_parser("show", help="print one feature's dashboard")
+    show.add_argument("db", help="feature database file")
+    show.add_argument("layer", type=int)
+    show.add_argument("feature", type=int)
+    show.add_argument("--json", action="store_true", help="print the dashboard as JSON")
+    show.set_defaults(run=_cmd_show)
+
+    search = sub.add_parser("search", help="find features by label or token (or LAYER/FEATURE)")
+    search.add_argument("db", help="feature database file")
+    search.add_argument("text")
+    search.add_argument("--limit", type=positive_int, default=20)
+    search.set_defaults(run=_cmd_search)
+
+    label = sub.add_parser("label", help="set a feature's manual label (empty text clears it)")
+    label.add_argument("db", help="feature database file")
+    label.add_argument("layer", type=int)
+    label.add_argument("feature", type=int)
+    label.add_argument("text")
+    label.add_argument("--author", help="who labelled it (default: the user name)")
+    label.set_defaults(run=_cmd_label)
+
+    export = sub.add_parser("export", help="write features in Neuronpedia's layout")
+    export.add_argument("db", help="feature database file")
+    export.add_argument(
+        "out", help="a .json file for one feature, otherwise a folder (dataset-export layout)"
+    )
+    _add_selection(export)
+    export.add_argument("--model-id", help="Neuronpedia model id (default: from the database)")
+    export.add_argument(
+        "--source-set",
+        help="source set name; records go under {layer}-{source set} (default: from the database)",
+    )
+    export.add_argument("--creator-id", help="your Neuronpedia user id, for creatorId and authorId")
+    export.add_argument("--no-progress", action="store_true")
+    export.set_defaults(run=_cmd_export)
+
+    llm = sub.add_parser("label-llm", help="label features with a model behind an OpenAI-compatible endpoint")
+    llm.add_argument("db", help="feature database file")
+    _add_selection(llm)
+    llm.add_argument("--all", action="store_true", help="label every feature of the set")
+    llm.add_argument("--base-url", required=True, help="e.g. http://localhost:8000/v1")
+    llm.add_argument("--model", required=True, help="the endpoint's model name")
+    llm.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (if any)"
+    )
+    llm.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    llm.add_argument("--retries", type=int, default=4)
+    llm.add_argument("--batch-size", type=positive_int, default=16, help="labels saved per batch")
+    llm.add_argument("--temperature", type=float, default=0.0)
+    llm.add_argument("--relabel", action="store_true", help="also features with a manual or LLM label")
+    llm.add_argument("--dry-run", action="store_true", help="print the first prompt and send nothing")
+    llm.add_argument("--no-progress", action="store_true")
+    llm.set_defaults(run=_cmd_label_llm)
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--feature", action="append", default=[], metavar="L/F", help="a feature, e.g. 12/3071 (repeatable)"
+    )
+    parser.add_argument("--layer", type=int, action="append", default=[], help="every feature of a layer")
+
+
+def _selection(args: argparse.Namespace, store: FeatureStore) -> list[tuple[int, int]] | None:
+    """The features named by --feature and --layer, or None for all of them."""
+    if not args.feature and not args.layer:
+        return None
+    chosen: list[tuple[int, int]] = []
+    for text in args.feature:
+        parts = text.replace(":", "/").split("/")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise CircuitmapError(f"--feature takes LAYER/FEATURE, e.g. 12/3071; got {text!r}")
+        layer, feature = int(parts[0]), int(parts[1])
+        store.check_feature(layer, feature)
+        chosen.append((layer, feature))
+    for layer in args.layer:
+        store.check_feature(layer, 0)
+        chosen.extend((layer, feature) for feature in range(store.d_features))
+    return chosen
+
+
+def _cmd_build(args: argparse.Namespace, load: Callable) -> int:
+    from circuitmap.transcoders import load_transcoders
+
+    config = BuildConfig(
+        tokens=args.tokens,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        top=args.top,
+        samples=args.samples,
+        quantiles=args.quantiles,
+        window=args.window,
+        before=min(args.window * 3 // 4, args.window - 1),
+        seed=args.seed,
+    )
+    config.check()
+    if args.checkpoint_minutes <= 0:
+        raise CircuitmapError(f"--checkpoint-minutes must be positive, got {args.checkpoint_minutes}")
+    model = load(args)
+    transcoders = load_transcoders(args.transcoders, device=model.device)
+    path = Path(args.db) if args.db else default_database_path(transcoders)
+    print(f"feature database: {path}", file=sys.stderr)
+    with _stop_on_signals() as stop:
+        try:
+            report = build_features(
+                model,
+                transcoders,
+                args.corpus,
+                path,
+                config,
+                model_name=args.model,
+                transcoders_name=str(args.transcoders),
+                checkpoint_seconds=args.checkpoint_minutes * 60,
+                stop=stop,
+            )
+        except BuildInterrupted as error:
+            print(f"circuitmap: {error}", file=sys.stderr)
+            return 130
+    if report.already_complete:
+        print(f"{path} is already complete ({report.tokens:,} tokens); delete it to rebuild")
+        return 0
+    print(
+        f"built {path}: {report.tokens:,} tokens in {report.contexts:,} contexts, "
+        f"{report.seconds / 60:.1f} min; "
+        f"{report.dead_features:,} features never active, {report.short_features:,} with fewer than "
+        f"{config.top} contexts"
+    )
+    return 0
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C or SIGTERM, so the build saves its progress before it stops."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request_stop(_signal, _frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print("\nstopping after this batch (again to stop now)…", file=sys.stderr)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    with FeatureStore(args.db) as store:
+        dashboard = store.get(args.layer, args.feature)
+    if args.json:
+        print(json.dumps(dashboard.as_json(), indent=1))
+    else:
+        print(describe(dashboard))
+    return 0
+
+
+def describe(dashboard: FeatureDashboard, contexts: int = 5) -> str:
+    """A plain-text dashboard: label, statistics, lens, input tokens and the top contexts with the peak
+    token in [brackets]."""
+    label = dashboard.label
+    title = (
+        "(no label)"
+        if label is None
+        else f"{label.text}  [{label.source}"
+        + (f", confidence {label.confidence:.2f}]" if label.confidence is not None else "]")
+    )
+    lines = [
+        f"layer {dashboard.layer} feature {dashboard.feature}: {title}",
+        f"density {dashboard.density:.3e} ({dashboard.active_tokens:,} tokens), "
+        f"max {dashboard.max_activation:.4g}, "
+        f"mean when active {dashboard.mean_activation:.4g}",
+        "promotes: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in dashboard.output_top[:8]),
+        "suppresses: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in dashboard.output_bottom[:8]),
+        "input tokens: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in dashboard.input_top[:8]),
+        "top contexts:",
+    ]
+    for example in dashboard.top_examples[:contexts]:
+        text = "".join(
+            f"[{token}]" if i == example.peak else token for i, token in enumerate(example.tokens)
+        ).replace("\n", "⏎")
+        lines.append(f"  {example.max_activation:8.4g}  {text}")
+    return "\n".join(lines)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    with FeatureStore(args.db) as store:
+        hits = store.search(args.text, limit=args.limit)
+    if not hits:
+        print(f"no feature matches {args.text!r}")
+    for hit in hits:
+        print(f"{hit.layer:>3}/{hit.feature:<7} {hit.label:<40} {hit.tokens[:60]}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from circuitmap.features.neuronpedia import export_neuronpedia
+
+    with FeatureStore(args.db) as store:
+        report = export_neuronpedia(
+            store,
+            args.out,
+            features=_selection(args, store),
+            model_id=args.model_id,
+            source_id=args.source_set,
+            creator_id=args.creator_id,
+            progress=not args.no_progress,
+        )
+    print(
+        f"wrote {report.features:,} features, {report.activations:,} activation records and "
+        f"{report.explanations:,} explanations to {report.path}"
+    )
+    return 0
+
+
+def _cmd_label_llm(args: argparse.Namespace) -> int:
+    import os
+
+    from circuitmap.features.llm_labels import build_prompt, label_features
+
+    with FeatureStore(args.db) as store:
+        features = _selection(args, store)
+        if features is None and not args.all:
+            raise CircuitmapError("name features with --feature or --layer, or pass --all to label every one")
+        if args.dry_run:
+            layer, feature = (features or [(0, 0)])[0]
+            print(build_prompt(store.get(layer, feature)))
+            return 0
+    report = label_features(
+        args.db,
+        features,
+        base_url=args.base_url,
+        model=args.model,
+        api_key=os.environ.get(args.api_key_env) or None,
+        timeout=args.timeout,
+        progress=not args.no_progress,
+        skip_labelled=not args.relabel,
+        batch_size=args.batch_size,
+        retries=args.retries,
+        temperature=args.temperature,
+    )
+    print(
+        f"labelled {report.labelled:,} features with {report.requests:,} requests in {report.seconds:.0f} s; "
+        f"{report.already_labelled:,} already labelled, {report.no_evidence:,} never active, "
+        f"{len(report.failed):,} failed"
+    )
+    for layer, feature, reason in report.failed:
+        print(f"  {layer}/{feature}: {reason}")
+    return 0
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    import getpass
+
+    with FeatureStore(args.db) as store:
+        label = store.set_label(args.layer, args.feature, args.text, author=args.author or getpass.getuser())
+        current = store.label(args.layer, args.feature)
+    shown = "(cleared)" if not label.text else repr(label.text)
+    print(
+        f"layer {args.layer} feature {args.feature}: manual label {shown} by {label.author} "
+        f"at {label.created}"
+    )
+    if current is not None and current.text != label.text:
+        print(f"now showing the {current.source} label {current.text!r}")
+    return 0
