@@ -266,6 +266,7 @@ def test_a_killed_build_resumes_without_a_corrupt_database(parts, built, tmp_pat
         process.wait()
     connection = sqlite3.connect(killed)
     assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert connection.execute("SELECT value FROM meta WHERE key = 'status'").fetchone() == ("building",)
     connection.close()
     report = build_features(model, transcoders, big_corpus, killed, big, progress=False)
     assert report.contexts == math.ceil(big.tokens / (big.context_length - 1))
@@ -445,3 +446,53 @@ def test_features_commands(tmp_path, capsys):
     assert main(attribute) == 0
     nodes = json.loads((out / "graph.json").read_text())["nodes"]
     assert any(node.get("label_source") for node in nodes)
+
+
+def test_cross_layer_jumprelu_sets_build_too(parts, tmp_path):
+    model, _ = parts
+    transcoders = random_transcoders("clt", 3, 32).to(dtype=torch.float32)
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=60)
+    config = BuildConfig(**{**CONFIG.__dict__, "tokens": 600})
+    path = tmp_path / "clt.sqlite"
+    build_features(model, transcoders, corpus, path, config, progress=False)
+    acts, _ = corpus_activations(model, transcoders, corpus, config)
+    with FeatureStore(path, transcoders=transcoders) as store:
+        for layer, feature in [(0, 1), (1, 8), (2, 30)]:
+            dashboard = store.get(layer, feature)
+            values = acts[layer, :, :, feature]
+            assert dashboard.active_tokens == int((values > 0).sum()) > 0
+            assert dashboard.max_activation == pytest.approx(values.max().item(), rel=1e-6)
+            (lens,) = logit_lens(model, transcoders, [(layer, feature)], k=config.lens_tokens)
+            assert [t for t, _ in dashboard.output_top] == [t for t, _ in lens.top]
+
+
+def test_readers_see_consistent_labels_while_one_is_written(built, tmp_path):
+    import threading
+
+    path = tmp_path / "shared.sqlite"
+    path.write_bytes(built[0].read_bytes())
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        with FeatureStore(path) as store:
+            while not done.is_set():
+                try:
+                    store.get(0, 3)
+                except BaseException as error:  # noqa: BLE001 - reported to the test below
+                    errors.append(error)
+                    return
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    with FeatureStore(path) as writer:
+        for i in range(20):
+            writer.set_label(0, 3, f"edit {i}", author="w")
+    done.set()
+    for reader in readers:
+        reader.join()
+    assert errors == []
+    with FeatureStore(path) as store:
+        assert store.label(0, 3).text == "edit 19"
+        assert len([label for label in store.get(0, 3).labels if label.source == "manual"]) == 20

@@ -46,6 +46,7 @@ def ensure_quick_transcoders(model, model_spec: str) -> Path:
 
 def cmd_demo(args: argparse.Namespace, load, attribute_with) -> int:
     from circuitmap.cli_server import start_explorer
+    from circuitmap.features import default_database_path
     from circuitmap.graphs.export import prompt_slug
     from circuitmap.server import Engine
     from circuitmap.transcoders import load_transcoders
@@ -55,6 +56,14 @@ def cmd_demo(args: argparse.Namespace, load, attribute_with) -> int:
     transcoders = load_transcoders(folder)
     graph_folder = Path(args.out) / prompt_slug(args.prompt)
     argv = ["--model", args.model, "--transcoders", str(folder), "--prompt", args.prompt]
+    if args.features:
+        argv += ["--features", args.features]
+    elif not default_database_path(transcoders).is_file():
+        print(
+            "feature dashboards: build them once with `circuitmap features build --transcoders "
+            f"{folder} --corpus YOUR_TEXTS` (about an hour per million tokens on two CPU cores)",
+            file=sys.stderr,
+        )
     status = attribute_with([*argv, "--out", str(graph_folder)], model, transcoders)
     if status != 0 or args.no_serve:
         return status
