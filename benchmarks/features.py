@@ -6,12 +6,14 @@ The build reads the shared corpora folder (Gutenberg novels, Tiny Shakespeare, T
 that file order) with the default settings (contexts of 128 tokens, 20 top and 20 sampled contexts per
 feature) and prints the wall time, the streaming rate and the time spent writing the dashboards. Lookups
 time ``FeatureStore.get`` of random features on an open store (medians and 95th percentiles over the runs),
-then a few searches. The quick set is the one ``circuitmap demo`` trains into the cache.
+the same with the JSON the explorer's endpoint sends, then a few searches. The quick set is the one
+``circuitmap demo`` trains into the cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -74,6 +76,14 @@ def lookups(args: argparse.Namespace, path: Path) -> None:
         print(
             f"lookup (get): median {statistics.median(medians):.2f} ms, 95th percentile "
             f"{statistics.median(tails):.2f} ms ({args.lookups} random features × {args.runs} runs)"
+        )
+        times = []
+        for layer, feature in features:
+            start = time.perf_counter()
+            json.dumps(store.get(layer, feature).as_json())
+            times.append((time.perf_counter() - start) * 1000)
+        print(
+            f"lookup and JSON (what the explorer's endpoint does): median {statistics.median(times):.2f} ms"
         )
         for text in SEARCHES:
             start = time.perf_counter()

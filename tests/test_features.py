@@ -496,3 +496,12 @@ def test_readers_see_consistent_labels_while_one_is_written(built, tmp_path):
     with FeatureStore(path) as store:
         assert store.label(0, 3).text == "edit 19"
         assert len([label for label in store.get(0, 3).labels if label.source == "manual"]) == 20
+
+
+def test_dashboard_json_equals_the_dataclass_fields(built):
+    import dataclasses
+
+    with FeatureStore(built[0]) as store:
+        for layer, feature in [(0, 0), (1, 5), (2, 47)]:
+            dashboard = store.get(layer, feature)
+            assert dashboard.as_json() == json.loads(json.dumps(dataclasses.asdict(dashboard)))

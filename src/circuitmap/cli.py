@@ -126,12 +126,15 @@ def _summary(graph: Graph, document: dict, top: int) -> list[str]:
         f"completeness: {_score(full['completeness'])} full, {_score(kept['completeness'])} pruned",
         "most influential features:",
     ]
+    labels = {node["node_id"]: node["clerp"] for node in document["nodes"] if node.get("clerp")}
     features = graph.nodes_of(NodeKind.FEATURE)
     for node in features[np.argsort(-influence[features], kind="stable")[:top]]:
         token = graph.token_strings[graph.position[node]]
+        label = labels.get(f"{graph.layer[node]}_{graph.index[node]}_{graph.position[node]}")
         lines.append(
             f"  layer {graph.layer[node]:>2} feature {graph.index[node]:>6} at {graph.position[node]:>3} "
             f"({token!r}): influence {influence[node]:.4f}, activation {graph.activation[node]:.3f}"
+            + (f", label {label!r}" if label else "")
         )
     return lines
 

@@ -11,7 +11,7 @@ import re
 import sqlite3
 import threading
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -80,8 +80,28 @@ class FeatureDashboard:
     labels: list[Label] = field(default_factory=list)
 
     def as_json(self) -> dict:
-        """A JSON-ready dict (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
+        """A JSON-ready dict (tuples become lists), built field by field: ``asdict`` is several times
+        slower on the thousand values of a dashboard."""
+        data = _fields(self)
+        data["top_examples"] = [_fields(example) for example in self.top_examples]
+        data["quantile_groups"] = [
+            {**_fields(group), "examples": [_fields(example) for example in group.examples]}
+            for group in self.quantile_groups
+        ]
+        for name in ("output_top", "output_bottom", "input_top"):
+            data[name] = [[token, value] for token, value in getattr(self, name)]
+        data["label"] = None if self.label is None else _fields(self.label)
+        data["labels"] = [_fields(label) for label in self.labels]
+        return data
+
+
+def _fields(instance) -> dict:
+    """A dataclass instance's fields as a dict, lists copied (one level)."""
+    return {
+        field.name: list(value) if isinstance(value, list) else value
+        for field in fields(instance)
+        for value in (getattr(instance, field.name),)
+    }
 
 
 @dataclass(frozen=True)
