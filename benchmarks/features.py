@@ -1,12 +1,14 @@
 """Feature database: build time for every feature of SmolLM2-135M's quick transcoders, and lookup latency.
 
 usage: python benchmarks/features.py [--tokens 1000000] [--db FILE] [--skip-build] [--lookups 200] [--runs 5]
+       python benchmarks/features.py --split 14
 
 The build reads the shared corpora folder (Gutenberg novels, Tiny Shakespeare, TinyStories, WikiText-2, in
 that file order) with the default settings (contexts of 128 tokens, 20 top and 20 sampled contexts per
 feature) and prints the wall time, the streaming rate and the time spent writing the dashboards. Lookups
 time ``FeatureStore.get`` of random features on an open store (medians and 95th percentiles over the runs),
-the same with the JSON the explorer's endpoint sends, then a few searches. The quick set is the one
+the same with the JSON the explorer's endpoint sends, then a few searches. ``--split N`` instead times the
+parts of streaming (forward pass, encoding, bookkeeping) over N batches. The quick set is the one
 ``circuitmap demo`` trains into the cache.
 """
 
@@ -22,14 +24,59 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from circuitmap import load_model, load_transcoders
 from circuitmap.cli_demo import quick_transcoders_folder
 from circuitmap.features import BuildConfig, FeatureStore, build_features
+from circuitmap.features.bookkeeping import LayerStatistics
 from circuitmap.models import DEFAULT_MODEL
+from circuitmap.training.activations import pack_contexts
+from circuitmap.training.corpus import iter_documents
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CORPUS = SHARED / "data" / "corpora"
 SEARCHES = ["Paris", "says", "the", "12/100", "France"]
+
+
+def split(args: argparse.Namespace) -> None:
+    """Where a build's streaming time goes: the model's forward pass, encoding, the bookkeeping (timed over
+    ``--split`` batches of the default size after four warm-up batches)."""
+    model = load_model(DEFAULT_MODEL)
+    transcoders = load_transcoders(args.transcoders)
+    config = BuildConfig()
+    contexts = pack_contexts(iter_documents(args.corpus), model.tokenizer, config.context_length)
+    state = [
+        LayerStatistics.empty(transcoders.d_features, config.top, config.samples, config.window)
+        for _ in range(transcoders.n_layers)
+    ]
+    times = {"forward": 0.0, "encode": 0.0, "bookkeeping": 0.0}
+    warm_up = 4
+    for step in range(warm_up + args.split):
+        batch = torch.stack([next(contexts) for _ in range(config.batch_size)])
+        ids = torch.arange(step * config.batch_size, (step + 1) * config.batch_size)
+        spent = dict.fromkeys(times, 0.0)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            cache = model.activations(batch, points=["mlp_in"])
+            spent["forward"] += time.perf_counter() - start
+            for layer, statistics_ in enumerate(state):
+                start = time.perf_counter()
+                acts = transcoders.encode(layer, cache["mlp_in", layer]).float()
+                acts[:, 0] = 0
+                middle = time.perf_counter()
+                keys = torch.rand(config.batch_size, transcoders.d_features)
+                statistics_.update(acts, ids, keys, config.before)
+                spent["encode"] += middle - start
+                spent["bookkeeping"] += time.perf_counter() - middle
+        if step >= warm_up:
+            times = {name: times[name] + spent[name] for name in times}
+    tokens = args.split * config.batch_size * (config.context_length - 1)
+    total = sum(times.values())
+    print(f"streaming split over {tokens:,} tokens ({tokens / total:.0f} tokens/s):")
+    for name, seconds in times.items():
+        share = 100 * seconds / total
+        print(f"  {name:<12} {seconds:6.1f} s  {share:4.1f}%  ({tokens / seconds:,.0f} tokens/s alone)")
 
 
 def build(args: argparse.Namespace, path: Path) -> None:
@@ -102,8 +149,12 @@ def main() -> None:
     parser.add_argument("--skip-build", action="store_true", help="only time lookups on an existing --db")
     parser.add_argument("--lookups", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--split", type=int, help="only time the parts of streaming over this many batches")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
+    if args.split:
+        split(args)
+        return
     with tempfile.TemporaryDirectory() as folder:
         path = Path(args.db) if args.db else Path(folder) / "features.sqlite"
         if not args.skip_build:
