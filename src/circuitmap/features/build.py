@@ -37,6 +37,7 @@ from circuitmap.features.labels import automatic_labels
 from circuitmap.features.logit_lens import layer_input_lens, layer_output_lens
 from circuitmap.features.store import now, refresh_search_labels
 from circuitmap.models import Model
+from circuitmap.models.loading import cache_dir
 from circuitmap.training.activations import pack_contexts
 from circuitmap.training.corpus import iter_documents
 from circuitmap.transcoders import Transcoders
@@ -89,8 +90,6 @@ class BuildReport:
 
 def default_database_path(transcoders: Transcoders) -> Path:
     """Where a set's feature database lives by default: the cache, named by the set's fingerprint."""
-    from circuitmap.models.loading import cache_dir
-
     return cache_dir() / "features" / f"{schema.fingerprint(transcoders)[:16]}.sqlite"
 
 
@@ -170,13 +169,12 @@ def build_features(
         if exhausted:
             print(
                 f"the corpus has only {tokens:,} tokens ({config.tokens:,} asked for); "
-                "the dashboards keep what "
-                "it holds",
+                "the dashboards keep what it holds",
                 file=sys.stderr,
             )
         finishing = time.perf_counter()
         short, dead = _finish(connection, model, transcoders, state, config, tokens, progress)
-        _vacuum(connection)
+        connection.execute("VACUUM")  # gives back the space the build state held
         finish_seconds = time.perf_counter() - finishing
     finally:
         connection.close()
@@ -495,8 +493,3 @@ def peak_tokens(top, context_tokens: torch.Tensor, offset: int = 0) -> torch.Ten
     inside = valid & (position < context_tokens.shape[1])
     rows = context_tokens[top.contexts.clamp(min=0), position.clamp(max=context_tokens.shape[1] - 1)]
     return torch.where(inside, rows, -1)
-
-
-def _vacuum(connection: sqlite3.Connection) -> None:
-    """Give back the space of the build state."""
-    connection.execute("VACUUM")
