@@ -27,14 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from browser_support import (  # noqa: E402  (the tests folder holds the shared browser helpers)
     CHROMIUM,
+    VIEWPORT,
     launch_chromium,
     measure_page,
     pick_nodes,
     synthetic_document,
     write_exported_html,
 )
-
-VIEWPORT = {"width": 1400, "height": 900}
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 NODE_THRESHOLD = 0.8
+VIEWPORT = {"width": 1400, "height": 900}
 
 
 def launch_chromium(playwright):

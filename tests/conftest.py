@@ -159,3 +159,57 @@ def engine():
     model = tiny_model("llama", dtype=torch.float64)
     transcoders = random_transcoders("plt-topk-skip", 3, 32).to(dtype=torch.float64)
     return Engine(model, transcoders, model_spec="tiny-llama", transcoders_spec="random")
+
+
+SERVER_PROMPT = "The cat sat"
+
+
+def write_graph_folder(root: Path, document: dict, graph=None, name: str = "cat") -> Path:
+    """A graph folder under ``root`` holding one graph ``name`` (its viewer JSON, and its full graph when
+    given), as ``attribute --out`` writes it; returns the folder."""
+    from circuitmap.graphs.export import write_graph_json
+
+    folder = root / "graphs" / name
+    folder.mkdir(parents=True)
+    write_graph_json(document, folder / "graph.json")
+    if graph is not None:
+        graph.save(folder / "graph.safetensors")
+    return root / "graphs"
+
+
+@pytest.fixture(scope="module")
+def computed(engine):
+    """The graph of ``SERVER_PROMPT`` on the engine and its viewer document (with the logit lens)."""
+    from circuitmap.attribution import attribute
+    from circuitmap.features import add_logit_lens
+    from circuitmap.graphs.export import graph_json
+
+    graph = attribute(engine.model, engine.transcoders, SERVER_PROMPT, progress=False)
+    document = add_logit_lens(graph_json(graph, node_threshold=0.9), engine.model, engine.transcoders)
+    return graph, document
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for the browser tests (their modules skip when it or playwright is missing)."""
+    from browser_support import launch_chromium
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; the test fails on any uncaught error in the page's scripts."""
+    from browser_support import VIEWPORT
+
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"errors in the page: {errors}"

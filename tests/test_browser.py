@@ -23,12 +23,12 @@ import uvicorn
 from browser_support import (
     CHROMIUM,
     REPO,
-    launch_chromium,
     measure_page,
     pick_nodes,
     synthetic_document,
     write_exported_html,
 )
+from conftest import write_graph_folder
 
 from circuitmap.attribution import attribute
 from circuitmap.graphs import subgraph_scores
@@ -56,7 +56,6 @@ if _missing():
     pytest.skip(f"browser tests skipped: {_missing()}", allow_module_level=True)
 
 PROMPT = "The cat sat"
-VIEWPORT = {"width": 1400, "height": 900}
 READY = "() => document.body.dataset.ready === '1'"
 EDGE_ROWS = 30  # edges the panel lists before "show all"
 TARGET_CLERP = re.compile(r'^Output "(.*)" \(p=[0-9.]+\)$', re.DOTALL)
@@ -84,31 +83,7 @@ def tiny_graph(engine):
 @pytest.fixture
 def graphs(tmp_path, tiny_graph) -> Path:
     """A graph folder holding one pruned graph, ``cat``, with its full graph (so scores are exact)."""
-    folder = tmp_path / "graphs" / "cat"
-    folder.mkdir(parents=True)
-    write_graph_json(graph_json(tiny_graph, slug="cat"), folder / "graph.json")
-    tiny_graph.save(folder / "graph.safetensors")
-    return tmp_path / "graphs"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    """A fresh page; the test fails on any uncaught error in the page's scripts."""
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert not errors, f"errors in the page: {errors}"
+    return write_graph_folder(tmp_path, graph_json(tiny_graph, slug="cat"), tiny_graph)
 
 
 @pytest.fixture(scope="session")

@@ -13,23 +13,22 @@ import re
 from pathlib import Path
 
 import pytest
-from browser_support import REPO, launch_chromium, write_exported_html
+from browser_support import REPO, write_exported_html
+from conftest import write_graph_folder
 from starlette.testclient import TestClient
 from test_browser import (
     READY,
-    VIEWPORT,
     Served,
     click_node,
     expect,
     open_graph,
-    sync_playwright,
     top_features,
 )
 from test_server_features import build_tiny_database
 
 from circuitmap.attribution import attribute
 from circuitmap.features import FeatureStore
-from circuitmap.graphs.export import graph_json, write_graph_json
+from circuitmap.graphs.export import graph_json
 from circuitmap.server import create_app
 
 PROMPT = "The cat sat"
@@ -60,30 +59,7 @@ def document(engine) -> dict:
 
 @pytest.fixture
 def graphs(tmp_path, document) -> Path:
-    folder = tmp_path / "graphs" / "cat"
-    folder.mkdir(parents=True)
-    write_graph_json(document, folder / "graph.json")
-    return tmp_path / "graphs"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    """A fresh page; the test fails on any uncaught error in the page's scripts."""
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert not errors, f"errors in the page: {errors}"
+    return write_graph_folder(tmp_path, document)
 
 
 @pytest.fixture

@@ -12,38 +12,24 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import SERVER_PROMPT, tiny_model, write_graph_folder
 from starlette.testclient import TestClient
 from test_attribution import random_transcoders
 
-from circuitmap.attribution import attribute
 from circuitmap.cli import main
 from circuitmap.errors import CircuitmapError
-from circuitmap.features import add_logit_lens, logit_lens
+from circuitmap.features import logit_lens
 from circuitmap.graphs import subgraph_scores
-from circuitmap.graphs.export import graph_json, json_schema, write_graph_json
+from circuitmap.graphs.export import json_schema
 from circuitmap.server import GraphStore, check_bind, create_app, render_html
 from circuitmap.server.export_html import DOCUMENT_ID
-
-PROMPT = "The cat sat"
-
-
-@pytest.fixture(scope="module")
-def computed(engine):
-    graph = attribute(engine.model, engine.transcoders, PROMPT, progress=False)
-    document = add_logit_lens(graph_json(graph, node_threshold=0.9), engine.model, engine.transcoders)
-    return graph, document
 
 
 @pytest.fixture
 def graphs(tmp_path, computed):
-    """A graph folder holding one graph, ``cat``, with its full graph."""
+    """A graph folder holding one graph, ``cat`` (conftest's ``computed``), with its full graph."""
     graph, document = computed
-    folder = tmp_path / "graphs" / "cat"
-    folder.mkdir(parents=True)
-    write_graph_json(document, folder / "graph.json")
-    graph.save(folder / "graph.safetensors")
-    return tmp_path / "graphs"
+    return write_graph_folder(tmp_path, document, graph)
 
 
 @pytest.fixture
@@ -61,7 +47,7 @@ def test_lists_and_serves_graphs(client, computed):
     listed = client.get("/api/graphs").json()["graphs"]
     assert [entry["name"] for entry in listed] == ["cat"]
     entry = listed[0]
-    assert entry["prompt"] == PROMPT and entry["exact_scores"] is True
+    assert entry["prompt"] == SERVER_PROMPT and entry["exact_scores"] is True
     assert entry["n_nodes"]["exported"] == len(computed[1]["nodes"])
     assert entry["created"] == computed[0].info["created"]
     response = client.get("/api/graphs/cat")

@@ -13,19 +13,18 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from conftest import write_graph_folder
 from starlette.testclient import TestClient
 from test_attribution import random_transcoders
 
-from circuitmap.attribution import attribute
 from circuitmap.cli import main
 from circuitmap.cli_server import open_features
 from circuitmap.errors import CircuitmapError
-from circuitmap.features import BuildConfig, FeatureStore, add_logit_lens, build_features
+from circuitmap.features import BuildConfig, FeatureStore, build_features
 from circuitmap.features.graph_labels import add_feature_labels
-from circuitmap.graphs.export import graph_json, json_schema, write_graph_json
+from circuitmap.graphs.export import json_schema, write_graph_json
 from circuitmap.server import Engine, create_app
 
-PROMPT = "The cat sat"
 BASE = "http://127.0.0.1:8041"
 FEATURE_TYPE = "cross layer transcoder"
 CORPUS = "\n\n".join(f"The cat number {i} sat on the mat and said hello {i * 7}." for i in range(200))
@@ -62,22 +61,12 @@ def features(db_path, engine):
         yield store
 
 
-@pytest.fixture(scope="module")
-def computed(engine):
-    graph = attribute(engine.model, engine.transcoders, PROMPT, progress=False)
-    document = add_logit_lens(graph_json(graph, node_threshold=0.9), engine.model, engine.transcoders)
-    return graph, document
-
-
 @pytest.fixture
 def graphs(tmp_path, computed):
-    """A graph folder holding one graph, ``cat``, whose feature nodes have no labels of their own."""
+    """A graph folder holding one graph, ``cat`` (conftest's ``computed``), whose feature nodes have no
+    labels of their own."""
     graph, document = computed
-    folder = tmp_path / "graphs" / "cat"
-    folder.mkdir(parents=True)
-    write_graph_json(document, folder / "graph.json")
-    graph.save(folder / "graph.safetensors")
-    return tmp_path / "graphs"
+    return write_graph_folder(tmp_path, document, graph)
 
 
 @pytest.fixture

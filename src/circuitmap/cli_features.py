@@ -130,13 +130,11 @@ def _selection(args: argparse.Namespace, store: FeatureStore) -> list[tuple[int,
         parts = text.replace(":", "/").split("/")
         if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
             raise CircuitmapError(f"--feature takes LAYER/FEATURE, e.g. 12/3071; got {text!r}")
-        layer, feature = int(parts[0]), int(parts[1])
-        store.check_feature(layer, feature)
-        chosen.append((layer, feature))
+        chosen.append((int(parts[0]), int(parts[1])))
     for layer in args.layer:
         store.check_feature(layer, 0)
         chosen.extend((layer, feature) for feature in range(store.d_features))
-    return chosen
+    return store.checked(chosen)
 
 
 def _cmd_build(args: argparse.Namespace, load: Callable) -> int:

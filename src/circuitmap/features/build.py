@@ -357,9 +357,8 @@ def _finish(
             counts = (top.contexts >= 0).sum(0)
             short += int((counts < config.top).sum())
             dead += int((counts == 0).sum())
-            labels = automatic_labels(
-                top, peak_tokens(top, context_tokens), peak_tokens(top, context_tokens, 1), output[0], strings
-            )
+            peaks = peak_tokens(top, context_tokens)
+            labels = automatic_labels(top, peaks, peak_tokens(top, context_tokens, 1), output[0], strings)
             connection.executemany(
                 "INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _feature_rows(layer, statistics, top, output, inputs, tokens),
@@ -380,9 +379,7 @@ def _finish(
                 "INSERT INTO search (rowid, label, tokens) VALUES (?, '', ?)",
                 [
                     (layer * d_features + feature, text)
-                    for feature, text in enumerate(
-                        _search_tokens(top, context_tokens, output, inputs, strings)
-                    )
+                    for feature, text in enumerate(_search_tokens(peaks, output, inputs, strings))
                 ],
             )
         manual = connection.execute("SELECT DISTINCT layer, feature FROM labels").fetchall()
@@ -473,10 +470,9 @@ def _example_rows(layer: int, kind: str, contexts):
         )
 
 
-def _search_tokens(top, context_tokens, output, inputs, strings: list[str]) -> list[str]:
-    """Per feature, the distinct tokens that characterise it (peak tokens of its top contexts, its top output
-    and input tokens), as text for the search index."""
-    peaks = peak_tokens(top, context_tokens)
+def _search_tokens(peaks: torch.Tensor, output, inputs, strings: list[str]) -> list[str]:
+    """Per feature, the distinct tokens that characterise it (``peaks``: the peak tokens of its top contexts;
+    its top output and input tokens), as text for the search index."""
     texts = []
     for feature in range(peaks.shape[1]):
         ids = [*peaks[:, feature].tolist(), *output[0][feature].tolist(), *inputs[0][feature].tolist()]

@@ -173,7 +173,7 @@ def label_features(
     started = time.perf_counter()
     report = LabelReport()
     with FeatureStore(store_path) as store:
-        wanted = _wanted(store, features)
+        wanted = list(dict.fromkeys(store.checked(features)))
         if skip_labelled:
             current = store.labels_of(wanted)
             kept = [key for key in wanted if key not in current or current[key].source == "auto"]
@@ -219,17 +219,6 @@ def _flush(store: FeatureStore, pending: list[tuple[int, int, Label]], report: L
         write_labels(store.path, pending, store.d_features)
         report.labelled += len(pending)
         pending.clear()
-
-
-def _wanted(store: FeatureStore, features: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
-    """The features to label, checked against the set before anything is sent."""
-    if features is None:
-        return [(layer, feature) for layer in range(store.n_layers) for feature in range(store.d_features)]
-    wanted: dict[tuple[int, int], None] = {}
-    for layer, feature in features:
-        store.check_feature(int(layer), int(feature))
-        wanted[int(layer), int(feature)] = None
-    return list(wanted)
 
 
 def build_prompt(dashboard: FeatureDashboard) -> str:

@@ -274,12 +274,7 @@ def _batches(wanted: list[tuple[int, int]]) -> Iterator[tuple[int, int, list[int
 
 def _features(store: FeatureStore, features: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
     """The features to export, checked against the set; every feature when None."""
-    if features is None:
-        return [(layer, feature) for layer in range(store.n_layers) for feature in range(store.d_features)]
-    checked = []
-    for layer, feature in features:
-        store.check_feature(int(layer), int(feature))
-        checked.append((int(layer), int(feature)))
+    checked = store.checked(features)
     if not checked:
         raise CircuitmapError("no features to export")
     return checked

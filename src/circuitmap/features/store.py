@@ -205,7 +205,7 @@ class FeatureStore:
                 {int(c) for kind in examples for c in np.frombuffer(examples[kind][0], dtype="<i8")}
             )
             tokens = self._contexts(context_ids)
-            labels = self._labels(layer, feature)
+            labels = feature_labels(self._connection, layer, feature)
         if row is None:
             raise CircuitmapError(f"{self.path}: no record of feature {feature} in layer {layer}")
         active, density, maximum, mean, first, histogram, output_top, output_bottom, input_top = row
@@ -234,9 +234,23 @@ class FeatureStore:
 
     def label(self, layer: int, feature: int) -> Label | None:
         """The current label of one feature (see ``current_label``)."""
+        return current_label(self.label_history(layer, feature))
+
+    def label_history(self, layer: int, feature: int) -> list[Label]:
+        """Every label one feature has had, oldest first."""
         self.check_feature(layer, feature)
         with self._lock:
-            return current_label(self._labels(layer, feature))
+            return feature_labels(self._connection, layer, feature)
+
+    def checked(self, features: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
+        """``features`` as (int, int) pairs, in order, each checked against the set; every feature of the
+        set when None."""
+        if features is None:
+            return [(layer, feature) for layer in range(self.n_layers) for feature in range(self.d_features)]
+        pairs = [(int(layer), int(feature)) for layer, feature in features]
+        for layer, feature in pairs:
+            self.check_feature(layer, feature)
+        return pairs
 
     def labels_of(self, features: list[tuple[int, int]]) -> dict[tuple[int, int], Label]:
         """Current labels of many features at once (features without a label are left out)."""
@@ -302,14 +316,6 @@ class FeatureStore:
         write_labels(self.path, [(layer, feature, label)], self.d_features)
         return label
 
-    def _labels(self, layer: int, feature: int) -> list[Label]:
-        rows = self._connection.execute(
-            "SELECT text, source, confidence, author, created, evidence FROM labels "
-            "WHERE layer = ? AND feature = ? ORDER BY id",
-            (layer, feature),
-        )
-        return [_label(row) for row in rows]
-
     def _contexts(self, ids: list[int]) -> dict[int, np.ndarray]:
         if not ids:
             return {}
@@ -372,16 +378,21 @@ def refresh_search_labels(
 ) -> None:
     """Set the search index's label text of each feature to its current label."""
     for layer, feature in sorted(features):
-        rows = connection.execute(
-            "SELECT text, source, confidence, author, created, evidence FROM labels "
-            "WHERE layer = ? AND feature = ? ORDER BY id",
-            (layer, feature),
-        )
-        label = current_label([_label(row) for row in rows])
+        label = current_label(feature_labels(connection, layer, feature))
         connection.execute(
             "UPDATE search SET label = ? WHERE rowid = ?",
             ("" if label is None else label.text, layer * d_features + feature),
         )
+
+
+def feature_labels(connection: sqlite3.Connection, layer: int, feature: int) -> list[Label]:
+    """Every label row of one feature, oldest first."""
+    rows = connection.execute(
+        "SELECT text, source, confidence, author, created, evidence FROM labels "
+        "WHERE layer = ? AND feature = ? ORDER BY id",
+        (layer, feature),
+    )
+    return [_label(row) for row in rows]
 
 
 def _label(row) -> Label:

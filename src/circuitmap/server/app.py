@@ -43,7 +43,7 @@ from circuitmap import __version__
 from circuitmap.errors import CircuitmapError
 from circuitmap.features.graph_labels import add_feature_labels, unlabelled_features
 from circuitmap.features.schema import check_transcoders
-from circuitmap.features.store import FeatureStore
+from circuitmap.features.store import FeatureStore, current_label
 from circuitmap.server.jobs import Engine, Jobs
 from circuitmap.server.store import GraphStore, StoreError
 
@@ -217,9 +217,15 @@ def create_app(
         body = await _json_object(request)
         text, author = _label_fields(body)
         saved = await run_in_threadpool(lambda: database.set_label(layer, feature, text, author=author))
-        dashboard = (await run_in_threadpool(database.get, layer, feature)).as_json()
-        current = {key: dashboard[key] for key in ("label", "labels")}
-        return JSONResponse({"saved": _json(saved), **current})
+        history = await run_in_threadpool(database.label_history, layer, feature)
+        current = current_label(history)
+        return JSONResponse(
+            {
+                "saved": _json(saved),
+                "label": None if current is None else _json(current),
+                "labels": [_json(label) for label in history],
+            }
+        )
 
     routes = [
         Route("/", page),
