@@ -282,7 +282,11 @@ class Transcoders(nn.Module):
 
     def encode(self, layer: int, x: Tensor) -> Tensor:
         """Feature activations [..., d_features] of MLP inputs x [..., d_model] at `layer`."""
-        return self._layer(layer).activation(self.pre_activations(layer, x))
+        return self.activate(layer, self.pre_activations(layer, x))
+
+    def activate(self, layer: int, pre: Tensor) -> Tensor:
+        """Feature activations [..., d_features] from pre-activations at `layer` (the activation function)."""
+        return self._layer(layer).activation(pre)
 
     def sparse_encode(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Nonzero activations as (indices, values): indices [nnz, x.ndim] hold x's leading indices and then

@@ -1,0 +1,286 @@
+"""``intervene``: run a prompt with edited features or residual stream and compare with the clean run.
+
+Two modes:
+
+- ``open_loop`` (default): the real model runs, its MLPs and norms recomputed, so an edit's effect propagates
+  through everything downstream; with ``freeze_attention`` the attention patterns are the clean run's.
+- ``constrained``: attention patterns and norm scales frozen, every MLP output held at its clean value plus
+  the edited features' decoder outputs and the skip term's change. The model is then the local replacement
+  model of the attribution graph, whose edges predict the result exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from circuitmap.attribution.targets import token_id
+from circuitmap.errors import CircuitmapError
+from circuitmap.interventions.apply import CleanRun, EditHooks
+from circuitmap.interventions.edits import (
+    Edit,
+    FeatureEdit,
+    ResidualEdit,
+    ResolvedFeatureEdit,
+    Supernode,
+    parse_feature,
+    residual_edits,
+    resolve_feature_edits,
+)
+from circuitmap.models import Model
+from circuitmap.transcoders import Transcoders
+
+MODES = ("open_loop", "constrained")
+SHOWN_EDITS = 8
+
+
+@dataclass
+class TokenChange:
+    """A token's logit and probability at the last position, before and after the edits."""
+
+    token: str
+    token_id: int
+    logit_before: float
+    logit_after: float
+    prob_before: float
+    prob_after: float
+
+
+@dataclass
+class InterventionResult:
+    """The clean and edited runs of one prompt.
+
+    ``logits_before``/``logits_after`` [vocab] are the last position's logits; ``activations_*`` and
+    ``pre_activations_*`` hold one [T, d_features] tensor per layer (after the edits, the edited features show
+    their new values); ``targets`` the requested tokens' changes; ``top_before``/``top_after`` the most
+    likely next tokens with their probabilities.
+    """
+
+    prompt: str
+    token_strings: list[str]
+    mode: str
+    edits: list[str]
+    logits_before: torch.Tensor
+    logits_after: torch.Tensor
+    top_before: list[tuple[str, float]]
+    top_after: list[tuple[str, float]]
+    targets: list[TokenChange]
+    pre_activations_before: list[torch.Tensor]
+    pre_activations_after: list[torch.Tensor]
+    activations_before: list[torch.Tensor]
+    activations_after: list[torch.Tensor]
+
+    def activation(self, layer: int, position: int, index: int) -> tuple[float, float]:
+        """A feature's activation before and after."""
+        return (
+            float(self.activations_before[layer][position, index]),
+            float(self.activations_after[layer][position, index]),
+        )
+
+    def feature_changes(self, count: int = 10) -> list[tuple[int, int, int, float, float]]:
+        """The ``count`` features whose activation changed most, as ``(layer, position, index, before,
+        after)``."""
+        changes = []
+        for layer, (before, after) in enumerate(
+            zip(self.activations_before, self.activations_after, strict=True)
+        ):
+            diff = (after - before).abs().reshape(-1)
+            top = diff.topk(min(count, diff.numel()))
+            for value, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                if value > 0:
+                    position, index = divmod(flat, before.shape[1])
+                    changes.append((value, layer, position, index))
+        changes.sort(key=lambda change: -change[0])
+        return [
+            (layer, position, index, *self.activation(layer, position, index))
+            for _, layer, position, index in changes[:count]
+        ]
+
+    def summary(self) -> str:
+        """A plain-text report: the edits, the target tokens and the top next tokens before and after."""
+        lines = [f"prompt: {self.prompt!r} ({self.mode.replace('_', '-')})"]
+        lines += [f"edit: {edit}" for edit in self.edits[:SHOWN_EDITS]]
+        if len(self.edits) > SHOWN_EDITS:
+            lines.append(f"… and {len(self.edits) - SHOWN_EDITS} more edits")
+        lines.append(f"{'token':<20} {'logit before':>13} {'after':>9} {'prob before':>12} {'after':>8}")
+        for t in self.targets:
+            lines.append(
+                f"{t.token!r:<20} {t.logit_before:>13.3f} {t.logit_after:>9.3f} "
+                f"{t.prob_before:>12.4f} {t.prob_after:>8.4f}"
+            )
+        lines.append(f"{'top before':<31} top after")
+        for (tb, pb), (ta, pa) in zip(self.top_before, self.top_after, strict=True):
+            lines.append(f"{tb!r:<20} {pb:>8.4f}   {ta!r:<20} {pa:>8.4f}")
+        return "\n".join(lines)
+
+    def as_json(self) -> dict:
+        """The result without the activation tensors, as plain JSON types."""
+        return {
+            "prompt": self.prompt,
+            "mode": self.mode,
+            "edits": self.edits,
+            "top_before": [[token, prob] for token, prob in self.top_before],
+            "top_after": [[token, prob] for token, prob in self.top_after],
+            "targets": [vars(target) for target in self.targets],
+            "feature_changes": [
+                {"layer": layer, "position": p, "index": i, "before": b, "after": a}
+                for layer, p, i, b, a in self.feature_changes()
+            ],
+        }
+
+
+def clean_run(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> tuple[torch.Tensor, CleanRun]:
+    """The last position's logits and the clean run's MLP inputs, outputs and feature activations."""
+    with model.capturing(["mlp_in", "mlp_out"]) as cache:
+        logits = model.logits(ids)[0, -1]
+    mlp_in = [cache["mlp_in", layer][0] for layer in range(model.n_layers)]
+    mlp_out = [cache["mlp_out", layer][0] for layer in range(model.n_layers)]
+    with torch.no_grad():
+        pre = [transcoders.pre_activations(layer, x) for layer, x in enumerate(mlp_in)]
+        acts = [transcoders.activate(layer, p) for layer, p in enumerate(pre)]
+    return logits, CleanRun(mlp_in, mlp_out, pre, acts)
+
+
+def check_active(features: Sequence[ResolvedFeatureEdit], edits: Sequence[Edit], clean: CleanRun) -> None:
+    """Graph node ids must name active features; scaling needs an active feature (else it does nothing)."""
+    node_ids = _node_id_sources(edits)
+    for edit in features:
+        if edit.position is None:
+            continue
+        named_by_id = edit.source in node_ids
+        if (named_by_id or edit.operation == "scale") and clean.acts[edit.layer][
+            edit.position, edit.index
+        ] == 0:
+            raise CircuitmapError(
+                f"feature {edit.source} is not active on this prompt (layer {edit.layer}, position "
+                f"{edit.position}, index {edit.index}); only 'set' or 'add' on a (layer, position, index) "
+                "can switch a feature on"
+            )
+
+
+def as_list(edits: Sequence[Edit] | Edit) -> list[Edit]:
+    return list(edits) if isinstance(edits, (list, tuple)) else [edits]
+
+
+def prepare_edits(
+    model: Model, transcoders: Transcoders, edits: list[Edit], ids: torch.Tensor
+) -> tuple[list[ResolvedFeatureEdit], list[ResidualEdit]]:
+    """Resolve the edits and check them against the model, the transcoders and the prompt's length."""
+    if ids.shape[0] != 1:
+        raise CircuitmapError(f"interventions run one prompt at a time, got a batch of {ids.shape[0]}")
+    transcoders.check_model(model.n_layers, model.d_model)
+    transcoders.to(device=model.device, dtype=model.dtype)
+    n_tokens = ids.shape[1]
+    features = resolve_feature_edits(edits, transcoders.n_layers, transcoders.d_features, n_tokens)
+    residual = residual_edits(edits, model.n_layers, model.d_model, n_tokens)
+    return features, residual
+
+
+def _node_id_sources(edits: Sequence[Edit]) -> set[str]:
+    """Feature references given as node id strings (they name graph nodes, which are active features)."""
+    names = set()
+    for edit in edits:
+        if isinstance(edit, FeatureEdit):
+            members = edit.target.features if isinstance(edit.target, Supernode) else (edit.target,)
+            for member in members:
+                if isinstance(member, str):
+                    layer, position, index = parse_feature(member)
+                    names.add(f"{layer}_{index}_{position}")
+    return names
+
+
+def intervene(
+    model: Model,
+    transcoders: Transcoders,
+    prompt: str | torch.Tensor,
+    edits: Sequence[Edit] | Edit,
+    *,
+    mode: str = "open_loop",
+    freeze_attention: bool = True,
+    targets: Sequence[str | int] | None = None,
+    top_k: int = 10,
+) -> InterventionResult:
+    """Run ``prompt`` with ``edits`` and report what changed at the last position.
+
+    ``targets``: tokens whose logits to report (default: the most likely token before and after).
+    ``freeze_attention`` (open loop only): replay the clean run's attention patterns. In constrained mode the
+    clean run itself is computed inside the freeze, so that both runs share its arithmetic exactly.
+    """
+    if mode not in MODES:
+        raise CircuitmapError(f"unknown mode {mode!r}; use open_loop or constrained")
+    if mode == "constrained" and not freeze_attention:
+        raise CircuitmapError("constrained mode always freezes attention; use open_loop to recompute it")
+    ids = model.encode(prompt)
+    edit_list = as_list(edits)
+    features, residual = prepare_edits(model, transcoders, edit_list, ids)
+    constrained = mode == "constrained"
+    with ExitStack() as stack:
+        if not constrained:
+            logits_before, clean = clean_run(model, transcoders, ids)
+        if constrained or freeze_attention:
+            stack.enter_context(model.freeze(ids, attention=True, norms=constrained))
+        if constrained:
+            logits_before, clean = clean_run(model, transcoders, ids)
+        check_active(features, edit_list, clean)
+        hooks = EditHooks(
+            transcoders, features, residual, constrained=clean if constrained else None, record=True
+        )
+        stack.enter_context(model.hooks(*hooks.hooks()))
+        logits_after = model.logits(ids)[0, -1]
+    return _result(
+        model,
+        ids,
+        prompt,
+        mode,
+        [edit.describe() for edit in edit_list],
+        logits_before,
+        logits_after,
+        clean,
+        hooks,
+        targets,
+        top_k,
+    )
+
+
+def _top(model: Model, ids: torch.Tensor, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
+    probs = logits.double().softmax(-1)
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [(model.decode_after(ids, [i]), float(p)) for i, p in zip(indices.tolist(), values, strict=True)]
+
+
+def _result(model, ids, prompt, mode, edits, logits_before, logits_after, clean, hooks, targets, top_k):
+    if targets is None:
+        target_ids = list(dict.fromkeys([int(logits_before.argmax()), int(logits_after.argmax())]))
+    else:
+        target_ids = [token_id(model, t) for t in ([targets] if isinstance(targets, (str, int)) else targets)]
+    before, after = logits_before.double().cpu(), logits_after.double().cpu()
+    p_before, p_after = before.softmax(-1), after.softmax(-1)
+    changes = [
+        TokenChange(
+            model.decode_after(ids, [i]),
+            i,
+            float(before[i]),
+            float(after[i]),
+            float(p_before[i]),
+            float(p_after[i]),
+        )
+        for i in target_ids
+    ]
+    return InterventionResult(
+        prompt=prompt if isinstance(prompt, str) else model.tokenizer.decode(ids[0].tolist()),
+        token_strings=model.token_strings(ids),
+        mode=mode,
+        edits=edits,
+        logits_before=logits_before.detach().cpu(),
+        logits_after=logits_after.detach().cpu(),
+        top_before=_top(model, ids, logits_before, top_k),
+        top_after=_top(model, ids, logits_after, top_k),
+        targets=changes,
+        pre_activations_before=[p.detach().cpu() for p in clean.pre],
+        pre_activations_after=list(hooks.pre),
+        activations_before=[a.detach().cpu() for a in clean.acts],
+        activations_after=list(hooks.acts),
+    )
