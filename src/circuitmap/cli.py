@@ -15,6 +15,7 @@ from circuitmap.attribution import Direction, attribute
 from circuitmap.attribution.estimate import available_memory, estimate_attribution
 from circuitmap.cli_demo import add_demo_command
 from circuitmap.cli_features import add_feature_commands
+from circuitmap.cli_interventions import add_intervention_commands
 from circuitmap.cli_server import add_server_commands
 from circuitmap.cli_training import add_training_commands, positive_int
 from circuitmap.errors import CircuitmapError
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_command(commands, _add_model_args, _load, attribute_with, DEFAULT_PROMPT)
     add_server_commands(commands, _add_model_args, _load, positive_int)
     add_feature_commands(commands, _add_model_args, _load, positive_int)
+    add_intervention_commands(commands, _add_model_args, _load, positive_int)
     return parser
 
 

@@ -1,15 +1,19 @@
 """Interventions: edit features or the residual stream, run or generate, and check a graph's claims."""
 
+from circuitmap.interventions.check import CheckReport, CheckRow, check_graph
 from circuitmap.interventions.edits import FeatureEdit, ResidualEdit, Supernode
 from circuitmap.interventions.generate import generate_with
 from circuitmap.interventions.intervene import InterventionResult, TokenChange, intervene
 
 __all__ = [
+    "CheckReport",
+    "CheckRow",
     "FeatureEdit",
     "InterventionResult",
     "ResidualEdit",
     "Supernode",
     "TokenChange",
+    "check_graph",
     "generate_with",
     "intervene",
 ]
