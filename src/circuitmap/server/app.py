@@ -7,7 +7,9 @@ package's own files only (a fixed list read at start-up, never a path from the r
   ``PUT /api/graphs/<name>/state``; ``POST /api/graphs/<name>/rename``; ``DELETE /api/graphs/<name>``;
   ``POST /api/graphs/<name>/scores`` (exact subgraph scores from the full graph);
 - with an engine (a model and transcoders): ``POST /api/jobs``, ``GET /api/jobs``, ``GET /api/jobs/<id>``,
-  ``DELETE /api/jobs/<id>`` (cancel). Graphs carry their features' logit lens, computed with them;
+  ``DELETE /api/jobs/<id>`` (cancel), and ``POST /api/graphs/<name>/intervene`` (edit the graph's feature
+  nodes and compare the next tokens and greedy continuations, ``server.interventions``). Graphs carry their
+  features' logit lens, computed with them;
 - with a feature database: ``GET /api/features/<layer>/<feature>`` (the feature's dashboard),
   ``GET /api/features/search?q=<text>`` (features by label or token; ``12/3071`` names one directly) and
   ``PUT /api/features/<layer>/<feature>/label`` (a manual label, ``{"text": ..., "author": ...}``; empty text
@@ -44,6 +46,7 @@ from circuitmap.errors import CircuitmapError
 from circuitmap.features.graph_labels import add_feature_labels, unlabelled_features
 from circuitmap.features.schema import check_transcoders
 from circuitmap.features.store import FeatureStore, current_label
+from circuitmap.server.interventions import run_on_graph
 from circuitmap.server.jobs import Engine, Jobs
 from circuitmap.server.store import GraphStore, StoreError
 
@@ -192,6 +195,12 @@ def create_app(
     def cancel_job(request: Request) -> JSONResponse:
         return JSONResponse(needs_engine().cancel(request.path_params["job_id"]).as_json())
 
+    async def intervene(request: Request) -> JSONResponse:
+        engine = needs_engine().engine
+        body = await _json_object(request)
+        result = await run_in_threadpool(run_on_graph, store, request.path_params["name"], engine, body)
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
     def needs_features() -> FeatureStore:
         if features is None:
             raise StoreError("this server has no feature database (start it with --features)", 404)
@@ -239,6 +248,7 @@ def create_app(
         Route("/api/graphs/{name}/state", save_state, methods=["PUT"]),
         Route("/api/graphs/{name}/rename", rename, methods=["POST"]),
         Route("/api/graphs/{name}/scores", scores, methods=["POST"]),
+        Route("/api/graphs/{name}/intervene", intervene, methods=["POST"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),

@@ -13,6 +13,9 @@
   const NO_DATABASE =
     "No feature database on this server: build one with circuitmap features build and serve with " +
     "--features to see this feature's contexts, activations and label.";
+  const NO_MODEL =
+    "Interventions need the model: serve with --model and --transcoders to edit features and compare " +
+    "the next tokens and continuations.";
 
   class Explorer {
     // `options`: doc, name (served), revision, config, exported (bool).
@@ -33,6 +36,7 @@
       this.saving = false;
       this.saveQueued = false;
       this.browsedFeature = null;
+      this.shownSupernode = null;
       this.featureNodes = null;
     }
 
@@ -57,6 +61,11 @@
       });
       $("graph-empty").hidden = this.graph.n > 0;
       this.setUpFeatures();
+      this.interventions = new cm.InterventionPanel($("intervention"), {
+        available: this.served && Boolean(this.config.can_compute),
+        note: this.served ? NO_MODEL : "",
+        graphName: this.name,
+      });
       this.applyState();
       this.canvas.drawNow();
       this.recordFirstPaint();
@@ -464,11 +473,12 @@
       return token === undefined ? String(position) : `${position} \u00b7 \u201c${cm.visibleToken(token)}\u201d`;
     }
 
-    // Select node i (-1 or undefined: none); this ends showing a feature found by search.
+    // Select node i (-1 or undefined: none); this ends showing a feature found by search or a supernode.
     select(i) {
       const id = i >= 0 ? this.graph.ids[i] : "";
-      const browsing = this.browsedFeature !== null;
+      const browsing = this.browsedFeature !== null || this.shownSupernode !== null;
       this.browsedFeature = null;
+      this.shownSupernode = null;
       if (id === this.state.clicked && !browsing) return;
       this.state.clicked = id;
       this.shownAll = { incoming: false, outgoing: false };
@@ -526,18 +536,24 @@
 
     // ------------------------------------------------------------ node panel
 
-    // The selected node's facts, label, pin button, logit lens, feature dashboard and edges; with no node
-    // selected, the dashboard of a feature found by search that the graph lacks.
+    // The selected node's facts, label, pin button, logit lens, intervention, feature dashboard and edges;
+    // with no node selected, the dashboard of a feature found by search that the graph lacks, or a
+    // supernode's members and intervention.
     renderPanel() {
       const i = this.graph.index.get(this.state.clicked);
       const browsed = i === undefined ? this.browsedFeature : null;
-      $("panel-empty").hidden = i !== undefined || browsed !== null;
-      $("panel-body").hidden = i === undefined && browsed === null;
+      const group = i === undefined && browsed === null ? this.shownGroup() : null;
+      const nothing = i === undefined && browsed === null && group === null;
+      $("panel-empty").hidden = !nothing;
+      $("panel-body").hidden = nothing;
       $("node-details").hidden = i === undefined;
       $("node-edges").hidden = i === undefined;
+      $("supernode-details").hidden = group === null;
       if (i === undefined) {
         this.panelNode = undefined;
         this.dashboard.show(browsed && { ...browsed, activation: NaN, inGraph: false });
+        this.interventions.show(group && this.groupTarget(group));
+        if (group) this.renderSupernode(group);
         return;
       }
       const g = this.graph;
@@ -560,6 +576,7 @@
         : `${formatNumber(g.influence[i])} (share above it; smaller = more influential)`;
       $("pin-button").textContent = this.state.pinned.includes(g.ids[i]) ? "Unpin (P)" : "Pin (P)";
       this.renderLens(i);
+      this.interventions.show(this.nodeTarget(i));
       this.renderDashboard(i);
       this.renderEdges(i, "incoming");
       this.renderEdges(i, "outgoing");
@@ -623,6 +640,44 @@
       if (feature === null) return this.dashboard.show(null);
       const lens = g.nodes[i].lens;
       this.dashboard.show({ layer: g.layer[i], feature, activation: g.activation[i], inGraph: true, lens });
+    }
+
+    // ------------------------------------------------------------ interventions and shown supernodes
+
+    // What the intervention control edits for node i: the feature itself; none for other kinds.
+    nodeTarget(i) {
+      const g = this.graph;
+      if (g.kind[i] !== KIND.FEATURE) return null;
+      return { key: g.ids[i], title: this.displayName(i), ids: [g.ids[i]], skipped: 0, name: null };
+    }
+
+    // What the intervention control edits for a supernode: its feature members, under its label.
+    groupTarget(group) {
+      const ids = group.ids.filter((id) => this.graph.kind[this.graph.index.get(id)] === KIND.FEATURE);
+      const skipped = group.ids.length - ids.length;
+      return { key: `super:${group.ids.join(",")}`, title: group.label, ids, skipped, name: group.label };
+    }
+
+    // The supernode shown in the panel, found by its members (a rename or another group's change keeps it).
+    shownGroup() {
+      if (this.shownSupernode === null) return null;
+      const items = this.subgraphItems();
+      return items.find((item) => item.isSuper && item.ids.join(",") === this.shownSupernode) || null;
+    }
+
+    // Show a supernode in the panel instead of a node.
+    showSupernode(item) {
+      this.select(-1);
+      this.shownSupernode = item.ids.join(",");
+      this.renderPanel();
+      this.renderSubgraph();
+    }
+
+    // The shown supernode's label and members (each selects its node).
+    renderSupernode(group) {
+      $("supernode-title").textContent = `\u201c${group.label}\u201d`;
+      $("supernode-count").textContent = `(${group.ids.length} nodes)`;
+      $("supernode-members").replaceChildren(...group.ids.map((id) => el("li", {}, [this.nodeButton(id)])));
     }
 
     // ------------------------------------------------------------ features of the database
@@ -788,13 +843,25 @@
       const check = { type: "checkbox", checked: this.checked.has(item.key), data: { testid: "pinned-check" } };
       const box = el("input", check);
       box.addEventListener("change", () => this.toggleChecked(item.key));
-      const name = item.isSuper
-        ? el("span", { class: "super-label", data: { testid: "supernode-label" } }, [item.label])
-        : this.nodeButton(item.ids[0]);
+      const name = item.isSuper ? this.supernodeButton(item) : this.nodeButton(item.ids[0]);
       const props = { class: item.isSuper ? "super" : "", data: { testid: "pinned-item", key: item.key } };
       const row = el("li", props, [box, name]);
       if (item.isSuper) row.append(el("div", { class: "members" }, item.ids.map((id) => this.nodeButton(id))));
       return row;
+    }
+
+    // A button naming a supernode that shows it in the panel.
+    supernodeButton(item) {
+      const shown = this.state.clicked === "" && item.ids.join(",") === this.shownSupernode;
+      const props = {
+        type: "button",
+        class: `node-link super-label${shown ? " selected" : ""}`,
+        title: "Show this supernode in the panel",
+        data: { testid: "supernode-label" },
+      };
+      const button = el("button", props, [item.label]);
+      button.addEventListener("click", () => this.showSupernode(item));
+      return button;
     }
 
     // A button naming node `id` that selects it.
