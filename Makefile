@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 BROWSER := /usr/bin/chromium
 
-.PHONY: demo test lint install browser clean
+.PHONY: demo test lint install browser clean interventions-report
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/circuitmap demo
 
+# docs/interventions.md and its figures (trains the quick transcoders on first use, like demo)
+interventions-report: $(STAMP)
+	$(BIN)/python examples/interventions_report.py
+
 # Debian's Chromium for the browser tests; without root they are skipped (CI installs it).
 browser:
 	@if [ ! -x $(BROWSER) ]; then \
@@ -32,12 +36,12 @@ browser:
 	fi
 
 test: $(STAMP) browser
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -86,7 +86,8 @@ Edit = FeatureEdit | ResidualEdit
 
 @dataclass(frozen=True)
 class ResolvedFeatureEdit:
-    """One feature edit after checks: ``position`` None means every position."""
+    """One feature edit after checks: ``position`` None means every position; ``by_node_id`` tells whether the
+    user named the feature by a graph node id (which promises an active feature)."""
 
     layer: int
     index: int
@@ -94,6 +95,7 @@ class ResolvedFeatureEdit:
     operation: str
     value: float
     source: str
+    by_node_id: bool
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         if self.operation == "set":
@@ -163,7 +165,9 @@ def resolve_feature_edits(
                     )
                 position %= n_tokens
             resolved.append(
-                ResolvedFeatureEdit(layer, index, position, edit.operation, float(edit.value), name)
+                ResolvedFeatureEdit(
+                    layer, index, position, edit.operation, float(edit.value), name, isinstance(member, str)
+                )
             )
     return resolved
 

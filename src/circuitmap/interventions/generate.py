@@ -39,7 +39,7 @@ def generate_with(
     ids = model.encode(prompt)
     edit_list = as_list(edits)
     features, residual = prepare_edits(model, transcoders, edit_list, ids)
-    check_active(features, edit_list, clean_run(model, transcoders, ids)[1])
+    check_active(features, clean_run(model, transcoders, ids)[1])
     hooks = EditHooks(transcoders, features, residual)
     generator = None
     if not greedy:

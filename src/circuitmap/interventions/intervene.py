@@ -22,11 +22,8 @@ from circuitmap.errors import CircuitmapError
 from circuitmap.interventions.apply import CleanRun, EditHooks
 from circuitmap.interventions.edits import (
     Edit,
-    FeatureEdit,
     ResidualEdit,
     ResolvedFeatureEdit,
-    Supernode,
-    parse_feature,
     residual_edits,
     resolve_feature_edits,
 )
@@ -144,14 +141,12 @@ def clean_run(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> tupl
     return logits, CleanRun(mlp_in, mlp_out, pre, acts)
 
 
-def check_active(features: Sequence[ResolvedFeatureEdit], edits: Sequence[Edit], clean: CleanRun) -> None:
+def check_active(features: Sequence[ResolvedFeatureEdit], clean: CleanRun) -> None:
     """Graph node ids must name active features; scaling needs an active feature (else it does nothing)."""
-    node_ids = _node_id_sources(edits)
     for edit in features:
         if edit.position is None:
             continue
-        named_by_id = edit.source in node_ids
-        if (named_by_id or edit.operation == "scale") and clean.acts[edit.layer][
+        if (edit.by_node_id or edit.operation == "scale") and clean.acts[edit.layer][
             edit.position, edit.index
         ] == 0:
             raise CircuitmapError(
@@ -177,19 +172,6 @@ def prepare_edits(
     features = resolve_feature_edits(edits, transcoders.n_layers, transcoders.d_features, n_tokens)
     residual = residual_edits(edits, model.n_layers, model.d_model, n_tokens)
     return features, residual
-
-
-def _node_id_sources(edits: Sequence[Edit]) -> set[str]:
-    """Feature references given as node id strings (they name graph nodes, which are active features)."""
-    names = set()
-    for edit in edits:
-        if isinstance(edit, FeatureEdit):
-            members = edit.target.features if isinstance(edit.target, Supernode) else (edit.target,)
-            for member in members:
-                if isinstance(member, str):
-                    layer, position, index = parse_feature(member)
-                    names.add(f"{layer}_{index}_{position}")
-    return names
 
 
 def intervene(
@@ -224,7 +206,7 @@ def intervene(
             stack.enter_context(model.freeze(ids, attention=True, norms=constrained))
         if constrained:
             logits_before, clean = clean_run(model, transcoders, ids)
-        check_active(features, edit_list, clean)
+        check_active(features, clean)
         hooks = EditHooks(
             transcoders, features, residual, constrained=clean if constrained else None, record=True
         )

@@ -171,6 +171,6 @@ def run_edits(engine: Engine, ids: torch.Tensor, request: InterventionRequest) -
     n = request.max_new_tokens
     return {
         **result.as_json(),
-        "continuation_before": model.generate(ids, n),
+        "continuation_before": generate_with(model, transcoders, ids, [], n),
         "continuation_after": generate_with(model, transcoders, ids, request.edits, n),
     }
