@@ -238,7 +238,10 @@ def add_intervention_commands(commands, add_model_args, load, positive_int) -> N
     parser.add_argument("--target", action="append", default=[], help="token whose logit to report")
     parser.add_argument("-k", type=positive_int, default=10, help="top next tokens to list (default 10)")
     parser.add_argument(
-        "--generate", type=positive_int, metavar="N", help="also continue N tokens, both ways"
+        "--generate",
+        type=positive_int,
+        metavar="N",
+        help="also continue N tokens with and without the edits (open loop)",
     )
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
