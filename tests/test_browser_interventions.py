@@ -53,7 +53,7 @@ def expect_result(panel, engine, edit) -> None:
     model, transcoders = engine.model, engine.transcoders
     expect(panel).to_have_attribute("data-state", "done")
     with engine.lock:
-        result = intervene(model, transcoders, PROMPT, edit)
+        result = intervene(model, transcoders, PROMPT, edit, freeze_attention=False)
         before = model.generate(PROMPT, 20)
         after = generate_with(model, transcoders, PROMPT, edit, 20)
     expect(panel.get_by_test_id("intervention-edits")).to_have_text("; ".join(result.edits))

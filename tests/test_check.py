@@ -8,9 +8,10 @@ import torch
 from conftest import tiny_model
 from test_attribution import random_transcoders
 
-from circuitmap import CircuitmapError, Supernode, check_graph
+from circuitmap import CircuitmapError, FeatureEdit, Supernode, check_graph, intervene
 from circuitmap.attribution import attribute
 from circuitmap.graphs import NodeKind
+from circuitmap.graphs.ids import index_by_id
 from circuitmap.interventions.check import CheckReport, CheckRow, GraphEffects
 
 PROMPT = "The cat sat on"
@@ -119,8 +120,6 @@ def test_check_ablates_the_most_influential_features_and_supernodes(checked):
 
 
 def test_check_observes_the_open_loop_ablation(checked):
-    from circuitmap import FeatureEdit, intervene
-
     model, transcoders, graph, report = checked
     row = report.rows[0]
     result = intervene(model, transcoders, PROMPT, FeatureEdit.ablate(row.name))
@@ -157,3 +156,42 @@ def test_check_refuses_bad_input(checked):
         check_graph(model, transcoders, graph, n_features=0, supernodes=[Supernode("bad", [error_node])])
     with pytest.raises(CircuitmapError, match="n_features must be zero or more"):
         check_graph(model, transcoders, graph, n_features=-1)
+
+
+def test_rows_hold_the_graphs_direct_and_total_predictions(checked):
+    model, transcoders, graph, report = checked
+    row = report.rows[0]
+    node = index_by_id(graph)[row.name]
+    target = int(np.flatnonzero(np.array(graph.target_names) == report.target)[0]) + int(
+        graph.nodes_of(NodeKind.TARGET)[0]
+    )
+    assert row.predicted == pytest.approx(
+        GraphEffects(graph)([node], [-float(graph.activation[node])])[target]
+    )
+    # constrained: nothing downstream responds, so an ablation moves the target by its direct edge only
+    result = intervene(model, transcoders, PROMPT, FeatureEdit.ablate(row.name), mode="constrained")
+    change = model.unembedding.detach().double() @ (result.readout_after - result.readout_before)
+    token = int(graph.index[target])
+    assert row.direct == pytest.approx(float(change[token] - change.mean()), rel=1e-6, abs=1e-9)
+
+
+def test_observed_effects_are_read_before_soft_capping():
+    model = tiny_model("gemma2", dtype=torch.float64)
+    transcoders = random_transcoders("plt-topk-skip", model.n_layers, model.d_model).to(dtype=torch.float64)
+    graph = attribute(model, transcoders, PROMPT, progress=False)
+    report = check_graph(model, transcoders, graph, n_features=2)
+    cap = model.logit_softcap
+    token = int(graph.index[graph.nodes_of(NodeKind.TARGET)[0]])
+    for row in report.rows:
+        result = intervene(model, transcoders, PROMPT, FeatureEdit.ablate(row.name))
+        raw = cap * torch.atanh(result.logits_after / cap) - cap * torch.atanh(result.logits_before / cap)
+        assert row.observed == pytest.approx(float(raw[token] - raw.mean()), abs=1e-9)
+
+
+def test_a_graph_of_other_transcoders_is_refused(checked):
+    model, _, graph, _ = checked
+    other = random_transcoders("clt-jumprelu-skip", model.n_layers, model.d_model, seed=7).to(
+        dtype=torch.float64
+    )
+    with pytest.raises(CircuitmapError, match="computed with another model or transcoder set"):
+        check_graph(model, other, graph, n_features=3)

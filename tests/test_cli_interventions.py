@@ -32,7 +32,8 @@ def setup(tmp_path_factory):
     document = json.loads((folder / "graph" / "graph.json").read_text())
     graph = Graph.load(folder / "graph" / "graph.safetensors")
     members = [graph.node_id(int(n)) for n in graph.nodes_of(NodeKind.FEATURE)[:2]]
-    document["qParams"]["supernodes"] = [["pair", *members]]
+    error = graph.node_id(int(graph.nodes_of(NodeKind.ERROR)[0]))
+    document["qParams"]["supernodes"] = [["pair", *members, error], ["errors only", error]]
     (folder / "graph" / "graph.json").write_text(json.dumps(document))
     return folder, graph, members
 
@@ -85,16 +86,20 @@ def test_intervene_with_every_position_and_a_vector(setup, tmp_path, capsys):
 
 
 def test_check_writes_a_table_and_a_plot(setup, tmp_path, capsys):
-    folder, _, _ = setup
+    folder, graph, members = setup
+    target = str(int(graph.index[graph.nodes_of(NodeKind.TARGET)[1]]))
     code = main(
         ["check", str(folder / "graph"), *_common(folder), "--top", "3", "--plot", str(tmp_path / "c.png")]
-        + ["--json", str(tmp_path / "c.json")]
+        + ["--json", str(tmp_path / "c.json"), "--target", target]
     )
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "sign agreement" in printed and "pair" in printed
+    captured = capsys.readouterr()
+    assert "sign agreement" in captured.out and "pair" in captured.out
+    assert "supernode 'pair': 1 members that are not feature nodes of the graph are left out" in captured.err
     report = json.loads((tmp_path / "c.json").read_text())
     assert [row["kind"] for row in report["rows"]] == ["feature"] * 3 + ["supernode"]
+    assert report["rows"][-1]["members"] == members
+    assert report["target"] == graph.target_names[1]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 

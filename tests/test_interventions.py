@@ -200,9 +200,17 @@ def test_generation_without_edits_is_the_models_own():
     assert generate_with(model, transcoders, PROMPT, [], 12) == model.generate(PROMPT, 12)
 
 
-@pytest.mark.parametrize("kind", ["plt-topk-skip", "clt-jumprelu-skip"])
-def test_generation_keeps_edits_on_prompt_and_generated_positions(kind):
-    model, transcoders = setup("llama", kind)
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [
+        ("llama", "plt-topk-skip"),
+        ("llama", "clt-jumprelu-skip"),
+        ("gemma2", "plt-jumprelu"),
+        ("gpt2", "clt-topk"),
+    ],
+)
+def test_generation_keeps_edits_on_prompt_and_generated_positions(family, kind):
+    model, transcoders = setup(family, kind)
     clean = intervene(model, transcoders, PROMPT, [])
     index = int(clean.activations_before[1][4].nonzero()[0])
     vector = torch.randn(model.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -290,3 +298,83 @@ def test_constrained_mode_is_exact_on_stories260k():
     rows = np.concatenate([graph.nodes_of(NodeKind.FEATURE), graph.nodes_of(NodeKind.TARGET)])
     expected = predicted_change(graph, result, chosen)[rows]
     np.testing.assert_allclose(observed_change(graph, model, result)[rows], expected, rtol=0, atol=1e-8)
+
+
+def test_constrained_mode_reports_only_the_edited_features_as_changed():
+    model, transcoders = setup("llama", "plt-jumprelu")
+    graph = attribute(model, transcoders, PROMPT, progress=False)
+    node = int(graph.nodes_of(NodeKind.FEATURE)[0])
+    result = intervene(
+        model, transcoders, PROMPT, FeatureEdit.scale(graph.node_id(node), 5.0), mode="constrained"
+    )
+    changes = result.feature_changes(50)
+    assert [change[:3] for change in changes] == [
+        (int(graph.layer[node]), int(graph.position[node]), int(graph.index[node]))
+    ]
+    moved = [
+        (after - before).abs().max()
+        for before, after in zip(result.pre_activations_before, result.pre_activations_after, strict=True)
+    ]
+    assert max(moved[1:]) > 1e-3
+
+
+def test_a_feature_named_twice_in_one_edit_is_refused():
+    model, transcoders = setup()
+    clean = intervene(model, transcoders, PROMPT, [])
+    index = int(clean.activations_before[1][3].nonzero()[0])
+    for members in ([f"1_{index}_3", (1, 3, index)], [(1, None, index), (1, -2, index)]):
+        with pytest.raises(CircuitmapError, match=f"names feature 1_{index}_"):
+            intervene(model, transcoders, PROMPT, FeatureEdit.scale(Supernode("twice", members), 2.0))
+
+
+def test_unusual_but_valid_inputs_are_accepted():
+    model, transcoders = setup()
+    clean = intervene(model, transcoders, PROMPT, [])
+    index = int(clean.activations_before[1][3].nonzero()[0])
+    reference = intervene(model, transcoders, PROMPT, FeatureEdit.scale((1, 3, index), 2.0)).logits_after
+    for value in (np.float32(2.0), torch.tensor(2.0), 2):
+        edits = (edit for edit in [FeatureEdit.scale(f"1_{index}_3", value)])
+        torch.testing.assert_close(intervene(model, transcoders, PROMPT, edits).logits_after, reference)
+    vector = [0.5] * model.d_model
+    as_list = intervene(model, transcoders, PROMPT, ResidualEdit(1, vector, positions=2)).logits_after
+    as_tensor = intervene(model, transcoders, PROMPT, ResidualEdit(1, torch.tensor(vector), positions=[2]))
+    torch.testing.assert_close(as_list, as_tensor.logits_after)
+    every = intervene(model, transcoders, PROMPT, FeatureEdit.set(f"0_{index}_*", 1.0))
+    assert (every.activations_after[0][:, index] == 1.0).all()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (FeatureEdit.set("1_0_3", "3"), "must be a finite number"),
+        (FeatureEdit.set("1_0_3", None), "must be a finite number"),
+        (FeatureEdit.set("1_0_3", True), "must be a finite number"),
+        (FeatureEdit.ablate("4_7_3"), "4_7_3 is an output \\(logit\\) node id"),
+        (ResidualEdit(1, "not a vector"), "must be a tensor or a list of numbers"),
+        (ResidualEdit(1, torch.zeros(32), positions=["a"]), "positions are None"),
+    ],
+)
+def test_malformed_edits_give_one_line_errors(edit, message):
+    model, transcoders = setup()
+    with pytest.raises(CircuitmapError, match=message):
+        intervene(model, transcoders, PROMPT, edit)
+
+
+def test_other_malformed_arguments():
+    model, transcoders = setup()
+    with pytest.raises(CircuitmapError, match="as a list, not one string"):
+        Supernode("s", "1_2_3")
+    with pytest.raises(CircuitmapError, match="top_k must be a positive whole number"):
+        intervene(model, transcoders, PROMPT, [], top_k=-1)
+    with pytest.raises(CircuitmapError, match="edits are FeatureEdit or ResidualEdit"):
+        intervene(model, transcoders, PROMPT, 3)
+
+
+def test_sampling_without_a_seed_leaves_the_global_generator_alone():
+    model, transcoders = setup()
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        generate_with(model, transcoders, PROMPT, [], 3, greedy=False)
+        draws.append(torch.rand(1))
+    assert draws[0] == draws[1]

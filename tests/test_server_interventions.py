@@ -47,10 +47,13 @@ def node_of(document: dict, feature_type: str) -> str:
     return next(node["node_id"] for node in document["nodes"] if node["feature_type"] == feature_type)
 
 
-def expected(engine, edits, new_tokens: int = 20, **options) -> dict:
-    """What the library gives for ``edits`` on the server's prompt."""
+def expected(engine, edits, new_tokens: int = 20, mode: str = "open_loop") -> dict:
+    """What the library gives for ``edits`` on the server's prompt: open loop with attention recomputed, as
+    the continuations are, or constrained."""
     model, transcoders = engine.model, engine.transcoders
-    result = intervene(model, transcoders, SERVER_PROMPT, edits, **options)
+    result = intervene(
+        model, transcoders, SERVER_PROMPT, edits, mode=mode, freeze_attention=mode != "open_loop"
+    )
     return {
         **json.loads(json.dumps(result.as_json())),
         "continuation_before": model.generate(SERVER_PROMPT, new_tokens),

@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from circuitmap.errors import CircuitmapError
-from circuitmap.graphs import Graph, load_graph
+from circuitmap.graphs import Graph, NodeKind, load_graph
+from circuitmap.graphs.ids import index_by_id
 from circuitmap.interventions import FeatureEdit, ResidualEdit, Supernode, generate_with, intervene
 from circuitmap.interventions.check import check_graph
+from circuitmap.interventions.edits import NODE_ID
 from circuitmap.models import DEFAULT_MODEL
 from circuitmap.transcoders import load_transcoders
-
-_FEATURE = re.compile(r"^(\d+)_(\d+)_(\d+|\*)$")
 
 
 def _number(text: str | float) -> float:
@@ -43,18 +43,15 @@ def parse_supernodes(specs: list[str]) -> dict[str, Supernode]:
 
 
 def _target(text: str, groups: dict[str, Supernode]):
-    """A supernode by name, a node id, or ``layer_index_*`` (the feature at every position)."""
+    """A supernode by name, else a feature: a node id, or ``layer_index_*`` for every position."""
     if text in groups:
         return groups[text]
-    match = _FEATURE.match(text)
-    if match is None:
+    if NODE_ID.match(text) is None:
         known = f"; known supernodes: {', '.join(sorted(groups))}" if groups else ""
         raise CircuitmapError(
             f"{text!r} is neither a feature (layer_index_position, or layer_index_* for every position) "
             f"nor a supernode{known}"
         )
-    if match.group(3) == "*":
-        return (int(match.group(1)), None, int(match.group(2)))
     return text
 
 
@@ -109,7 +106,8 @@ def _vector_edit(args: argparse.Namespace) -> ResidualEdit:
 
 
 def read_graph_inputs(path: str) -> tuple[Graph, dict[str, Supernode]]:
-    """A graph (folder holding graph.safetensors, or the file) and the supernodes saved in its viewer JSON."""
+    """A graph (folder holding graph.safetensors, or the file) and the supernodes saved in its viewer JSON,
+    keeping their feature members (the explorer also groups error, token and logit nodes)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     graph = load_graph(path / "graph.safetensors" if path.is_dir() else path)
@@ -120,9 +118,20 @@ def read_graph_inputs(path: str) -> tuple[Graph, dict[str, Supernode]]:
             saved = json.loads(document.read_text()).get("qParams", {}).get("supernodes", [])
         except (OSError, ValueError) as error:
             raise CircuitmapError(f"{document}: unreadable viewer JSON ({error})") from None
+        index_of = index_by_id(graph)
         for group in saved:
-            if isinstance(group, list) and len(group) >= 2 and isinstance(group[0], str):
-                groups[group[0]] = Supernode(group[0], [str(member) for member in group[1:]])
+            if not (isinstance(group, list) and len(group) >= 2 and isinstance(group[0], str)):
+                continue
+            members = [str(member) for member in group[1:]]
+            features = [m for m in members if m in index_of and graph.kind[index_of[m]] == NodeKind.FEATURE]
+            if len(features) < len(members):
+                print(
+                    f"supernode {group[0]!r}: {len(members) - len(features)} members that are not "
+                    "feature nodes of the graph are left out",
+                    file=sys.stderr,
+                )
+            if features:
+                groups[group[0]] = Supernode(group[0], features)
     return graph, groups
 
 

@@ -22,17 +22,20 @@ from circuitmap.transcoders import Transcoders
 
 @dataclass
 class CleanRun:
-    """The clean run's MLP inputs and outputs [T, d] and feature activations [T, f], per layer."""
+    """The clean run's MLP inputs and outputs [T, d] and feature activations [T, f], per layer, and the final
+    norm's output at the last position [d]."""
 
     mlp_in: list[torch.Tensor]
     mlp_out: list[torch.Tensor]
     pre: list[torch.Tensor]
     acts: list[torch.Tensor]
+    readout: torch.Tensor
 
 
 class EditHooks:
     """Applies feature and residual edits; with ``record``, keeps every layer's pre-activations and
-    activations (edits included) of the last forward pass."""
+    activations (edits included) and the final norm's last-position output of the last forward pass. In
+    constrained mode the recorded activations are the ones the run used: clean, or edited."""
 
     def __init__(
         self,
@@ -55,13 +58,19 @@ class EditHooks:
         self.pending: dict[int, torch.Tensor] = {}
         self.pre: list[torch.Tensor | None] = [None] * transcoders.n_layers
         self.acts: list[torch.Tensor | None] = [None] * transcoders.n_layers
+        self.readout: torch.Tensor | None = None
 
     def hooks(self) -> list[tuple]:
         """``(point, layer, fn)`` triples for ``Model.hooks``."""
         hooks = [(edit.point, edit.layer, self._residual(edit)) for edit in self.residual_edits]
         for layer in range(self.transcoders.n_layers):
             hooks += [("mlp_in", layer, self._keep_input(layer)), ("mlp_out", layer, self._output(layer))]
+        if self.record:
+            hooks.append(("final_norm", None, self._keep_readout))
         return hooks
+
+    def _keep_readout(self, normed: torch.Tensor) -> None:
+        self.readout = normed.detach()[0, -1]
 
     def _local(self, position: int | None, n_local: int) -> slice | int | None:
         """Where an absolute position falls in the current chunk: a slice for every position, an index, or
@@ -130,7 +139,8 @@ class EditHooks:
                 self.pending[out_layer] = contribution if previous is None else previous + contribution
         if self.record:
             self.pre[layer] = pre.detach()[0].cpu()
-            self.acts[layer] = torch.where(edited, new, acts).detach()[0].cpu()
+            used = acts if self.constrained is None else old
+            self.acts[layer] = torch.where(edited, new, used).detach()[0].cpu()
 
 
 def _output_layers(transcoders: Transcoders, layer: int) -> range:

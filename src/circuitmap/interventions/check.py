@@ -10,6 +10,7 @@ prediction: sign agreement and Spearman rank correlation over the nodes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,17 +184,31 @@ def _target_node(graph: Graph, target: str | int | None) -> int:
         return max(logits, key=lambda t: graph.target_weight[t])
     for node in logits:
         name = graph.target_names[node - int(targets[0])]
-        if target in (name, name.strip(), int(graph.index[node])):
+        token = int(graph.index[node])
+        if target in (name, name.strip(), token) or (isinstance(target, str) and target == str(token)):
             return node
     names = ", ".join(repr(graph.target_names[t - int(targets[0])]) for t in logits)
     raise CircuitmapError(f"target {target!r} is not one of the graph's logit targets ({names})")
 
 
-def _uncapped(model: Model, logits: torch.Tensor) -> torch.Tensor:
-    """Logits before the final soft-capping (Gemma 2), which is where the graph reads its targets."""
-    cap = model.logit_softcap
-    logits = logits.double()
-    return logits if cap is None else cap * torch.atanh((logits / cap).clamp(-1 + 1e-12, 1 - 1e-12))
+def _check_match(graph: Graph, model: Model, transcoders: Transcoders, nodes: Sequence[int]) -> None:
+    """A clear error when the graph was not computed with this model and transcoders: its feature nodes must
+    have the activations they have now (to float32 precision)."""
+    if graph.n_layers != model.n_layers:
+        raise CircuitmapError(f"the graph has {graph.n_layers} layers but the model has {model.n_layers}")
+    transcoders.check_model(model.n_layers, model.d_model)
+    if max(graph.tokens) >= model.d_vocab:
+        raise CircuitmapError("the graph's token ids are outside the model's vocabulary: another model")
+    clean = intervene(model, transcoders, torch.tensor([graph.tokens], device=model.device), [], top_k=1)
+    for node in nodes:
+        layer, position, index = int(graph.layer[node]), int(graph.position[node]), int(graph.index[node])
+        now = float(clean.activations_before[layer][position, index])
+        then = float(graph.activation[node])
+        if not math.isclose(now, then, rel_tol=1e-3, abs_tol=1e-4):
+            raise CircuitmapError(
+                f"feature {graph.node_id(node)} has activation {then:.4g} in the graph but {now:.4g} here: "
+                "the graph was computed with another model or transcoder set"
+            )
 
 
 def check_graph(
@@ -206,8 +221,10 @@ def check_graph(
     target: str | int | None = None,
     freeze_attention: bool = True,
 ) -> CheckReport:
-    """Ablate the ``n_features`` most influential feature nodes and each supernode, open loop, and compare the
-    observed change of the target's de-meaned logit with the graph's prediction."""
+    """Ablate the ``n_features`` most influential feature nodes and each supernode, open loop (attention
+    frozen to the clean run unless ``freeze_attention`` is False), and compare the observed change of the
+    target's de-meaned logit, read like the graph's target (the final norm's output through the unembedding,
+    before any soft-capping), with the graph's prediction."""
     if n_features < 0:
         raise CircuitmapError("n_features must be zero or more")
     target_node = _target_node(graph, target)
@@ -232,7 +249,8 @@ def check_graph(
         groups.append((group.name, "supernode", members))
     if not groups:
         raise CircuitmapError("nothing to check: the graph has no feature nodes and no supernodes were given")
-    baseline = _uncapped(model, model.logits(ids)[0, -1])
+    _check_match(graph, model, transcoders, [node for _, _, members in groups for node in members])
+    unembedding = model.unembedding.detach().double().cpu()
     effects = GraphEffects(graph)
     rows = []
     for name, kind, members in groups:
@@ -241,7 +259,7 @@ def check_graph(
         direct = float(sum(_edge(graph, target_node, n) for n in members)) * -1.0
         edits = FeatureEdit.ablate(Supernode(name, [graph.node_id(n) for n in members]))
         result = intervene(model, transcoders, ids, edits, freeze_attention=freeze_attention, top_k=1)
-        change = _uncapped(model, result.logits_after) - baseline
+        change = unembedding @ (result.readout_after - result.readout_before)
         observed = float(change[token] - change.mean())
         rows.append(
             CheckRow(

@@ -1,7 +1,8 @@
 """What an intervention changes: features (one, or a named group) and the residual stream.
 
-A feature is named by its graph node id ``"{layer}_{index}_{position}"`` or by a ``(layer, position, index)``
-tuple, whose position may be ``None`` for every position (generated ones included). A feature edit fixes the
+A feature is named by its graph node id ``"{layer}_{index}_{position}"`` (``*`` as the position: every
+position) or by a ``(layer, position, index)`` tuple, whose position may be ``None`` for every position
+(generated ones included). A feature edit fixes the
 feature's activation: ``set`` to a value, ``scale`` or ``add`` relative to the activation the feature has in
 the edited run before the edit (in constrained mode, its clean activation). Resolution checks every edit
 against the model and transcoders and turns it into plain ``(layer, index, position)`` records.
@@ -10,6 +11,7 @@ against the model and transcoders and turns it into plain ``(layer, index, posit
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import torch
 from circuitmap.errors import CircuitmapError
 
 OPERATIONS = ("set", "scale", "add")
-_NODE_ID = re.compile(r"^(\d+)_(\d+)_(\d+)$")
+NODE_ID = re.compile(r"^(\d+)_(\d+)_(\d+|\*)$")
 
 FeatureRef = str | tuple[int, int | None, int]
 
@@ -32,6 +34,8 @@ class Supernode:
     features: tuple[FeatureRef, ...]
 
     def __init__(self, name: str, features: Sequence[FeatureRef]):
+        if isinstance(features, str):
+            raise CircuitmapError(f"supernode {name!r}: give its features as a list, not one string")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "features", tuple(features))
 
@@ -63,7 +67,8 @@ class FeatureEdit:
 
     def describe(self) -> str:
         name = self.target.name if isinstance(self.target, Supernode) else _ref_text(self.target)
-        return f"{self.operation} {name} {self.value:g}"
+        value = f"{self.value:g}" if isinstance(self.value, (int, float)) else repr(self.value)
+        return f"{self.operation} {name} {value}"
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,10 @@ class ResidualEdit:
     point: str = "resid_pre"
 
     def describe(self) -> str:
-        where = "all positions" if self.positions is None else f"positions {list(self.positions)}"
-        return f"add a vector of norm {float(self.vector.norm()):.3g} at {self.point} {self.layer}, {where}"
+        positions = [self.positions] if isinstance(self.positions, int) else self.positions
+        where = "all positions" if positions is None else f"positions {list(positions)}"
+        norm = float(torch.as_tensor(self.vector, dtype=torch.float64).norm())
+        return f"add a vector of norm {norm:.3g} at {self.point} {self.layer}, {where}"
 
 
 Edit = FeatureEdit | ResidualEdit
@@ -97,6 +104,12 @@ class ResolvedFeatureEdit:
     source: str
     by_node_id: bool
 
+    @property
+    def needs_active(self) -> bool:
+        """Whether the feature must be active at its position: a graph node id promises it, and scaling an
+        inactive feature would do nothing."""
+        return self.position is not None and (self.by_node_id or self.operation == "scale")
+
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         if self.operation == "set":
             return torch.full_like(current, self.value)
@@ -108,13 +121,14 @@ class ResolvedFeatureEdit:
 def parse_feature(ref: FeatureRef) -> tuple[int, int | None, int]:
     """``(layer, position, index)`` of a node id or tuple; a clear error for anything else."""
     if isinstance(ref, str):
-        match = _NODE_ID.match(ref.strip())
+        match = NODE_ID.match(ref.strip())
         if match is None:
             raise CircuitmapError(
-                f"{ref!r} is not a feature node id: expected layer_index_position, e.g. 7_960_4"
+                f"{ref!r} is not a feature node id: expected layer_index_position (e.g. 7_960_4), "
+                "or layer_index_* for every position"
             )
-        layer, index, position = (int(group) for group in match.groups())
-        return layer, position, index
+        layer, index, position = match.groups()
+        return int(layer), None if position == "*" else int(position), int(index)
     if isinstance(ref, tuple) and len(ref) == 3:
         layer, position, index = ref
         if all(isinstance(v, int) for v in (layer, index)) and (
@@ -128,14 +142,26 @@ def _ref_text(ref: FeatureRef) -> str:
     if isinstance(ref, str):
         return ref
     layer, position, index = parse_feature(ref)
-    return f"{layer}_{index}_{'all' if position is None else position}"
+    return f"{layer}_{index}_{'*' if position is None else position}"
+
+
+def _finite(edit: FeatureEdit) -> float:
+    """The edit's value as a float: any real number (NumPy and 0-d tensors included) that is finite."""
+    value = edit.value
+    try:
+        number = float(value) if not isinstance(value, (bool, str)) and value is not None else math.nan
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise CircuitmapError(f"the value of edit '{edit.describe()}' must be a finite number")
+    return number
 
 
 def resolve_feature_edits(
     edits: Sequence[Edit], n_layers: int, d_features: int, n_tokens: int
 ) -> list[ResolvedFeatureEdit]:
     """Expand supernodes and check every feature edit: operation, finite value, layer, index and position
-    in range (negative positions count from the end of the prompt)."""
+    in range (negative positions count from the end of the prompt), no feature twice in one edit."""
     resolved = []
     for edit in edits:
         if isinstance(edit, ResidualEdit):
@@ -144,14 +170,16 @@ def resolve_feature_edits(
             raise CircuitmapError(f"cannot apply {edit!r}: edits are FeatureEdit or ResidualEdit")
         if edit.operation not in OPERATIONS:
             raise CircuitmapError(f"unknown edit {edit.operation!r}; use one of {', '.join(OPERATIONS)}")
-        if not isinstance(edit.value, (int, float)) or not math.isfinite(edit.value):
-            raise CircuitmapError(f"the value of edit '{edit.describe()}' must be a finite number")
+        value = _finite(edit)
         members = edit.target.features if isinstance(edit.target, Supernode) else (edit.target,)
         if isinstance(edit.target, Supernode) and not members:
             raise CircuitmapError(f"supernode {edit.target.name!r} is empty")
+        seen: dict[tuple[int, int], set[int | None]] = {}
         for member in members:
             layer, position, index = parse_feature(member)
             name = _ref_text(member)
+            if layer == n_layers + 1:
+                raise CircuitmapError(f"{name} is an output (logit) node id; only features can be edited")
             if not 0 <= layer < n_layers:
                 raise CircuitmapError(f"feature {name}: layer {layer} is out of range (0..{n_layers - 1})")
             if not 0 <= index < d_features:
@@ -164,10 +192,13 @@ def resolve_feature_edits(
                         f"feature {name}: position {position} is beyond the {n_tokens}-token prompt"
                     )
                 position %= n_tokens
+            positions = seen.setdefault((layer, index), set())
+            if position in positions or None in positions or (position is None and positions):
+                raise CircuitmapError(f"edit '{edit.describe()}' names feature {name} twice")
+            positions.add(position)
+            by_node_id = isinstance(member, str) and position is not None
             resolved.append(
-                ResolvedFeatureEdit(
-                    layer, index, position, edit.operation, float(edit.value), name, isinstance(member, str)
-                )
+                ResolvedFeatureEdit(layer, index, position, edit.operation, value, name, by_node_id)
             )
     return resolved
 
@@ -183,7 +214,10 @@ def residual_edits(edits: Sequence[Edit], n_layers: int, d_model: int, n_tokens:
             raise CircuitmapError(f"a residual edit acts on resid_pre or resid_post, not {edit.point!r}")
         if not 0 <= edit.layer < n_layers:
             raise CircuitmapError(f"residual edit: layer {edit.layer} is out of range (0..{n_layers - 1})")
-        vector = torch.as_tensor(edit.vector).detach().reshape(-1)
+        try:
+            vector = torch.as_tensor(edit.vector).detach().reshape(-1).to(torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise CircuitmapError("residual edit: the vector must be a tensor or a list of numbers") from None
         if vector.numel() != d_model:
             raise CircuitmapError(
                 f"residual edit: the vector has {vector.numel()} entries; the model's width is {d_model}"
@@ -192,7 +226,13 @@ def residual_edits(edits: Sequence[Edit], n_layers: int, d_model: int, n_tokens:
             raise CircuitmapError("residual edit: the vector has NaN or infinite entries")
         positions = None
         if edit.positions is not None:
-            positions = tuple(int(p) for p in edit.positions)
+            given = (edit.positions,) if isinstance(edit.positions, int) else edit.positions
+            try:
+                positions = tuple(operator.index(p) for p in given)
+            except TypeError:
+                raise CircuitmapError(
+                    "residual edit: positions are None (every position) or integers"
+                ) from None
             bad = [p for p in positions if not -n_tokens <= p < n_tokens]
             if bad:
                 raise CircuitmapError(

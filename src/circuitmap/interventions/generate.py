@@ -39,12 +39,16 @@ def generate_with(
     ids = model.encode(prompt)
     edit_list = as_list(edits)
     features, residual = prepare_edits(model, transcoders, edit_list, ids)
-    check_active(features, clean_run(model, transcoders, ids)[1])
+    if any(edit.needs_active for edit in features):
+        check_active(features, clean_run(model, transcoders, ids)[1])
     hooks = EditHooks(transcoders, features, residual)
     generator = None
     if not greedy:
         generator = torch.Generator(device=model.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
     stop = _stop_ids(model)
     new: list[int] = []
     with model.hooks(*hooks.hooks()), torch.no_grad():

@@ -11,7 +11,7 @@ Two modes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from circuitmap.errors import CircuitmapError
 from circuitmap.interventions.apply import CleanRun, EditHooks
 from circuitmap.interventions.edits import (
     Edit,
+    FeatureEdit,
     ResidualEdit,
     ResolvedFeatureEdit,
     residual_edits,
@@ -50,7 +51,9 @@ class TokenChange:
 class InterventionResult:
     """The clean and edited runs of one prompt.
 
-    ``logits_before``/``logits_after`` [vocab] are the last position's logits; ``activations_*`` and
+    ``logits_before``/``logits_after`` [vocab] are the last position's logits (as the model outputs them,
+    soft-capped where it caps); ``readout_*`` [d_model] the final norm's output there in float64, which the
+    unembedding reads (the graph's logit targets are read from it before any capping); ``activations_*`` and
     ``pre_activations_*`` hold one [T, d_features] tensor per layer (after the edits, the edited features show
     their new values); ``targets`` the requested tokens' changes; ``top_before``/``top_after`` the most
     likely next tokens with their probabilities.
@@ -62,6 +65,8 @@ class InterventionResult:
     edits: list[str]
     logits_before: torch.Tensor
     logits_after: torch.Tensor
+    readout_before: torch.Tensor
+    readout_after: torch.Tensor
     top_before: list[tuple[str, float]]
     top_after: list[tuple[str, float]]
     targets: list[TokenChange]
@@ -130,25 +135,23 @@ class InterventionResult:
 
 
 def clean_run(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> tuple[torch.Tensor, CleanRun]:
-    """The last position's logits and the clean run's MLP inputs, outputs and feature activations."""
-    with model.capturing(["mlp_in", "mlp_out"]) as cache:
+    """The last position's logits and the clean run's MLP inputs, outputs, feature activations and
+    read-out."""
+    with model.capturing(["mlp_in", "mlp_out", "final_norm"]) as cache:
         logits = model.logits(ids)[0, -1]
     mlp_in = [cache["mlp_in", layer][0] for layer in range(model.n_layers)]
     mlp_out = [cache["mlp_out", layer][0] for layer in range(model.n_layers)]
     with torch.no_grad():
         pre = [transcoders.pre_activations(layer, x) for layer, x in enumerate(mlp_in)]
         acts = [transcoders.activate(layer, p) for layer, p in enumerate(pre)]
-    return logits, CleanRun(mlp_in, mlp_out, pre, acts)
+    return logits, CleanRun(mlp_in, mlp_out, pre, acts, cache["final_norm", None][0, -1])
 
 
 def check_active(features: Sequence[ResolvedFeatureEdit], clean: CleanRun) -> None:
-    """Graph node ids must name active features; scaling needs an active feature (else it does nothing)."""
+    """A clear error for an edit that needs an active feature (see ``needs_active``) but names an inactive
+    one."""
     for edit in features:
-        if edit.position is None:
-            continue
-        if (edit.by_node_id or edit.operation == "scale") and clean.acts[edit.layer][
-            edit.position, edit.index
-        ] == 0:
+        if edit.needs_active and clean.acts[edit.layer][edit.position, edit.index] == 0:
             raise CircuitmapError(
                 f"feature {edit.source} is not active on this prompt (layer {edit.layer}, position "
                 f"{edit.position}, index {edit.index}); only 'set' or 'add' on a (layer, position, index) "
@@ -156,8 +159,14 @@ def check_active(features: Sequence[ResolvedFeatureEdit], clean: CleanRun) -> No
             )
 
 
-def as_list(edits: Sequence[Edit] | Edit) -> list[Edit]:
-    return list(edits) if isinstance(edits, (list, tuple)) else [edits]
+def as_list(edits: Iterable[Edit] | Edit) -> list[Edit]:
+    """One edit or any iterable of edits, as a list."""
+    if isinstance(edits, (FeatureEdit, ResidualEdit)):
+        return [edits]
+    try:
+        return list(edits)
+    except TypeError:
+        raise CircuitmapError(f"cannot apply {edits!r}: edits are FeatureEdit or ResidualEdit") from None
 
 
 def prepare_edits(
@@ -195,6 +204,8 @@ def intervene(
         raise CircuitmapError(f"unknown mode {mode!r}; use open_loop or constrained")
     if mode == "constrained" and not freeze_attention:
         raise CircuitmapError("constrained mode always freezes attention; use open_loop to recompute it")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise CircuitmapError(f"top_k must be a positive whole number, got {top_k!r}")
     ids = model.encode(prompt)
     edit_list = as_list(edits)
     features, residual = prepare_edits(model, transcoders, edit_list, ids)
@@ -256,13 +267,20 @@ def _result(model, ids, prompt, mode, edits, logits_before, logits_after, clean,
         token_strings=model.token_strings(ids),
         mode=mode,
         edits=edits,
-        logits_before=logits_before.detach().cpu(),
-        logits_after=logits_after.detach().cpu(),
+        logits_before=_kept(logits_before),
+        logits_after=_kept(logits_after),
+        readout_before=clean.readout.detach().cpu().double(),
+        readout_after=hooks.readout.detach().cpu().double(),
         top_before=_top(model, ids, logits_before, top_k),
         top_after=_top(model, ids, logits_after, top_k),
         targets=changes,
-        pre_activations_before=[p.detach().cpu() for p in clean.pre],
-        pre_activations_after=list(hooks.pre),
-        activations_before=[a.detach().cpu() for a in clean.acts],
-        activations_after=list(hooks.acts),
+        pre_activations_before=[_kept(p) for p in clean.pre],
+        pre_activations_after=[_kept(p) for p in hooks.pre],
+        activations_before=[_kept(a) for a in clean.acts],
+        activations_after=[_kept(a) for a in hooks.acts],
     )
+
+
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy for the result, half precision promoted to float32."""
+    return tensor.detach().cpu().to(torch.promote_types(tensor.dtype, torch.float32))

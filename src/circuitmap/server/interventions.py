@@ -4,7 +4,9 @@ A request names graph nodes; only feature nodes of that graph can be edited (err
 are refused by name). The prompt is the graph's own: its token ids from the full graph when it was kept, else
 its prompt text tokenised again; either way the engine's tokens must read as the graph's, and the graph must
 come from the engine's model, or the node ids would name other features. The answer holds the next-token
-probabilities before and after the edits and the greedy continuation of each.
+probabilities before and after the edits and the greedy continuation of each. Open-loop edits recompute
+attention, as generation must, so the edited top token is the continuation's first; constrained edits freeze
+it, and their continuation still runs open loop.
 """
 
 from __future__ import annotations
@@ -165,7 +167,16 @@ def run_edits(engine: Engine, ids: torch.Tensor, request: InterventionRequest) -
     """The intervention's JSON (``InterventionResult.as_json``) with the greedy continuations before and
     after the edits."""
     model, transcoders = engine.model, engine.transcoders
-    result = intervene(model, transcoders, ids, request.edits, mode=request.mode, top_k=TOP_TOKENS)
+    constrained = request.mode == "constrained"
+    result = intervene(
+        model,
+        transcoders,
+        ids,
+        request.edits,
+        mode=request.mode,
+        freeze_attention=constrained,
+        top_k=TOP_TOKENS,
+    )
     if not bool(torch.isfinite(result.logits_after).all()):
         raise StoreError("the edits make the model's output NaN or infinite: try a smaller value")
     n = request.max_new_tokens
