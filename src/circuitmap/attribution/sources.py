@@ -94,10 +94,6 @@ def active_features(run: ReplacementRun, first_position: int) -> ActiveFeatures:
     return ActiveFeatures(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
 
-def _output_layers(transcoders: Transcoders, layer: int) -> range:
-    return range(layer, transcoders.n_layers) if transcoders.kind == "clt" else range(layer, layer + 1)
-
-
 def build_sources(
     run: ReplacementRun,
     transcoders: Transcoders,
@@ -121,7 +117,7 @@ def build_sources(
     for out_layer in range(n_layers):
         ids, positions, vectors = [], [], []
         for layer in range(out_layer + 1):
-            if out_layer not in _output_layers(transcoders, layer):
+            if out_layer not in transcoders.output_layers(layer):
                 continue
             in_layer = kept_features.layer == layer
             decoders = transcoders.decoder_vectors(layer, kept_features.index[in_layer], out_layer)

@@ -133,7 +133,7 @@ class EditHooks:
         indices = edited.any(1).any(0).nonzero(as_tuple=True)[0]
         if len(indices):
             delta = (new - old)[..., indices]
-            for out_layer in _output_layers(tc, layer):
+            for out_layer in tc.output_layers(layer):
                 contribution = delta @ tc.decoder_vectors(layer, indices, out_layer)
                 previous = self.pending.get(out_layer)
                 self.pending[out_layer] = contribution if previous is None else previous + contribution
@@ -141,7 +141,3 @@ class EditHooks:
             self.pre[layer] = pre.detach()[0].cpu()
             used = acts if self.constrained is None else old
             self.acts[layer] = torch.where(edited, new, used).detach()[0].cpu()
-
-
-def _output_layers(transcoders: Transcoders, layer: int) -> range:
-    return range(layer, transcoders.n_layers) if transcoders.kind == "clt" else range(layer, layer + 1)

@@ -23,7 +23,7 @@ from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.ids import index_by_id
 from circuitmap.graphs.pruning import node_influence
 from circuitmap.interventions.edits import FeatureEdit, Supernode
-from circuitmap.interventions.intervene import intervene
+from circuitmap.interventions.intervene import clean_run, intervene
 from circuitmap.models import Model
 from circuitmap.transcoders import Transcoders
 
@@ -199,10 +199,11 @@ def _check_match(graph: Graph, model: Model, transcoders: Transcoders, nodes: Se
     transcoders.check_model(model.n_layers, model.d_model)
     if max(graph.tokens) >= model.d_vocab:
         raise CircuitmapError("the graph's token ids are outside the model's vocabulary: another model")
-    clean = intervene(model, transcoders, torch.tensor([graph.tokens], device=model.device), [], top_k=1)
+    transcoders.to(device=model.device, dtype=model.dtype)
+    _, clean = clean_run(model, transcoders, torch.tensor([graph.tokens], device=model.device))
     for node in nodes:
         layer, position, index = int(graph.layer[node]), int(graph.position[node]), int(graph.index[node])
-        now = float(clean.activations_before[layer][position, index])
+        now = float(clean.acts[layer][position, index])
         then = float(graph.activation[node])
         if not math.isclose(now, then, rel_tol=1e-3, abs_tol=1e-4):
             raise CircuitmapError(

@@ -321,6 +321,10 @@ class Transcoders(nn.Module):
         """The layers whose features write to MLP output `out_layer`."""
         raise NotImplementedError
 
+    def output_layers(self, layer: int) -> range:
+        """The MLP outputs that the features of `layer` write to."""
+        raise NotImplementedError
+
     def decoder_vectors(
         self, layer: int, feature_ids: Tensor | slice, out_layer: int | None = None
     ) -> Tensor:
@@ -365,6 +369,9 @@ class PerLayerTranscoders(Transcoders):
     def _sources_of(self, out_layer: int) -> range:
         return range(out_layer, out_layer + 1)
 
+    def output_layers(self, layer: int) -> range:
+        return range(layer, layer + 1)
+
     def decoder_vectors(
         self, layer: int, feature_ids: Tensor | slice, out_layer: int | None = None
     ) -> Tensor:
@@ -394,6 +401,9 @@ class CrossLayerTranscoder(Transcoders):
 
     def _sources_of(self, out_layer: int) -> range:
         return range(out_layer + 1)
+
+    def output_layers(self, layer: int) -> range:
+        return range(layer, self.n_layers)
 
     def decoder_vectors(
         self, layer: int, feature_ids: Tensor | slice, out_layer: int | None = None
