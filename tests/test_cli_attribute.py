@@ -78,9 +78,7 @@ def test_estimated_edges_are_exact_without_a_cap(setup):
 
 
 def test_refused_when_the_estimate_exceeds_memory_unless_forced(setup, tmp_path, capsys, monkeypatch):
-    import circuitmap.cli as cli
-
-    monkeypatch.setattr(cli, "available_memory", lambda device: 1024)
+    monkeypatch.setattr("circuitmap.attribution.estimate.available_memory", lambda device: 1024)
     assert main(_args(setup, "--out", str(tmp_path / "refused"))) == 2
     error = capsys.readouterr().err
     assert "exceeds the available 0.0 GiB" in error and "--force" in error
@@ -117,7 +115,7 @@ def test_direction_target_from_a_file(setup, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--node-threshold", "1.5"], "--node-threshold must be in (0, 1]"),
+        (["--node-threshold", "1.5"], "node_threshold must be in (0, 1]"),
         (["--device", "nonsense"], "unknown device"),
     ],
 )

@@ -21,6 +21,7 @@ from test_attribution import random_transcoders
 
 from circuitmap import CircuitmapError
 from circuitmap.cli import main
+from circuitmap.errors import Interrupted
 from circuitmap.features import BuildConfig, FeatureStore, build_features, logit_lens
 from circuitmap.features import build as build_module
 from circuitmap.features.bookkeeping import HISTOGRAM_BINS, LayerStatistics, histogram_edges
@@ -221,7 +222,7 @@ def test_a_stopped_build_resumes_to_the_same_database(parts, built, tmp_path, mo
             stop.set()
 
     monkeypatch.setattr(build_module, "_process", process_then_stop)
-    with pytest.raises(build_module.BuildInterrupted, match="run the same command to resume"):
+    with pytest.raises(Interrupted, match="run the same command to resume"):
         build_features(model, transcoders, corpus, resumed, CONFIG, progress=False, stop=stop)
     with pytest.raises(CircuitmapError, match="not finished"):
         FeatureStore(resumed)
@@ -332,7 +333,7 @@ def test_resuming_with_other_settings_is_refused(parts, tmp_path, monkeypatch):
 
     stop = threading.Event()
     stop.set()
-    with pytest.raises(build_module.BuildInterrupted):
+    with pytest.raises(Interrupted):
         build_features(model, transcoders, corpus, path, CONFIG, progress=False, stop=stop)
     changed = BuildConfig(**{**CONFIG.__dict__, "top": 7})
     with pytest.raises(CircuitmapError, match="top 6 → 7"):

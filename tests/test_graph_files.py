@@ -10,13 +10,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from test_export import random_graph
 
-from circuitmap.errors import CircuitmapError
+from circuitmap.errors import CircuitmapError, GraphFileError
 from circuitmap.graphs import files
 from circuitmap.graphs.files import (
     ARRAY_FIELDS,
     GRAPH_FILE_VERSION,
     METADATA_KEY,
-    GraphFileError,
     load_graph,
     save_graph,
 )

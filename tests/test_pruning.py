@@ -386,7 +386,7 @@ def reference_prune(graph: Graph, node_threshold: float, edge_threshold: float) 
 def test_prune_matches_reference(seed):
     graph = random_graph(seed)
     node_threshold, edge_threshold = np.random.default_rng(seed).uniform(0.3, 1.0, size=2)
-    result = prune(graph, node_threshold, edge_threshold)
+    result = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
     kept, kept_edges = reference_prune(graph, node_threshold, edge_threshold)
     assert set(np.flatnonzero(result.node_mask)) == kept
     assert set(np.flatnonzero(result.edge_mask)) == kept_edges
@@ -421,11 +421,11 @@ def test_full_thresholds_keep_everything_reachable(seed):
 def test_prune_monotonic_in_thresholds(seed):
     graph = random_graph(seed)
     for node_threshold, edge_thresholds in [(0.7, [0.3, 0.6, 0.9, 1.0]), (0.4, [0.5, 0.95])]:
-        results = [prune(graph, node_threshold, t) for t in edge_thresholds]
+        results = [prune(graph, node_threshold=node_threshold, edge_threshold=t) for t in edge_thresholds]
         for smaller, larger in zip(results, results[1:], strict=False):
             assert (smaller.node_mask <= larger.node_mask).all()
             assert (smaller.edge_mask <= larger.edge_mask).all()
-    results = [prune(graph, t, 1.0) for t in [0.2, 0.5, 0.8, 1.0]]
+    results = [prune(graph, node_threshold=t, edge_threshold=1.0) for t in [0.2, 0.5, 0.8, 1.0]]
     for smaller, larger in zip(results, results[1:], strict=False):
         assert (smaller.node_mask <= larger.node_mask).all()
         assert (smaller.edge_mask <= larger.edge_mask).all()

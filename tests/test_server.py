@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from test_attribution import random_transcoders
 
 from circuitmap.cli import main
-from circuitmap.errors import CircuitmapError
+from circuitmap.errors import CircuitmapError, Interrupted
 from circuitmap.features import logit_lens
 from circuitmap.graphs import subgraph_scores
 from circuitmap.graphs.export import json_schema
@@ -277,7 +277,7 @@ def test_requests_must_address_this_machine(graphs):
 def test_network_servers_still_check_the_host(monkeypatch):
     import socket
 
-    from circuitmap.cli_server import allowed_hosts
+    from circuitmap.server.launch import allowed_hosts
 
     assert allowed_hosts("127.0.0.1", []) == {"localhost", "127.0.0.1", "::1"}
     network = allowed_hosts("0.0.0.0", ["proxy.example"])
@@ -296,7 +296,7 @@ def test_non_loopback_needs_an_explicit_host(monkeypatch, tmp_path, capsys):
         check_bind(host, explicit=True)
     served = []
     monkeypatch.setattr(
-        "circuitmap.cli_server.serve", lambda app, sock, url: served.append(url) or sock.close()
+        "circuitmap.server.launch.serve", lambda app, sock, url: served.append(url) or sock.close()
     )
     assert main(["serve", "--graphs", str(tmp_path), "--host", "0.0.0.0", "--port", "0"]) == 0
     assert "anyone who can reach this machine" in capsys.readouterr().err
@@ -417,13 +417,14 @@ def test_a_failed_job_says_why(graphs, engine):
 def test_cancel_stops_a_running_job_and_writes_nothing(graphs, engine, monkeypatch):
     running = threading.Event()
 
-    def slow_attribute(*args, progress, **kwargs):
-        while True:
+    def slow_attribute(*args, progress, stop, **kwargs):
+        while not stop.is_set():
             progress("attribution", 0, 100)
             running.set()
             time.sleep(0.01)
+        raise Interrupted("stopped")
 
-    monkeypatch.setattr("circuitmap.server.jobs.attribute", slow_attribute)
+    monkeypatch.setattr("circuitmap.pipeline.attribute", slow_attribute)
     with TestClient(create_app(graphs, engine), base_url="http://localhost") as client:
         first = client.post("/api/jobs", json={"prompt": "slow"}).json()["id"]
         second = client.post("/api/jobs", json={"prompt": "queued"}).json()["id"]

@@ -18,7 +18,6 @@ from starlette.testclient import TestClient
 from test_attribution import random_transcoders
 
 from circuitmap.cli import main
-from circuitmap.cli_server import open_features
 from circuitmap.errors import CircuitmapError
 from circuitmap.features import BuildConfig, FeatureStore, build_features
 from circuitmap.features.graph_labels import add_feature_labels
@@ -233,21 +232,21 @@ def test_a_database_of_another_set_is_refused(graphs, db_path, engine):
         transcoders_spec="other",
     )
     with pytest.raises(CircuitmapError, match="another transcoder set"):
-        open_features(str(db_path), other.transcoders)
+        FeatureStore.open_for(other.transcoders, str(db_path))
     with FeatureStore(db_path) as unchecked, pytest.raises(CircuitmapError, match="another transcoder set"):
         create_app(graphs, other, features=unchecked)
-    with open_features(str(db_path), engine.transcoders) as store:
+    with FeatureStore.open_for(engine.transcoders, str(db_path)) as store:
         assert store.n_layers == 3
 
 
 def test_the_default_database_is_opened_when_it_exists(db_path, engine, tmp_path, monkeypatch):
     default = tmp_path / "cache" / "default.sqlite"
-    monkeypatch.setattr("circuitmap.features.default_database_path", lambda transcoders: default)
-    assert open_features(None, engine.transcoders) is None
-    assert open_features(None, None) is None
+    monkeypatch.setattr("circuitmap.features.store.default_database_path", lambda transcoders: default)
+    assert FeatureStore.open_for(engine.transcoders) is None
+    assert FeatureStore.open_for(None) is None
     default.parent.mkdir()
     shutil.copy(db_path, default)
-    with open_features(None, engine.transcoders) as store:
+    with FeatureStore.open_for(engine.transcoders) as store:
         assert store.path == default
 
 

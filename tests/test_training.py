@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from circuitmap import CircuitmapError, attribute, load_transcoders
 from circuitmap.cli import main
+from circuitmap.errors import TrainingDiverged
 from circuitmap.training import (
     ActivationCache,
     CorpusContexts,
@@ -32,7 +33,7 @@ from circuitmap.training import (
 from circuitmap.training.data import derived_seed
 from circuitmap.training.sparse import encoder_pre_activations, select_encode, sparse_decode, stacked_indices
 from circuitmap.training.trainable import Standardiser, TrainableTranscoders
-from circuitmap.training.trainer import TrainingDiverged, learning_rate
+from circuitmap.training.trainer import learning_rate
 
 TESTS = Path(__file__).parent
 DOCUMENTS = [f"The cat number {i} sat on the mat and looked at dog {i % 7}." for i in range(300)]
@@ -372,7 +373,7 @@ def train_argv(model_folder: Path, out: Path, *extra: str) -> list[str]:
         str(model_folder / "corpus.txt"),
         "--out",
         str(out),
-        "--features",
+        "--d-features",
         "24",
         "--k",
         "4",

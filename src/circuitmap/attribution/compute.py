@@ -11,6 +11,7 @@ are reused; only those whose candidate pool missed a kept feature are computed a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -18,8 +19,9 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 
+from circuitmap.attribution.config import AttributionConfig
 from circuitmap.attribution.edges import EdgeWriter
-from circuitmap.attribution.progress import Progress
+from circuitmap.attribution.progress import Progress, Reporter
 from circuitmap.attribution.replacement import ReplacementRun, replacement_run
 from circuitmap.attribution.rows import RowSpec, batched_rows, concat_specs
 from circuitmap.attribution.selection import Selection, select_features
@@ -44,21 +46,14 @@ def default_batch_size(model: Model, n_tokens: int) -> int:
 
 
 def check_inputs(
-    model: Model,
-    transcoders: Transcoders,
-    ids: torch.Tensor,
-    max_feature_nodes: int | None,
-    batch_size: int | None,
+    model: Model, transcoders: Transcoders, ids: torch.Tensor, config: AttributionConfig
 ) -> None:
     """Clear errors for transcoders that do not fit, a prompt that is batched, too long or too short, and
     settings out of range."""
     transcoders.check_model(model.n_layers, model.d_model)
     if ids.shape[0] != 1:
         raise CircuitmapError(f"attribution explains one prompt at a time, got a batch of {ids.shape[0]}")
-    if max_feature_nodes is not None and max_feature_nodes < 0:
-        raise CircuitmapError("max_feature_nodes must be zero or more")
-    if batch_size is not None and batch_size < 1:
-        raise CircuitmapError("batch_size must be at least 1")
+    config.check()
     n_tokens = ids.shape[1]
     context = getattr(model.hf_model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and n_tokens > context:
@@ -123,11 +118,11 @@ def _final_batches(
     spec: RowSpec,
     selection: Selection | None,
     batch_size: int,
-    progress: Progress,
+    reporter: Reporter,
 ):
     """Yield ``(rows, values)`` for every row of ``spec``: known rows from the selection, others computed."""
     if selection is None:
-        yield from batched_rows(run, sources, spec, batch_size, progress, "attribution")
+        yield from batched_rows(run, sources, spec, batch_size, reporter, "attribution")
         return
     missing = (~selection.complete).nonzero(as_tuple=True)[0]
     sub = RowSpec(
@@ -137,7 +132,7 @@ def _final_batches(
         spec.vectors[missing],
     )
     rows = selection.rows
-    for chunk, values in batched_rows(run, sources, sub, batch_size, progress, "recomputing rows"):
+    for chunk, values in batched_rows(run, sources, sub, batch_size, reporter, "recomputing rows"):
         rows[missing[chunk]] = values.cpu().to(rows.dtype)
     yield slice(0, len(spec)), rows
 
@@ -146,30 +141,40 @@ def attribute(
     model: Model,
     transcoders: Transcoders,
     prompt: str | torch.Tensor,
+    config: AttributionConfig | None = None,
     *,
     targets: Sequence[TargetSpec] | TargetSpec | None = None,
-    max_n_logits: int = 10,
-    desired_logit_prob: float = 0.95,
+    max_n_logits: int | None = None,
+    desired_logit_prob: float | None = None,
     max_feature_nodes: int | None = None,
     batch_size: int | None = None,
     progress: Progress = True,
+    stop: threading.Event | None = None,
 ) -> Graph:
     """Attribution graph of ``prompt``'s next-token prediction on the local replacement model.
 
     ``targets``: None for the salient logits; or tokens, ``(a, b)`` logit differences and ``Direction``s.
-    ``max_feature_nodes`` caps the features kept (the rest are folded into error nodes); ``batch_size`` is
-    the number of rows per backward pass (default: sized to the prompt). ``progress``: a terminal bar
-    (``True``), nothing, or a ``callback(stage, done, total)`` that may raise to cancel. The transcoders are
-    moved to the model's device and dtype.
+    ``config`` holds the settings (``AttributionConfig``: salient logits, the cap on feature nodes, the batch
+    size); the keywords of the same names override it. ``progress``: a terminal bar (``True``), nothing, or
+    a ``callback(stage, done, total)``. Setting ``stop`` ends the computation after the current batch with
+    ``Interrupted``. The transcoders are moved to the model's device and dtype.
     """
     started = time.perf_counter()
+    config = (config or AttributionConfig()).with_changes(
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+    )
     ids = model.encode(prompt)
-    check_inputs(model, transcoders, ids, max_feature_nodes, batch_size)
+    check_inputs(model, transcoders, ids, config)
+    reporter = Reporter(progress, stop)
     transcoders.to(device=model.device, dtype=model.dtype)
     n_tokens = ids.shape[1]
-    batch_size = batch_size or default_batch_size(model, n_tokens)
+    max_feature_nodes = config.max_feature_nodes
+    batch_size = config.batch_size or default_batch_size(model, n_tokens)
     with replacement_run(model, transcoders, ids) as run:
-        resolved = resolve_targets(model, run.last_logits, targets, max_n_logits, desired_logit_prob)
+        resolved = resolve_targets(model, run.last_logits, targets, config)
         weights = torch.tensor([t.weight for t in resolved], dtype=torch.float64)
         features = collect_features(run)
         target_spec = _target_rows(resolved, n_tokens, model.n_layers)
@@ -186,14 +191,14 @@ def attribute(
                 max_feature_nodes,
                 batch_size,
                 pool_extra(max_feature_nodes, len(resolved), model.dtype),
-                progress,
+                reporter,
             )
         kept_features = features if selection is None else features.subset(selection.kept)
         sources = build_sources(
             run, transcoders, features, None if selection is None else selection.kept, FIRST_POSITION
         )
         spec = concat_specs([feature_rows(transcoders, kept_features), target_spec])
-        batches = _final_batches(run, sources, spec, selection, batch_size, progress)
+        batches = _final_batches(run, sources, spec, selection, batch_size, reporter)
         target_values = _target_values(run, resolved)
         values = torch.cat([kept_features.pre_activation.double(), target_values])
         edges = EdgeWriter(spec, sources, values, model.dtype)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from circuitmap.attribution import compute
+from circuitmap.attribution.config import AttributionConfig
 from circuitmap.attribution.replacement import replacement_run
 from circuitmap.attribution.rows import row_values
 from circuitmap.attribution.sources import build_sources
+from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
 from circuitmap.transcoders import Transcoders
 
@@ -82,25 +84,41 @@ def _support_sizes(
     return below[rows.layer, rows.position]
 
 
+def check_fits(estimate: Estimate, device: torch.device | None = None) -> None:
+    """A one-line error when the estimated peak memory exceeds what ``device`` has free."""
+    available = available_memory(device)
+    if available is not None and estimate.peak_bytes > available:
+        raise CircuitmapError(
+            f"the estimated peak memory ({estimate.peak_bytes / 2**30:.1f} GiB) exceeds the available "
+            f"{available / 2**30:.1f} GiB; lower --max-feature-nodes or --batch-size, or pass --force"
+        )
+
+
 def estimate_attribution(
     model: Model,
     transcoders: Transcoders,
     prompt: str | torch.Tensor,
+    config: AttributionConfig | None = None,
     *,
     max_feature_nodes: int | None = None,
     batch_size: int | None = None,
-    n_targets: int = 10,
+    n_targets: int | None = None,
     timed: bool = True,
 ) -> Estimate:
     """Predict peak memory and (when ``timed``) time of ``attribute`` with the same arguments.
 
-    ``n_targets`` is the number of targets to plan for (the default salient logits are at most 10).
+    ``n_targets`` is the number of targets to plan for (default: the most salient logits ``config`` allows).
     """
+    config = (config or AttributionConfig()).with_changes(
+        max_feature_nodes=max_feature_nodes, batch_size=batch_size
+    )
     ids = model.encode(prompt)
-    compute.check_inputs(model, transcoders, ids, max_feature_nodes, batch_size)
+    compute.check_inputs(model, transcoders, ids, config)
     transcoders.to(device=model.device, dtype=model.dtype)
     n_tokens, itemsize = ids.shape[1], model.dtype.itemsize
-    batch_size = batch_size or compute.default_batch_size(model, n_tokens)
+    max_feature_nodes = config.max_feature_nodes
+    n_targets = n_targets or config.max_n_logits
+    batch_size = config.batch_size or compute.default_batch_size(model, n_tokens)
     with replacement_run(model, transcoders, ids) as run:
         features = compute.collect_features(run)
         capped = max_feature_nodes is not None and len(features) > max_feature_nodes

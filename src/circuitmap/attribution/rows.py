@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from circuitmap.attribution.progress import Progress, stage
+from circuitmap.attribution.progress import Reporter
 from circuitmap.attribution.replacement import ReplacementRun
 from circuitmap.attribution.sources import Sources
 
@@ -84,11 +84,11 @@ def batched_rows(
     sources: Sources,
     spec: RowSpec,
     batch_size: int,
-    progress: Progress,
+    reporter: Reporter,
     description: str,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, values)`` for consecutive batches of ``spec``'s rows."""
-    with stage(progress, len(spec), description) as advance:
+    with reporter.stage(len(spec), description) as advance:
         for start in range(0, len(spec), batch_size):
             rows = slice(start, min(start + batch_size, len(spec)))
             yield rows, row_values(run, sources, spec, rows)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from circuitmap.attribution.progress import Progress, stage
+from circuitmap.attribution.progress import Reporter
 from circuitmap.attribution.replacement import ReplacementRun
 from circuitmap.attribution.rows import RowSpec, row_values
 from circuitmap.attribution.sources import ActiveFeatures, Sources
@@ -66,7 +66,7 @@ def select_features(
     max_feature_nodes: int,
     batch_size: int,
     pool_extra: int,
-    progress: Progress,
+    reporter: Reporter,
 ) -> Selection:
     """Visit ``max_feature_nodes`` features by estimated influence (``sources`` hold every active feature).
 
@@ -96,7 +96,7 @@ def select_features(
         records.append(_Record(features_of_rows, pool, feature_values[:, pool], values[:, n_features:], sums))
 
     visit(target_spec, None, weights)
-    with stage(progress, max_feature_nodes, "selecting features") as advance:
+    with reporter.stage(max_feature_nodes, "selecting features") as advance:
         while int(visited.sum()) < max_feature_nodes:
             count = min(batch_size, max_feature_nodes - int(visited.sum()))
             chosen = estimate.masked_fill(visited, -1.0).topk(count).indices.sort().values

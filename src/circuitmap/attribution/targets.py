@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from circuitmap.attribution.config import AttributionConfig
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
 
@@ -78,8 +79,6 @@ def salient_logits(
     model: Model, logits: torch.Tensor, max_n_logits: int, desired_logit_prob: float
 ) -> list[Target]:
     """The most likely next tokens until their cumulative probability reaches ``desired_logit_prob``."""
-    if max_n_logits < 1:
-        raise CircuitmapError("max_n_logits must be at least 1")
     probs = logits.double().softmax(-1)
     top_probs, top_ids = probs.topk(min(max_n_logits, probs.numel()))
     cumulative = top_probs.cumsum(0)
@@ -105,15 +104,15 @@ def resolve_targets(
     model: Model,
     logits: torch.Tensor,
     targets: Sequence[TargetSpec] | None,
-    max_n_logits: int = 10,
-    desired_logit_prob: float = 0.95,
+    config: AttributionConfig | None = None,
 ) -> list[Target]:
-    """Turn the user's target specs (or None for salient logits) into read-out vectors.
+    """Turn the user's target specs (None: the salient logits ``config`` asks for) into read-out vectors.
 
     ``logits`` are the last position's logits (before any soft-capping), used for probabilities.
     """
     if targets is None:
-        return salient_logits(model, logits, max_n_logits, desired_logit_prob)
+        config = config or AttributionConfig()
+        return salient_logits(model, logits, config.max_n_logits, config.desired_logit_prob)
     if isinstance(targets, (str, int, tuple, Direction)):
         targets = [targets]
     if not targets:

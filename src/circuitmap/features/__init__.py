@@ -1,7 +1,7 @@
 """What features mean: dashboards built from a corpus, stored in SQLite, labelled, and their logit lens."""
 
-from circuitmap.features.build import BuildConfig, BuildReport, build_features, default_database_path
-from circuitmap.features.logit_lens import Lens, add_logit_lens, feature_of, logit_lens, output_directions
+from circuitmap.features.build import BuildConfig, BuildReport, build_features
+from circuitmap.features.logit_lens import Lens, add_logit_lens, logit_lens, output_directions
 from circuitmap.features.store import (
     Example,
     FeatureDashboard,
@@ -23,8 +23,6 @@ __all__ = [
     "SearchHit",
     "add_logit_lens",
     "build_features",
-    "default_database_path",
-    "feature_of",
     "logit_lens",
     "output_directions",
 ]

@@ -30,33 +30,51 @@ from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
 from circuitmap import __version__
-from circuitmap.errors import CircuitmapError
+from circuitmap.config import Settings
+from circuitmap.errors import CircuitmapError, Interrupted
 from circuitmap.features import schema
 from circuitmap.features.bookkeeping import LayerStatistics, histogram_edges
 from circuitmap.features.labels import automatic_labels
 from circuitmap.features.logit_lens import layer_input_lens, layer_output_lens
 from circuitmap.features.store import now, refresh_search_labels
 from circuitmap.models import Model
-from circuitmap.models.loading import cache_dir
 from circuitmap.training.activations import pack_contexts
 from circuitmap.training.corpus import iter_documents
 from circuitmap.transcoders import Transcoders
 
 
 @dataclass(frozen=True)
-class BuildConfig:
-    """What one build computes. ``tokens`` counts scored tokens (every context position but the first)."""
+class BuildConfig(Settings):
+    """What one build computes."""
 
     tokens: int = 1_000_000
+    """Corpus tokens to read (scored tokens: every position of a context but the first)."""
     context_length: int = 128
+    """Tokens per context, the first (BOS) included."""
     batch_size: int = 16
+    """Contexts per forward pass."""
     top: int = 20
+    """Top activating contexts kept per feature."""
     samples: int = 20
+    """Contexts sampled at random among those where a feature is active, shown in quantile groups."""
     quantiles: int = 5
+    """Activation quantile groups the sampled contexts are shown in."""
     window: int = 32
+    """Tokens of a context shown around its peak."""
     before: int = 24
+    """Tokens of the window before the peak (changed with ``window``, it keeps the same share, 3/4)."""
     lens_tokens: int = 10
+    """Output and input tokens listed in each feature's lens."""
     seed: int = 0
+    """Seed of the random sample of contexts."""
+
+    def with_changes(self, **changes) -> BuildConfig:
+        """A copy with the given fields changed (``None`` keeps a field); a new ``window`` without a new
+        ``before`` keeps three quarters of the window before the peak."""
+        window = changes.get("window")
+        if window is not None and changes.get("before") is None:
+            changes["before"] = min(window * 3 // 4, window - 1)
+        return super().with_changes(**changes)
 
     def check(self) -> None:
         """A clear error for settings that cannot work together."""
@@ -88,11 +106,6 @@ class BuildReport:
     already_complete: bool = False
 
 
-def default_database_path(transcoders: Transcoders) -> Path:
-    """Where a set's feature database lives by default: the cache, named by the set's fingerprint."""
-    return cache_dir() / "features" / f"{schema.fingerprint(transcoders)[:16]}.sqlite"
-
-
 def build_features(
     model: Model,
     transcoders: Transcoders,
@@ -109,7 +122,7 @@ def build_features(
     """Build (or resume building) the feature database of ``transcoders`` at ``path`` from ``corpus``.
 
     A finished database is left alone (``already_complete``). Setting ``stop`` ends the build at the next
-    batch boundary after saving a checkpoint; running again resumes it.
+    batch boundary after saving a checkpoint, with ``Interrupted``; running again resumes it.
     """
     config.check()
     transcoders.check_model(model.n_layers, model.d_model)
@@ -151,7 +164,10 @@ def build_features(
             while contexts_done < needed:
                 if stop is not None and stop.is_set():
                     _checkpoint(connection, state, pending, contexts_done, config)
-                    raise BuildInterrupted(path, contexts_done * (config.context_length - 1))
+                    tokens = contexts_done * (config.context_length - 1)
+                    raise Interrupted(
+                        f"stopped after {tokens:,} tokens, saved in {path}; run the same command to resume"
+                    )
                 batch = _take(contexts, min(config.batch_size, needed - contexts_done))
                 if batch is None:
                     exhausted = True
@@ -182,13 +198,6 @@ def build_features(
     return BuildReport(path, tokens, contexts_done, short, dead, exhausted, seconds, finish_seconds)
 
 
-class BuildInterrupted(CircuitmapError):
-    """A build stopped on request after saving its progress."""
-
-    def __init__(self, path: Path, tokens: int):
-        super().__init__(f"stopped after {tokens:,} tokens, saved in {path}; run the same command to resume")
-
-
 def _open_or_create(
     path: Path,
     model: Model,
@@ -216,7 +225,7 @@ def _open_or_create(
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "status": "building",
-        "fingerprint": schema.fingerprint(transcoders),
+        "fingerprint": transcoders.fingerprint(),
         "model": model_name or model.name,
         "transcoders": transcoders_name or "transcoders",
         "kind": transcoders.kind,

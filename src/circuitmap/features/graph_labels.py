@@ -7,14 +7,15 @@ text came from.
 
 from __future__ import annotations
 
-from circuitmap.features.logit_lens import FEATURE_TYPE, feature_of
+from circuitmap.features.logit_lens import FEATURE_TYPE
 from circuitmap.features.store import FeatureStore
+from circuitmap.graphs.ids import parse_feature_id
 
 
 def unlabelled_features(document: dict) -> list[tuple[dict, tuple[int, int]]]:
     """The feature nodes of a viewer document whose ``clerp`` is empty, each with its (layer, feature)."""
     return [
-        (node, feature_of(node["node_id"]))
+        (node, parse_feature_id(node["node_id"])[:2])
         for node in document.get("nodes", [])
         if isinstance(node, dict) and node.get("feature_type") == FEATURE_TYPE and not node.get("clerp")
     ]

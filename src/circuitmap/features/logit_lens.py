@@ -17,6 +17,7 @@ import torch
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs.export import FEATURE_TYPES
 from circuitmap.graphs.graph import NodeKind
+from circuitmap.graphs.ids import parse_feature_id
 from circuitmap.models.adapters import get_module
 from circuitmap.models.model import Model
 from circuitmap.transcoders import CrossLayerTranscoder, Transcoders
@@ -135,15 +136,7 @@ def _named(model: Model, ids: torch.Tensor, values: torch.Tensor) -> list[tuple[
 def add_logit_lens(document: dict, model: Model, transcoders: Transcoders, k: int = 10) -> dict:
     """Give each feature node of a viewer document (``graph_json``) its ``lens``; returns the document."""
     nodes = [node for node in document["nodes"] if node["feature_type"] == FEATURE_TYPE]
-    features = [feature_of(node["node_id"]) for node in nodes]
+    features = [parse_feature_id(node["node_id"])[:2] for node in nodes]
     for node, lens in zip(nodes, logit_lens(model, transcoders, features, k), strict=True):
         node["lens"] = lens.as_json()
     return document
-
-
-def feature_of(node_id: str) -> tuple[int, int]:
-    """(layer, feature index) of a feature node id ``{layer}_{feature}_{position}``."""
-    parts = node_id.split("_")
-    if len(parts) != 3 or not all(part.isdigit() for part in parts):
-        raise CircuitmapError(f"{node_id!r} is not a feature node id (layer_feature_position)")
-    return int(parts[0]), int(parts[1])

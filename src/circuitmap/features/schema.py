@@ -6,11 +6,8 @@ column changes meaning. A reader refuses a file written with a newer version, or
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from pathlib import Path
-
-import torch
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.transcoders import Transcoders
@@ -75,28 +72,6 @@ CREATE VIRTUAL TABLE search USING fts5 (label, tokens, tokenize = 'unicode61 rem
 """
 
 
-def fingerprint(transcoders: Transcoders) -> str:
-    """A hash that tells transcoder sets apart: kind, shapes, activation and a sample of every layer's
-    weights (encoder bias, first and last encoder and decoder rows) rounded to float32, so that the same
-    set loaded in another precision keeps its database."""
-    digest = hashlib.sha256()
-    described = (
-        f"{transcoders.kind} {transcoders.n_layers} {transcoders.d_features} {transcoders.d_model} "
-        f"{transcoders.activation_name} {transcoders.k}"
-    )
-    digest.update(described.encode())
-    ends = torch.tensor([0, transcoders.d_features - 1], device=transcoders.device)
-    with torch.no_grad():
-        for layer in range(transcoders.n_layers):
-            for tensor in (
-                transcoders.layers[layer].b_enc,
-                transcoders.encoder_vectors(layer, ends),
-                transcoders.decoder_vectors(layer, ends),
-            ):
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def connect(path: str | Path, *, readonly: bool) -> sqlite3.Connection:
     """Open a feature database (read-only through a URI when asked; never creates a file then)."""
     path = Path(path)
@@ -140,7 +115,7 @@ def read_meta(connection: sqlite3.Connection, path: str | Path) -> dict[str, str
 
 def check_transcoders(meta: dict[str, str], transcoders: Transcoders, path: str | Path) -> None:
     """Refuse a database built for another transcoder set, naming both."""
-    expected = fingerprint(transcoders)
+    expected = transcoders.fingerprint()
     if meta.get("fingerprint") != expected:
         raise CircuitmapError(
             f"{path}: built for another transcoder set ({meta.get('transcoders', '?')}, fingerprint "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import sys
 import threading
 import zlib
 from dataclasses import dataclass, field, fields
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from circuitmap.cache import default_database_path
 from circuitmap.errors import CircuitmapError
 from circuitmap.features import schema
 from circuitmap.transcoders import Transcoders
@@ -94,6 +96,32 @@ class FeatureDashboard:
         data["labels"] = [_fields(label) for label in self.labels]
         return data
 
+    def as_text(self, contexts: int = 5) -> str:
+        """A plain-text dashboard: label, statistics, lens, input tokens and the top ``contexts`` contexts
+        with the peak token in [brackets]."""
+        label = self.label
+        title = (
+            "(no label)"
+            if label is None
+            else f"{label.text}  [{label.source}"
+            + (f", confidence {label.confidence:.2f}]" if label.confidence is not None else "]")
+        )
+        lines = [
+            f"layer {self.layer} feature {self.feature}: {title}",
+            f"density {self.density:.3e} ({self.active_tokens:,} tokens), max {self.max_activation:.4g}, "
+            f"mean when active {self.mean_activation:.4g}",
+            "promotes: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in self.output_top[:8]),
+            "suppresses: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in self.output_bottom[:8]),
+            "input tokens: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in self.input_top[:8]),
+            "top contexts:",
+        ]
+        for example in self.top_examples[:contexts]:
+            text = "".join(
+                f"[{token}]" if i == example.peak else token for i, token in enumerate(example.tokens)
+            ).replace("\n", "⏎")
+            lines.append(f"  {example.max_activation:8.4g}  {text}")
+        return "\n".join(lines)
+
 
 def _fields(instance) -> dict:
     """A dataclass instance's fields as a dict, lists copied (one level)."""
@@ -149,6 +177,24 @@ class FeatureStore:
         self.histogram_edges: list[float] = json.loads(self.meta["histogram_edges"])
         self.quantiles = int(self.meta["quantiles"])
         self._vocab: list[str] | None = None
+
+    @classmethod
+    def open_for(cls, transcoders: Transcoders | None, path: str | Path | None = None) -> FeatureStore | None:
+        """The database to label ``transcoders``' features with: ``path`` (refused when built for another
+        set), else the set's default database when it exists and is usable (a note on stderr when it is not),
+        else None."""
+        if path is not None:
+            return cls(path, transcoders=transcoders)
+        if transcoders is None:
+            return None
+        default = default_database_path(transcoders)
+        if not default.is_file():
+            return None
+        try:
+            return cls(default, transcoders=transcoders)
+        except CircuitmapError as error:
+            print(f"warning: the default feature database is not used: {error}", file=sys.stderr)
+            return None
 
     def close(self) -> None:
         self._connection.close()

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from circuitmap.errors import CircuitmapError
+from circuitmap.errors import CircuitmapError, GraphExportError
 from circuitmap.graphs import pruning
 from circuitmap.graphs.files import atomic_write
 from circuitmap.graphs.graph import Graph, NodeKind
@@ -77,10 +77,6 @@ FEATURE_TYPES = {
 _SLUG_LENGTH = 64
 
 
-class GraphExportError(CircuitmapError):
-    """A graph cannot be exported as asked (unknown node ids, bad thresholds, non-finite values)."""
-
-
 def json_schema() -> dict:
     """The JSON Schema (draft 2020-12) of the documents ``graph_json`` builds; shipped as package data."""
     text = resources.files("circuitmap.graphs").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
@@ -90,11 +86,12 @@ def json_schema() -> dict:
 def export_graph_json(
     graph: Graph,
     path: str | Path,
+    config: pruning.PruneConfig | None = None,
     *,
     slug: str | None = None,
     scan: str | None = None,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
+    node_threshold: float | None = None,
+    edge_threshold: float | None = None,
     prune: bool = True,
     pinned: Sequence[str] = (),
     supernodes: Sequence[Sequence[str]] = (),
@@ -107,6 +104,7 @@ def export_graph_json(
     """
     document = graph_json(
         graph,
+        config,
         slug=slug,
         scan=scan,
         node_threshold=node_threshold,
@@ -137,11 +135,12 @@ def write_graph_json(document: dict, path: str | Path) -> Path:
 
 def graph_json(
     graph: Graph,
+    config: pruning.PruneConfig | None = None,
     *,
     slug: str | None = None,
     scan: str | None = None,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
+    node_threshold: float | None = None,
+    edge_threshold: float | None = None,
     prune: bool = True,
     pinned: Sequence[str] = (),
     supernodes: Sequence[Sequence[str]] = (),
@@ -149,13 +148,18 @@ def graph_json(
 ) -> dict:
     """The viewer document of ``graph`` as a dict (see the module docstring for every field).
 
-    ``prune``: export the nodes and edges kept by ``pruning.prune(graph, node_threshold, edge_threshold)``
-    (default), or the whole graph. ``pinned``: node ids to pin. ``supernodes``: groups given as
-    ``[label, id, …]``. ``labels``: clerps by node id, overriding ``graph.labels``.
+    ``prune``: export the nodes and edges kept by ``pruning.prune`` with ``config`` (default
+    ``PruneConfig()``; ``node_threshold`` and ``edge_threshold`` override it), or the whole graph.
+    ``pinned``: node ids to pin. ``supernodes``: groups given as ``[label, id, …]``. ``labels``: clerps by
+    node id, overriding ``graph.labels``.
     """
-    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if not 0.0 < value <= 1.0:
-            raise GraphExportError(f"{name} must be in (0, 1], got {value}")
+    config = (config or pruning.PruneConfig()).with_changes(
+        node_threshold=node_threshold, edge_threshold=edge_threshold
+    )
+    try:
+        config.check()
+    except CircuitmapError as error:
+        raise GraphExportError(str(error)) from None
     if not np.all(np.isfinite(graph.weights)):
         raise GraphExportError("graph has non-finite edge weights: it cannot be pruned or written as JSON")
     ids = node_ids(graph)
@@ -167,7 +171,7 @@ def graph_json(
     _checked_ids("labels", list(labels), index_of)
 
     if prune:
-        kept = pruning.prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+        kept = pruning.prune(graph, config)
         node_mask, edge_mask, influence = kept.node_mask, kept.edge_mask, kept.influence
         node_mask, edge_mask = _with_forced(graph, node_mask, edge_mask, [index_of[i] for i in pinned_ids])
     else:
@@ -200,8 +204,8 @@ def graph_json(
         "scan": scan if scan is not None else graph.model_name,
         "prompt": graph.prompt,
         "prompt_tokens": list(graph.token_strings),
-        "node_threshold": float(node_threshold),
-        "edge_threshold": float(edge_threshold),
+        "node_threshold": float(config.node_threshold),
+        "edge_threshold": float(config.edge_threshold),
         "schema_version": SCHEMA_VERSION,
         "pruned": bool(prune),
         "model": graph.model_name,

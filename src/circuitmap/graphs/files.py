@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from circuitmap.errors import CircuitmapError
+from circuitmap.errors import GraphFileError
 from circuitmap.graphs.graph import Graph, NodeKind
 
 GRAPH_FILE_VERSION = 1
@@ -51,10 +51,6 @@ _METADATA_FIELDS: dict[str, type] = {
     "info": dict,
 }
 _LIST_ITEMS: dict[str, type] = {"tokens": int, "token_strings": str, "target_names": str}
-
-
-class GraphFileError(CircuitmapError):
-    """A graph file is missing, unreadable, from a newer version, or holds an inconsistent graph."""
 
 
 def graph_file_path(path: str | Path) -> Path:

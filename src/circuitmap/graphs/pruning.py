@@ -51,9 +51,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from circuitmap.config import Settings
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.ids import index_by_id
+
+
+@dataclass(frozen=True)
+class PruneConfig(Settings):
+    """How much of a graph pruning keeps (see the module docstring)."""
+
+    node_threshold: float = 0.8
+    """Share of the feature and error nodes' influence on the targets the kept ones carry, in (0, 1]."""
+    edge_threshold: float = 0.98
+    """Share of the influence-weighted flow among the kept nodes that the kept edges carry, in (0, 1]."""
+
+    def check(self) -> None:
+        """Thresholds are cumulative fractions: in (0, 1]; NaN fails too."""
+        _check_threshold("node_threshold", self.node_threshold)
+        _check_threshold("edge_threshold", self.edge_threshold)
 
 
 @dataclass
@@ -99,10 +115,22 @@ def node_influence(graph: Graph, edge_mask: np.ndarray | None = None) -> np.ndar
     return _propagate(rows, sources, flow, _start(graph))
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
-    """Keep the nodes and edges that carry most of the influence on the targets (see the module docstring)."""
-    _check_threshold("node_threshold", node_threshold)
-    _check_threshold("edge_threshold", edge_threshold)
+def prune(
+    graph: Graph,
+    config: PruneConfig | None = None,
+    *,
+    node_threshold: float | None = None,
+    edge_threshold: float | None = None,
+) -> PruneResult:
+    """Keep the nodes and edges that carry most of the influence on the targets (see the module docstring).
+
+    Thresholds come from ``config`` (default ``PruneConfig()``); keywords given override it.
+    """
+    config = (config or PruneConfig()).with_changes(
+        node_threshold=node_threshold, edge_threshold=edge_threshold
+    )
+    config.check()
+    node_threshold, edge_threshold = config.node_threshold, config.edge_threshold
     rows = graph.target_indices()
     sources = graph.indices.astype(np.intp, copy=False)
     flow = _normalize(graph, rows)[0]

@@ -22,8 +22,9 @@ from circuitmap.errors import CircuitmapError
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.ids import index_by_id
 from circuitmap.graphs.pruning import node_influence
+from circuitmap.interventions.apply import clean_run
 from circuitmap.interventions.edits import FeatureEdit, Supernode
-from circuitmap.interventions.intervene import clean_run, intervene
+from circuitmap.interventions.intervene import intervene
 from circuitmap.models import Model
 from circuitmap.transcoders import Transcoders
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from circuitmap.errors import CircuitmapError
+from circuitmap.graphs.graph import Graph, NodeKind
+from circuitmap.graphs.ids import feature_id, index_by_id, is_feature_id, parse_feature_id
 
 OPERATIONS = ("set", "scale", "add")
-NODE_ID = re.compile(r"^(\d+)_(\d+)_(\d+|\*)$")
 
 FeatureRef = str | tuple[int, int | None, int]
 
@@ -118,17 +118,33 @@ class ResolvedFeatureEdit:
         return current + self.value
 
 
+def feature_supernodes(
+    graph: Graph, saved: Sequence[tuple[str, Sequence[str]]]
+) -> tuple[dict[str, Supernode], dict[str, int]]:
+    """Supernodes saved with a graph (``GraphFolder.saved_supernodes``) as ``Supernode``s of their members
+    that are feature nodes of ``graph`` (the explorer also groups error, token and logit nodes), by name;
+    and, by name, how many members each left out. A group with no feature member is left out whole."""
+    index_of = index_by_id(graph)
+    groups, left_out = {}, {}
+    for name, members in saved:
+        features = [m for m in members if m in index_of and graph.kind[index_of[m]] == NodeKind.FEATURE]
+        if len(features) < len(members):
+            left_out[name] = len(members) - len(features)
+        if features:
+            groups[name] = Supernode(name, features)
+    return groups, left_out
+
+
 def parse_feature(ref: FeatureRef) -> tuple[int, int | None, int]:
     """``(layer, position, index)`` of a node id or tuple; a clear error for anything else."""
     if isinstance(ref, str):
-        match = NODE_ID.match(ref.strip())
-        if match is None:
+        if not is_feature_id(ref):
             raise CircuitmapError(
                 f"{ref!r} is not a feature node id: expected layer_index_position (e.g. 7_960_4), "
                 "or layer_index_* for every position"
             )
-        layer, index, position = match.groups()
-        return int(layer), None if position == "*" else int(position), int(index)
+        layer, index, position = parse_feature_id(ref)
+        return layer, position, index
     if isinstance(ref, tuple) and len(ref) == 3:
         layer, position, index = ref
         if all(isinstance(v, int) for v in (layer, index)) and (
@@ -142,7 +158,7 @@ def _ref_text(ref: FeatureRef) -> str:
     if isinstance(ref, str):
         return ref
     layer, position, index = parse_feature(ref)
-    return f"{layer}_{index}_{'*' if position is None else position}"
+    return feature_id(layer, index, position)
 
 
 def _finite(edit: FeatureEdit) -> float:
@@ -158,10 +174,11 @@ def _finite(edit: FeatureEdit) -> float:
 
 
 def resolve_feature_edits(
-    edits: Sequence[Edit], n_layers: int, d_features: int, n_tokens: int
+    edits: Sequence[Edit], n_layers: int, d_features: int, n_tokens: int | None
 ) -> list[ResolvedFeatureEdit]:
     """Expand supernodes and check every feature edit: operation, finite value, layer, index and position
-    in range (negative positions count from the end of the prompt), no feature twice in one edit."""
+    in range (negative positions count from the end of the prompt; without a prompt, ``n_tokens`` None,
+    positions must be absolute), no feature twice in one edit."""
     resolved = []
     for edit in edits:
         if isinstance(edit, ResidualEdit):
@@ -187,11 +204,7 @@ def resolve_feature_edits(
                     f"feature {name}: index {index} is out of range (the set has {d_features} per layer)"
                 )
             if position is not None:
-                if not -n_tokens <= position < n_tokens:
-                    raise CircuitmapError(
-                        f"feature {name}: position {position} is beyond the {n_tokens}-token prompt"
-                    )
-                position %= n_tokens
+                position = _absolute(position, n_tokens, f"feature {name}")
             positions = seen.setdefault((layer, index), set())
             if position in positions or None in positions or (position is None and positions):
                 raise CircuitmapError(f"edit '{edit.describe()}' names feature {name} twice")
@@ -203,9 +216,11 @@ def resolve_feature_edits(
     return resolved
 
 
-def residual_edits(edits: Sequence[Edit], n_layers: int, d_model: int, n_tokens: int) -> list[ResidualEdit]:
+def residual_edits(
+    edits: Sequence[Edit], n_layers: int, d_model: int, n_tokens: int | None
+) -> list[ResidualEdit]:
     """The residual edits, checked: layer, point, vector width and finiteness, positions within the prompt
-    (negative positions count from its end)."""
+    (negative positions count from its end; without a prompt, ``n_tokens`` None, they must be absolute)."""
     checked = []
     for edit in edits:
         if not isinstance(edit, ResidualEdit):
@@ -233,13 +248,21 @@ def residual_edits(edits: Sequence[Edit], n_layers: int, d_model: int, n_tokens:
                 raise CircuitmapError(
                     "residual edit: positions are None (every position) or integers"
                 ) from None
-            bad = [p for p in positions if not -n_tokens <= p < n_tokens]
-            if bad:
-                raise CircuitmapError(
-                    f"residual edit: position {bad[0]} is beyond the {n_tokens}-token prompt"
-                )
             if not positions:
                 raise CircuitmapError("residual edit: the list of positions is empty")
-            positions = tuple(p % n_tokens for p in positions)
+            positions = tuple(_absolute(p, n_tokens, "residual edit") for p in positions)
         checked.append(ResidualEdit(edit.layer, vector, positions, edit.point))
     return checked
+
+
+def _absolute(position: int, n_tokens: int | None, what: str) -> int:
+    """A position within the prompt as a non-negative index (negative ones count from the prompt's end)."""
+    if n_tokens is None:
+        if position < 0:
+            raise CircuitmapError(
+                f"{what}: position {position} counts from the end of a prompt; give the prompt"
+            )
+        return position
+    if not -n_tokens <= position < n_tokens:
+        raise CircuitmapError(f"{what}: position {position} is beyond the {n_tokens}-token prompt")
+    return position % n_tokens

@@ -11,7 +11,7 @@ Two modes:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -19,15 +19,15 @@ import torch
 
 from circuitmap.attribution.targets import token_id
 from circuitmap.errors import CircuitmapError
-from circuitmap.interventions.apply import CleanRun, EditHooks
-from circuitmap.interventions.edits import (
-    Edit,
-    FeatureEdit,
-    ResidualEdit,
-    ResolvedFeatureEdit,
-    residual_edits,
-    resolve_feature_edits,
+from circuitmap.interventions.apply import (
+    EditHandle,
+    EditHooks,
+    as_list,
+    check_active,
+    clean_run,
+    prepare_edits,
 )
+from circuitmap.interventions.edits import Edit
 from circuitmap.models import Model
 from circuitmap.transcoders import Transcoders
 
@@ -134,55 +134,6 @@ class InterventionResult:
         }
 
 
-def clean_run(model: Model, transcoders: Transcoders, ids: torch.Tensor) -> tuple[torch.Tensor, CleanRun]:
-    """The last position's logits and the clean run's MLP inputs, outputs, feature activations and
-    read-out."""
-    with model.capturing(["mlp_in", "mlp_out", "final_norm"]) as cache:
-        logits = model.logits(ids)[0, -1]
-    mlp_in = [cache["mlp_in", layer][0] for layer in range(model.n_layers)]
-    mlp_out = [cache["mlp_out", layer][0] for layer in range(model.n_layers)]
-    with torch.no_grad():
-        pre = [transcoders.pre_activations(layer, x) for layer, x in enumerate(mlp_in)]
-        acts = [transcoders.activate(layer, p) for layer, p in enumerate(pre)]
-    return logits, CleanRun(mlp_in, mlp_out, pre, acts, cache["final_norm", None][0, -1])
-
-
-def check_active(features: Sequence[ResolvedFeatureEdit], clean: CleanRun) -> None:
-    """A clear error for an edit that needs an active feature (see ``needs_active``) but names an inactive
-    one."""
-    for edit in features:
-        if edit.needs_active and clean.acts[edit.layer][edit.position, edit.index] == 0:
-            raise CircuitmapError(
-                f"feature {edit.source} is not active on this prompt (layer {edit.layer}, position "
-                f"{edit.position}, index {edit.index}); only 'set' or 'add' on a (layer, position, index) "
-                "can switch a feature on"
-            )
-
-
-def as_list(edits: Iterable[Edit] | Edit) -> list[Edit]:
-    """One edit or any iterable of edits, as a list."""
-    if isinstance(edits, (FeatureEdit, ResidualEdit)):
-        return [edits]
-    try:
-        return list(edits)
-    except TypeError:
-        raise CircuitmapError(f"cannot apply {edits!r}: edits are FeatureEdit or ResidualEdit") from None
-
-
-def prepare_edits(
-    model: Model, transcoders: Transcoders, edits: list[Edit], ids: torch.Tensor
-) -> tuple[list[ResolvedFeatureEdit], list[ResidualEdit]]:
-    """Resolve the edits and check them against the model, the transcoders and the prompt's length."""
-    if ids.shape[0] != 1:
-        raise CircuitmapError(f"interventions run one prompt at a time, got a batch of {ids.shape[0]}")
-    transcoders.check_model(model.n_layers, model.d_model)
-    transcoders.to(device=model.device, dtype=model.dtype)
-    n_tokens = ids.shape[1]
-    features = resolve_feature_edits(edits, transcoders.n_layers, transcoders.d_features, n_tokens)
-    residual = residual_edits(edits, model.n_layers, model.d_model, n_tokens)
-    return features, residual
-
-
 def intervene(
     model: Model,
     transcoders: Transcoders,
@@ -218,10 +169,10 @@ def intervene(
         if constrained:
             logits_before, clean = clean_run(model, transcoders, ids)
         check_active(features, clean)
-        hooks = EditHooks(
+        recorded = EditHooks(
             transcoders, features, residual, constrained=clean if constrained else None, record=True
         )
-        stack.enter_context(model.hooks(*hooks.hooks()))
+        stack.enter_context(EditHandle(model, recorded))
         logits_after = model.logits(ids)[0, -1]
     return _result(
         model,
@@ -232,19 +183,13 @@ def intervene(
         logits_before,
         logits_after,
         clean,
-        hooks,
+        recorded,
         targets,
         top_k,
     )
 
 
-def _top(model: Model, ids: torch.Tensor, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
-    probs = logits.double().softmax(-1)
-    values, indices = probs.topk(min(k, probs.numel()))
-    return [(model.decode_after(ids, [i]), float(p)) for i, p in zip(indices.tolist(), values, strict=True)]
-
-
-def _result(model, ids, prompt, mode, edits, logits_before, logits_after, clean, hooks, targets, top_k):
+def _result(model, ids, prompt, mode, edits, logits_before, logits_after, clean, recorded, targets, top_k):
     if targets is None:
         target_ids = list(dict.fromkeys([int(logits_before.argmax()), int(logits_after.argmax())]))
     else:
@@ -270,14 +215,14 @@ def _result(model, ids, prompt, mode, edits, logits_before, logits_after, clean,
         logits_before=_kept(logits_before),
         logits_after=_kept(logits_after),
         readout_before=clean.readout.detach().cpu().double(),
-        readout_after=hooks.readout.detach().cpu().double(),
-        top_before=_top(model, ids, logits_before, top_k),
-        top_after=_top(model, ids, logits_after, top_k),
+        readout_after=recorded.readout.detach().cpu().double(),
+        top_before=model.top_tokens(ids, logits_before, top_k),
+        top_after=model.top_tokens(ids, logits_after, top_k),
         targets=changes,
         pre_activations_before=[_kept(p) for p in clean.pre],
-        pre_activations_after=[_kept(p) for p in hooks.pre],
+        pre_activations_after=[_kept(p) for p in recorded.pre],
         activations_before=[_kept(a) for a in clean.acts],
-        activations_after=[_kept(a) for a in hooks.acts],
+        activations_after=[_kept(a) for a in recorded.acts],
     )
 
 

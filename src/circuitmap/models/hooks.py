@@ -20,7 +20,7 @@ attention registry under the name ``circuitmap``; everything else uses ordinary 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -143,6 +143,51 @@ def hook_output(module: nn.Module, fn: TensorFn) -> torch.utils.hooks.RemovableH
         return None if new is None else _replace_first(output, new)
 
     return module.register_forward_hook(post_hook)
+
+
+class HookHandle:
+    """Hooks installed on a model until ``remove()``; also a context manager that removes them on exit."""
+
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]):
+        self._handles = handles
+
+    def remove(self) -> None:
+        """Take the hooks out (a second call does nothing)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> HookHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def add_vector(
+    resid: torch.Tensor, vector: torch.Tensor, positions: Sequence[int] | None, offset: int = 0
+) -> torch.Tensor:
+    """``resid`` ``[B, n, d]`` plus ``vector`` at ``positions`` (None: every position).
+
+    Positions are absolute; ``offset`` is the position of the pass's first token (a KV-cached pass feeds a
+    few tokens only): positions outside the pass are left alone, except in a pass from position 0, where a
+    position beyond its end is an error. Negative positions count from the end of a pass from position 0.
+    """
+    delta = vector.to(device=resid.device, dtype=resid.dtype)
+    if positions is None:
+        return resid + delta
+    n_tokens = resid.shape[1]
+    local = []
+    for position in positions:
+        if offset == 0 and not -n_tokens <= position < n_tokens:
+            raise CircuitmapError(f"position {position} is beyond the {n_tokens}-token input")
+        here = position % n_tokens if offset == 0 else position - offset
+        if 0 <= here < n_tokens:
+            local.append(here)
+    if not local:
+        return resid
+    resid = resid.clone()
+    resid[:, local] += delta
+    return resid
 
 
 class HookPoints:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from circuitmap.cache import gguf_cache_folder
 from circuitmap.errors import CircuitmapError, ModelLoadError
 from circuitmap.models.model import Model
 
@@ -27,11 +27,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$CIRCUITMAP_CACHE`` or ``~/.cache/circuitmap``."""
-    return Path(os.environ.get("CIRCUITMAP_CACHE") or Path.home() / ".cache" / "circuitmap")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -140,12 +135,6 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0]
 
 
-def _gguf_cache_folder(path: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{path.stem}-{key}"
-
-
 def load_gguf(path: Path, dtype: torch.dtype):
     """Load a GGUF file through transformers, caching the dequantised weights as safetensors.
 
@@ -158,7 +147,7 @@ def load_gguf(path: Path, dtype: torch.dtype):
     with path.open("rb") as handle:
         if handle.read(4) != b"GGUF":
             raise ModelLoadError(f"{path}: not a GGUF file (wrong magic bytes)")
-    cached = _gguf_cache_folder(path)
+    cached = gguf_cache_folder(path)
     if (cached / "complete.json").is_file():
         try:
             tok = AutoTokenizer.from_pretrained(cached)

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models.adapters import Adapter, adapter_for, get_module
+from circuitmap.models.generation import PositionCallback, generate_ids, sampling_generator, stop_ids
 from circuitmap.models.hooks import (
     ATTENTION_IMPLEMENTATION,
     LAYER_POINTS,
     MODEL_POINTS,
     FrozenState,
+    HookHandle,
     HookPoints,
     TensorFn,
+    add_vector,
     freeze,
     register_attention,
 )
@@ -120,12 +123,19 @@ class Model:
         """Logits for ``input_ids`` with gradients enabled (for attribution and tests)."""
         return self.hf_model(input_ids=input_ids, use_cache=False).logits
 
+    def top_tokens(self, ids: torch.Tensor, logits: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` most likely tokens after ``ids`` under next-token ``logits`` ``[vocab]``, with their
+        probabilities (computed in float64), each decoded in context."""
+        probs = logits.detach().double().softmax(-1)
+        values, indices = probs.topk(min(k, probs.numel()))
+        return [
+            (self.decode_after(ids, [i]), float(p)) for i, p in zip(indices.tolist(), values, strict=True)
+        ]
+
     def top_next_tokens(self, text: Inputs, k: int = 10) -> list[tuple[str, float]]:
         """The ``k`` most likely next tokens after ``text`` with their probabilities."""
         ids = self.encode(text)
-        probs = self.logits(ids)[0, -1].float().softmax(-1)
-        values, indices = probs.topk(min(k, probs.numel()))
-        return [(self.decode_after(ids, [i]), float(p)) for i, p in zip(indices, values, strict=True)]
+        return self.top_tokens(ids, self.logits(ids)[0, -1], k)
 
     def generate(
         self,
@@ -134,26 +144,25 @@ class Model:
         greedy: bool = True,
         temperature: float = 1.0,
         seed: int | None = None,
+        *,
+        before_forward: PositionCallback | None = None,
     ) -> str:
-        """Continue ``text`` and return only the new text (greedy by default)."""
+        """Continue ``text`` and return only the new text: greedy by default, else sampled at ``temperature``
+        (seeded with ``seed``, on a private generator). ``before_forward(start)`` is called before each
+        forward pass with the position of its first token (see ``circuitmap.models.generation``)."""
         ids = self.encode(text)
-        if seed is not None:
-            torch.manual_seed(seed)
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id
-        with torch.no_grad():
-            out = self.hf_model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=not greedy,
-                temperature=temperature if not greedy else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-            )
-        return self.decode_after(ids, out[0, ids.shape[1] :])
+        generator = None if greedy else sampling_generator(self.device, seed)
+        new = generate_ids(
+            self.hf_model,
+            ids,
+            max_new_tokens,
+            greedy=greedy,
+            temperature=temperature,
+            generator=generator,
+            stop=stop_ids(self.hf_model, self.tokenizer),
+            before_forward=before_forward,
+        )
+        return self.decode_after(ids, new[0])
 
     def run_with_cache(
         self, inputs: Inputs, points: Sequence[str] = LAYER_POINTS + MODEL_POINTS
@@ -189,20 +198,29 @@ class Model:
         with self.hooks(*hooks):
             yield cache
 
-    @contextmanager
-    def hooks(self, *hooks: tuple[str, int | None, TensorFn]) -> Iterator[None]:
-        """Install ``(point, layer, fn)`` hooks inside the context; ``fn`` may return a replacement tensor."""
-        with ExitStack() as stack:
+    def add_hooks(self, *hooks: tuple[str, int | None, TensorFn]) -> HookHandle:
+        """Install ``(point, layer, fn)`` hooks until the returned handle's ``remove()``; ``fn`` may return a
+        replacement tensor. ``hooks`` is the same as a context manager."""
+        handles = []
+        try:
             for point, layer, fn in hooks:
-                stack.enter_context(self.points.install(point, layer, fn))
-            yield
+                handles.append(self.points.install(point, layer, fn))
+        except BaseException:
+            HookHandle(handles).remove()
+            raise
+        return HookHandle(handles)
 
-    def patch_mlp_output(
-        self, layer: int, replacement: torch.Tensor | TensorFn
-    ) -> AbstractContextManager[None]:
-        """Context: replace layer ``layer``'s MLP output by a tensor or by ``fn(clean_output)``."""
+    @contextmanager
+    def hooks(self, *hooks: tuple[str, int | None, TensorFn]) -> Iterator[HookHandle]:
+        """Context: ``add_hooks`` on entry, removed on exit."""
+        with self.add_hooks(*hooks) as handle:
+            yield handle
+
+    def patch_mlp_output(self, layer: int, replacement: torch.Tensor | TensorFn) -> HookHandle:
+        """Replace layer ``layer``'s MLP output by a tensor or by ``fn(clean_output)`` until the handle is
+        removed (or, used with ``with``, inside the block)."""
         fn = replacement if callable(replacement) else (lambda current: replacement.expand_as(current))
-        return self.hooks(("mlp_out", layer, fn))
+        return self.add_hooks(("mlp_out", layer, fn))
 
     def add_to_residual(
         self,
@@ -210,24 +228,13 @@ class Model:
         vector: torch.Tensor,
         positions: Sequence[int] | None = None,
         point: str = "resid_pre",
-    ):
-        """Context: add ``vector`` to the residual at ``layer`` (all positions, or only ``positions``)."""
+    ) -> HookHandle:
+        """Add ``vector`` to the residual at ``layer`` (all positions, or only ``positions``; negative ones
+        count from the end of the input) until the handle is removed (or, used with ``with``, inside the
+        block)."""
         if point not in ("resid_pre", "resid_post"):
             raise CircuitmapError(f"add_to_residual acts on resid_pre or resid_post, not {point!r}")
-
-        def add(resid: torch.Tensor) -> torch.Tensor:
-            delta = vector.to(device=resid.device, dtype=resid.dtype)
-            if positions is None:
-                return resid + delta
-            n_tokens = resid.shape[1]
-            bad = [p for p in positions if not -n_tokens <= p < n_tokens]
-            if bad:
-                raise CircuitmapError(f"position {bad[0]} is beyond the {n_tokens}-token input")
-            resid = resid.clone()
-            resid[:, list(positions)] += delta
-            return resid
-
-        return self.hooks((point, layer, add))
+        return self.add_hooks((point, layer, lambda resid: add_vector(resid, vector, positions)))
 
     def freeze(
         self, inputs: Inputs, *, attention: bool = True, norms: bool = True, mlps: bool = False

@@ -42,13 +42,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from circuitmap import __version__
-from circuitmap.errors import CircuitmapError
+from circuitmap.errors import CircuitmapError, StoreError
 from circuitmap.features.graph_labels import add_feature_labels, unlabelled_features
 from circuitmap.features.schema import check_transcoders
 from circuitmap.features.store import FeatureStore, current_label
 from circuitmap.server.interventions import run_on_graph
 from circuitmap.server.jobs import Engine, Jobs
-from circuitmap.server.store import GraphStore, StoreError
+from circuitmap.server.store import GraphStore
 
 MAX_BODY = 2 * 2**20
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})

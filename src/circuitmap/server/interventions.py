@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
+from circuitmap.errors import StoreError
 from circuitmap.graphs.export import FEATURE_TYPES
 from circuitmap.graphs.graph import NodeKind
 from circuitmap.interventions import FeatureEdit, Supernode, generate_with, intervene
 from circuitmap.interventions.edits import OPERATIONS
 from circuitmap.interventions.intervene import MODES
 from circuitmap.server.jobs import Engine
-from circuitmap.server.store import MAX_IDS, MAX_LABEL, GraphStore, StoreError
+from circuitmap.server.store import MAX_IDS, MAX_LABEL, GraphStore
 
 MAX_EDITS = 64
 DEFAULT_NEW_TOKENS = 20

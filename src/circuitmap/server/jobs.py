@@ -1,11 +1,11 @@
 """Compute graphs for the explorer in the background: one worker thread, a queue, progress and cancel.
 
 The ``Engine`` holds the model and transcoders the server was started with. Jobs run one at a time (the model
-is not shared between threads); each reports its stage and rows done through ``attribute``'s progress
-callback, which is also where a cancel request takes effect: the callback raises, the computation unwinds
-and nothing is written. A finished graph is written to a hidden folder and renamed into the graph folder,
-so the list never shows half a graph. With a feature database, every feature node is written with its
-feature's current label.
+is not shared between threads) through the graph pipeline (``circuitmap.pipeline``); each reports its stage
+and rows done through ``attribute``'s progress callback, and its cancel event is the computation's stop
+event: the computation ends after its current batch and nothing is written. A finished graph folder is
+written as one unit, so the list never shows half a graph. With a feature database, every feature node is
+written with its feature's current label.
 """
 
 from __future__ import annotations
@@ -15,38 +15,39 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from circuitmap.attribution import attribute
-from circuitmap.errors import CircuitmapError
-from circuitmap.features import FeatureStore, add_logit_lens
-from circuitmap.features.graph_labels import add_feature_labels
-from circuitmap.graphs.export import graph_json, prompt_slug, write_graph_json
+from circuitmap.attribution import AttributionConfig
+from circuitmap.errors import CircuitmapError, Interrupted, StoreError
+from circuitmap.features import FeatureStore
+from circuitmap.graphs.export import prompt_slug
+from circuitmap.graphs.pruning import PruneConfig
 from circuitmap.models import Model
-from circuitmap.server.store import DOCUMENT, FULL_GRAPH, GraphStore, StoreError, check_name
+from circuitmap.pipeline import compute_graph
+from circuitmap.server.store import GraphStore, check_name
 from circuitmap.transcoders import Transcoders
 
 MAX_PROMPT = 4000
 MAX_JOBS_KEPT = 50
 
 
-class JobCancelled(Exception):
-    """Raised inside a running computation when its job is cancelled."""
-
-
 @dataclass
 class Engine:
-    """The model and transcoders graphs are computed with, and the export settings of new graphs."""
+    """The model and transcoders graphs are computed with, and the settings of new graphs."""
 
     model: Model
+    """The model the server computes graphs and interventions with."""
     transcoders: Transcoders
+    """Its transcoder set."""
     model_spec: str
+    """How the model was named when loaded (shown in the page)."""
     transcoders_spec: str
-    node_threshold: float = 0.8
-    edge_threshold: float = 0.98
-    max_feature_nodes: int | None = None
-    lens_tokens: int = 10
+    """How the transcoder set was named when loaded (shown in the page)."""
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    """Settings of the graphs computed from the page."""
+    pruning: PruneConfig = field(default_factory=PruneConfig)
+    """How those graphs are pruned into their viewer documents."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Held while the model runs: one computation at a time."""
 
     def __post_init__(self) -> None:
         self.transcoders.check_model(self.model.n_layers, self.model.d_model)
@@ -149,7 +150,7 @@ class Jobs:
             job.state, job.message = "running", "starting"
             try:
                 job.graph = self._run(job)
-            except JobCancelled:
+            except Interrupted:
                 job.state, job.message = "cancelled", "cancelled"
             except CircuitmapError as error:
                 job.state, job.error, job.message = "failed", str(error), "failed"
@@ -164,35 +165,22 @@ class Jobs:
         engine = self.engine
 
         def progress(stage: str, done: int, total: int) -> None:
-            if job.cancel.is_set():
-                raise JobCancelled
             job.stage, job.done, job.total = stage, done, total
             job.message = f"{stage}: {done:,} of {total:,} rows"
 
         with engine.lock:
-            graph = attribute(
+            computed = compute_graph(
                 engine.model,
                 engine.transcoders,
                 job.prompt,
-                max_feature_nodes=engine.max_feature_nodes,
-                progress=progress,
-            )
-            job.message = "pruning and writing"
-            document = graph_json(
-                graph,
+                engine.attribution,
+                engine.pruning,
+                features=self.features,
                 slug=job.name,
-                node_threshold=engine.node_threshold,
-                edge_threshold=engine.edge_threshold,
+                progress=progress,
+                stop=job.cancel,
             )
-            add_logit_lens(document, engine.model, engine.transcoders, engine.lens_tokens)
         if job.cancel.is_set():
-            raise JobCancelled
-        if self.features is not None:
-            add_feature_labels(document, self.features)
-
-        def write(folder: Path, name: str) -> None:
-            document["metadata"]["slug"] = name
-            graph.save(folder / FULL_GRAPH)
-            write_graph_json(document, folder / DOCUMENT)
-
-        return self.store.add(job.name, write)
+            raise Interrupted("cancelled")
+        job.message = "writing"
+        return self.store.add(job.name, computed.graph, computed.document)

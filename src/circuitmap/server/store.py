@@ -1,8 +1,7 @@
-"""The graph folder the explorer serves: one sub-folder per graph, holding its viewer JSON.
+"""The folder of graphs the explorer serves: one graph folder (``graphs.folder``) per graph.
 
-Layout: ``<root>/<name>/graph.json`` (the viewer document, ``graphs.export``) and, when the full graph was
-kept, ``<root>/<name>/graph.safetensors`` (``graphs.files``), which makes subgraph scores exact. This is what
-``circuitmap attribute --out <root>/<name>`` writes.
+Layout: ``<root>/<name>/`` holds the viewer document and, when the full graph was kept, the full graph,
+which makes subgraph scores exact. This is what ``circuitmap attribute --out <root>/<name>`` writes.
 
 Names are 1–100 letters, digits, ``.``, ``_`` or ``-``, not starting with ``.``; a graph folder or file that
 is a symbolic link is refused, so nothing outside ``root`` is ever read or written. Writes are atomic (a
@@ -15,22 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from circuitmap.errors import CircuitmapError
+from circuitmap.errors import CircuitmapError, StoreError
 from circuitmap.graphs.export import FEATURE_TYPES, write_graph_json
 from circuitmap.graphs.files import load_graph
+from circuitmap.graphs.folder import DOCUMENT_FILE, GRAPH_FILE, GraphFolder
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.pruning import Scores, subgraph_scores
 
-DOCUMENT = "graph.json"
-FULL_GRAPH = "graph.safetensors"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 MAX_LABEL = 500
 MAX_IDS = 20_000
@@ -43,14 +39,6 @@ VIEW_FIELDS = {
 }
 _TARGET_TYPE = FEATURE_TYPES[NodeKind.TARGET]
 _CACHED_GRAPHS = 2
-
-
-class StoreError(CircuitmapError):
-    """A request on the graph folder cannot be done; ``status`` is the HTTP status that says why."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -106,7 +94,7 @@ class GraphStore:
         return path if path.is_file() and not path.is_symlink() else None
 
     def _document_path(self, name: str) -> Path:
-        path = self._file(name, DOCUMENT)
+        path = self._file(name, DOCUMENT_FILE)
         if path is None:
             raise StoreError(f"no graph named {name!r}", 404)
         return path
@@ -119,8 +107,8 @@ class GraphStore:
             if NAME_PATTERN.fullmatch(entry.name)
             and not entry.is_symlink()
             and entry.is_dir()
-            and (entry / DOCUMENT).is_file()
-            and not (entry / DOCUMENT).is_symlink()
+            and (entry / DOCUMENT_FILE).is_file()
+            and not (entry / DOCUMENT_FILE).is_symlink()
         )
 
     def read(self, name: str) -> tuple[bytes, str]:
@@ -137,7 +125,7 @@ class GraphStore:
         try:
             return json.loads(data), revision
         except (ValueError, RecursionError) as error:
-            raise StoreError(f"graph {name!r} has an unreadable {DOCUMENT}: {error}", 500) from None
+            raise StoreError(f"graph {name!r} has an unreadable {DOCUMENT_FILE}: {error}", 500) from None
 
     def summaries(self) -> list[Summary]:
         """A summary of every readable graph, newest first (unreadable ones are skipped)."""
@@ -175,7 +163,7 @@ class GraphStore:
                 n_nodes=metadata.get("n_nodes") or {"exported": len(document["nodes"])},
                 n_edges=metadata.get("n_edges") or {"exported": len(document["links"])},
                 scores=metadata.get("scores") or {},
-                exact_scores=self._file(name, FULL_GRAPH) is not None,
+                exact_scores=self._file(name, GRAPH_FILE) is not None,
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise StoreError(f"graph {name!r} is not a viewer document: missing {error}", 500) from None
@@ -215,7 +203,7 @@ class GraphStore:
                 raise StoreError(f"a graph named {new_name!r} already exists", 409)
             source.rename(target)
             document["metadata"]["slug"] = new_name
-            write_graph_json(document, target / DOCUMENT)
+            write_graph_json(document, target / DOCUMENT_FILE)
             self._forget(name)
             return new_name
 
@@ -224,7 +212,7 @@ class GraphStore:
         with self._lock:
             folder = self.folder(name)
             self._document_path(name)
-            for file_name in (DOCUMENT, FULL_GRAPH):
+            for file_name in (DOCUMENT_FILE, GRAPH_FILE):
                 path = folder / file_name
                 if path.is_file() or path.is_symlink():
                     path.unlink()
@@ -232,22 +220,15 @@ class GraphStore:
                 folder.rmdir()
             self._forget(name)
 
-    def add(self, name: str, write: Callable[[Path, str], None]) -> str:
-        """Create graph ``name`` (or ``name-2``, ``name-3`` … if taken) by ``write(folder, chosen_name)`` into
-        a temporary folder that is renamed into place when complete; returns the name used."""
+    def add(self, name: str, graph: Graph, document: dict) -> str:
+        """Create graph ``name`` (or ``name-2``, ``name-3`` … if taken) from a full graph and its viewer
+        document, written as one unit (``GraphFolder.write``); returns the name used, which is also the
+        document's slug."""
         check_name(name)
         with self._lock:
-            staging = self.root / f".incoming-{name}-{threading.get_ident()}"
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir()
-            try:
-                chosen = self._free_name(name)
-                write(staging, chosen)
-                staging.rename(self.root / chosen)
-            finally:
-                if staging.exists():
-                    shutil.rmtree(staging)
+            chosen = self._free_name(name)
+            document["metadata"]["slug"] = chosen
+            GraphFolder(self.root / chosen).write(graph, document)
             return chosen
 
     def _free_name(self, name: str) -> str:
@@ -260,8 +241,8 @@ class GraphStore:
 
     def scores(self, name: str, pinned: list[str], supernodes: list[list[str]]) -> Scores:
         """Exact replacement and completeness of a subgraph, from the full graph (404 without one)."""
-        if self._file(name, FULL_GRAPH) is None:
-            raise StoreError(f"graph {name!r} has no full graph ({FULL_GRAPH}) to score subgraphs on", 404)
+        if self._file(name, GRAPH_FILE) is None:
+            raise StoreError(f"graph {name!r} has no full graph ({GRAPH_FILE}) to score subgraphs on", 404)
         graph = self.full_graph(name)
         members = [*_id_list("pinnedIds", pinned), *_members(supernodes)]
         try:
@@ -271,9 +252,9 @@ class GraphStore:
 
     def full_graph(self, name: str) -> Graph:
         """The full graph of ``name``, kept in a small cache keyed by its file's revision."""
-        path = self._file(name, FULL_GRAPH)
+        path = self._file(name, GRAPH_FILE)
         if path is None:
-            raise StoreError(f"graph {name!r} has no full graph ({FULL_GRAPH})", 404)
+            raise StoreError(f"graph {name!r} has no full graph ({GRAPH_FILE})", 404)
         stat = path.stat()
         key = (name, f"{stat.st_mtime_ns}-{stat.st_size}")
         with self._cache_lock:

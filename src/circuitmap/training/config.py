@@ -7,8 +7,9 @@ run with N processes see exactly the batches of a single process (see ``circuitm
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, field
 
+from circuitmap.config import Settings
 from circuitmap.errors import CircuitmapError
 
 KINDS = ("plt", "skip-plt", "clt")
@@ -17,34 +18,59 @@ SPARSITY_PENALTIES = ("l0", "tanh")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """One training run. ``n_tokens`` counts training tokens (pairs per layer) over all processes."""
+class TrainConfig(Settings):
+    """One training run."""
 
-    kind: str = "plt"
-    activation: str = "topk"
+    kind: str = field(default="plt", metadata={"choices": KINDS})
+    """plt (per-layer), skip-plt (per-layer with a linear skip path) or clt (cross-layer)."""
+    activation: str = field(default="topk", metadata={"choices": ACTIVATIONS})
+    """topk, jumprelu (learned thresholds, straight-through gradient) or relu (L1 penalty)."""
     d_features: int = 2048
+    """Features per layer."""
     k: int = 32
+    """Active features per token (topk)."""
     n_tokens: int = 200_000
+    """Training tokens (token pairs per layer), over all processes and passes."""
     epochs: int = 1
+    """Passes over the collected text: n_tokens / epochs tokens are collected once, then reshuffled."""
     batch_size: int = 1024
+    """Tokens per optimiser step, over all processes."""
     lr: float = 2e-3
+    """Peak learning rate (Adam)."""
     warmup_steps: int = 20
+    """Steps of linear learning-rate warm-up."""
     decay_fraction: float = 0.2
+    """Share of the steps, at the end, over which the learning rate decays linearly to zero."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this norm."""
     context_length: int = 128
+    """Tokens per context, BOS included."""
     model_batch_size: int = 16
+    """Contexts per forward pass while collecting activations."""
     chunk_contexts: int = 64
+    """Contexts whose token pairs are shuffled together."""
     groups: int = 1
+    """Shuffle groups each chunk is dealt into (a multiple of the process count; fixes the batches)."""
     aux_k: int = 64
+    """Dead features the auxiliary loss revives per token."""
     aux_coef: float = 1 / 32
+    """Weight of the auxiliary loss."""
     dead_tokens: int = 50_000
+    """A feature silent for this many tokens counts as dead."""
     sparsity_coef: float = 1e-3
-    sparsity_penalty: str = "tanh"
+    """Weight of the sparsity penalty (jumprelu and relu)."""
+    sparsity_penalty: str = field(default="tanh", metadata={"choices": SPARSITY_PENALTIES})
+    """JumpReLU's penalty: tanh (of decoder-norm-weighted activations) or l0."""
     sparsity_warmup: float = 0.5
+    """Share of the steps over which the sparsity penalty ramps up."""
     tanh_scale: float = 4.0
+    """Scale inside the tanh penalty."""
     jumprelu_bandwidth: float = 0.05
+    """Bandwidth of the straight-through estimator of JumpReLU thresholds."""
     init_threshold: float = 0.1
+    """Initial JumpReLU threshold."""
     seed: int = 0
+    """Seed of the weights, the shuffles and sampled text."""
 
     @property
     def skip(self) -> bool:
@@ -104,20 +130,6 @@ class TrainConfig:
                 f"{self.batch_size}: raise chunk_contexts"
             )
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CircuitmapError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**values)
-
-    def with_changes(self, **changes) -> TrainConfig:
-        return replace(self, **{key: value for key, value in changes.items() if value is not None})
-
 
 PRESETS: dict[str, TrainConfig] = {
     "quick": TrainConfig(
@@ -148,3 +160,15 @@ def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise CircuitmapError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def training_config(preset_name: str | None = None, processes: int = 1, **changes) -> TrainConfig:
+    """The settings of a run, checked: the named preset (or the defaults) with ``changes`` (None keeps a
+    setting). Unless ``groups`` is given, a preset of one group gets one group per process, so that a run on
+    N processes sees the batches of one process with N groups."""
+    base = preset(preset_name) if preset_name else TrainConfig()
+    if changes.get("groups") is None and base.groups == 1:
+        changes["groups"] = processes
+    config = base.with_changes(**changes)
+    config.check()
+    return config

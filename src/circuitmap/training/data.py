@@ -22,7 +22,9 @@ import torch
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
+from circuitmap.models.generation import generate_ids, sampling_generator
 from circuitmap.training.activations import collect_pairs, pack_contexts
+from circuitmap.training.corpus import iter_documents
 
 PAIR_DTYPE = torch.bfloat16
 CACHE_FORMAT = 1
@@ -47,6 +49,14 @@ class CorpusContexts:
         self._stream: Iterator[torch.Tensor] | None = None
         self._position = 0
         self._last: tuple[int, int, torch.Tensor | None] | None = None
+
+    @classmethod
+    def from_sources(
+        cls, tokenizer, sources: list[str], context_length: int, text_field: str = "text"
+    ) -> CorpusContexts:
+        """Contexts of the documents of corpus ``sources`` (files, folders, globs, ``hf:`` datasets)."""
+        description = "corpus:" + "|".join(sources) + f":{text_field}"
+        return cls(lambda: iter_documents(sources, text_field), tokenizer, context_length, description)
 
     def _restart(self) -> None:
         self._stream = pack_contexts(self._documents(), self._tokenizer, self._context_length)
@@ -145,32 +155,47 @@ def sample_contexts(
         start = model.tokenizer.eos_token_id
     if start is None:
         raise CircuitmapError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    points = ["mlp_in", "mlp_out"] if with_pairs else []
+    generator = sampling_generator(model.device, seed)
     all_ids, all_pairs = [], []
     for first in range(0, count, batch_size):
-        n = min(batch_size, count - first)
-        tokens = torch.full((n, 1), start, dtype=torch.long, device=model.device)
-        ids, pairs = [tokens], []
-        past = None
-        with model.capturing(points) as cache:
-            for position in range(length):
-                output = model.hf_model(input_ids=tokens, past_key_values=past, use_cache=True)
-                past = output.past_key_values
-                if with_pairs and position > 0:
-                    layers = range(model.n_layers)
-                    step = [torch.cat([cache["mlp_in", i], cache["mlp_out", i]], dim=1) for i in layers]
-                    pairs.append(torch.stack(step, dim=1).to(PAIR_DTYPE).cpu())
-                if position == length - 1:
-                    break
-                probs = (output.logits[:, -1].float() / temperature).softmax(-1)
-                tokens = torch.multinomial(probs, 1, generator=generator)
-                ids.append(tokens)
-        all_ids.append(torch.cat(ids, dim=1).cpu())
-        if with_pairs:
-            all_pairs.append(torch.stack(pairs, dim=1).flatten(0, 1))
+        starts = torch.full((min(batch_size, count - first), 1), start, dtype=torch.long, device=model.device)
+        ids, pairs = _sample_batch(model, starts, length, temperature, generator, with_pairs)
+        all_ids.append(ids)
+        all_pairs.append(pairs)
     contexts = torch.cat(all_ids)
     return (contexts, torch.cat(all_pairs)) if with_pairs else contexts
+
+
+def _sample_batch(
+    model: Model,
+    starts: torch.Tensor,
+    length: int,
+    temperature: float,
+    generator: torch.Generator,
+    with_pairs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Contexts ``[n, length]`` continuing ``starts`` ``[n, 1]``, and with ``with_pairs`` the MLP pairs of
+    every position but the first, read from the forward passes that choose the tokens."""
+    pairs = []
+
+    def keep_pairs(position: int) -> None:
+        if position > 0:
+            step = [torch.cat([cache["mlp_in", i], cache["mlp_out", i]], 1) for i in range(model.n_layers)]
+            pairs.append(torch.stack(step, dim=1).to(PAIR_DTYPE).cpu())
+
+    with model.capturing(["mlp_in", "mlp_out"] if with_pairs else []) as cache:
+        new = generate_ids(
+            model.hf_model,
+            starts,
+            length - 1,
+            greedy=False,
+            temperature=temperature,
+            generator=generator,
+            feed_last=with_pairs,
+            after_forward=keep_pairs if with_pairs else None,
+        )
+    ids = torch.cat([starts, new], dim=1).cpu()
+    return ids, torch.stack(pairs, dim=1).flatten(0, 1) if with_pairs else None
 
 
 class ActivationCache:

@@ -15,6 +15,26 @@ import torch.distributed as dist
 from circuitmap.errors import CircuitmapError
 
 
+def world_size() -> int:
+    """The number of processes of the run torchrun started (1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and reports (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_device(device: str | None) -> str | None:
+    """The device of this process: under torchrun on GPUs, the GPU of its local rank; else ``device``."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or world_size() == 1:
+        return device
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return device
+
+
 @dataclass
 class ProcessGroup:
     """This process's rank and the world size; ``main`` is the process that writes files."""
@@ -29,7 +49,7 @@ class ProcessGroup:
     @classmethod
     def from_environment(cls, device: torch.device) -> ProcessGroup:
         """Join the run torchrun started (``WORLD_SIZE`` > 1), or stand alone."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size()
         if world == 1:
             return cls()
         if not dist.is_initialized():

@@ -8,6 +8,7 @@ model's behaviour the replacement keeps.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -15,7 +16,11 @@ import torch
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
+from circuitmap.training.data import CorpusContexts
 from circuitmap.transcoders import Transcoders
+
+EVAL_CONTEXT_LENGTH = 128
+"""Tokens per context (BOS included) when a corpus is measured."""
 
 
 @dataclass
@@ -118,3 +123,28 @@ def evaluate_transcoders(
         kl=kl / tokens,
         tokens=tokens,
     )
+
+
+def evaluate_corpus(
+    model: Model,
+    transcoders: Transcoders,
+    sources: list[str],
+    *,
+    n_tokens: int = 50_000,
+    text_field: str = "text",
+    context_length: int = EVAL_CONTEXT_LENGTH,
+) -> Evaluation:
+    """``evaluate_transcoders`` on the first ``n_tokens`` tokens of corpus ``sources``, packed into
+    contexts of ``context_length``; a warning on stderr when the corpus holds fewer."""
+    contexts = CorpusContexts.from_sources(model.tokenizer, sources, context_length, text_field)
+    n_contexts = -(-n_tokens // (context_length - 1))
+    evaluation = evaluate_transcoders(
+        model, transcoders, contexts.heldout(0, n_contexts, n_contexts), n_tokens=n_tokens
+    )
+    if evaluation.tokens < n_tokens:
+        print(
+            f"circuitmap: warning: the corpus holds {evaluation.tokens:,} tokens, fewer than the "
+            f"{n_tokens:,} requested; measured on what exists",
+            file=sys.stderr,
+        )
+    return evaluation

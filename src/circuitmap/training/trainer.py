@@ -7,18 +7,17 @@ loss. With ``epochs`` > 1 the run collects ``n_tokens / epochs`` tokens once, ke
 cache (the run folder's unless one is given) and passes over them again, reshuffled within each chunk.
 
 The run folder holds ``training.json`` (settings), ``training_log.jsonl`` (metrics every ``log_every`` steps)
-and a checkpoint, written atomically at most ``checkpoint_seconds`` apart and on SIGINT or SIGTERM.
+and a checkpoint, written atomically at most ``checkpoint_seconds`` apart and when the run is stopped.
 When training ends the folder is replaced by the transcoder set, the log and ``metrics.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
-import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from circuitmap.errors import CircuitmapError
+from circuitmap.errors import CircuitmapError, Interrupted, TrainingDiverged
 from circuitmap.models import Model
 from circuitmap.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from circuitmap.training.config import TrainConfig
@@ -41,20 +40,13 @@ from circuitmap.training.data import (
     model_identity,
 )
 from circuitmap.training.distributed import ProcessGroup
+from circuitmap.training.evaluate import evaluate_transcoders
 from circuitmap.training.trainable import Standardiser, TrainableTranscoders
 from circuitmap.transcoders import Transcoders
 
 RUN_NAME = "training.json"
 LOG_NAME = "training_log.jsonl"
 METRICS_NAME = "metrics.json"
-
-
-class TrainingInterrupted(CircuitmapError):
-    """Training stopped on a signal after writing a checkpoint."""
-
-
-class TrainingDiverged(CircuitmapError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -202,27 +194,6 @@ def _fit_standardiser(pairs: list[torch.Tensor], group: ProcessGroup, d_model: i
     return Standardiser.from_sums(sums, squares, float(count), d_model)
 
 
-class _StopFlag:
-    """Set by SIGINT or SIGTERM; the loop stops at the end of the current step."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _notice(group: ProcessGroup, message: str) -> None:
     if group.main:
         tqdm.write(message, file=sys.stderr)
@@ -253,8 +224,13 @@ def train_transcoders(
     checkpoint_seconds: float = 300.0,
     log_every: int = 10,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
-    """Train a transcoder set on the pairs of ``contexts`` and save it (with its log) to ``out``."""
+    """Train a transcoder set on the pairs of ``contexts`` and save it (with its log) to ``out``.
+
+    Setting ``stop`` (from a signal handler, another thread…) ends the run after the current step: a
+    checkpoint is written and ``Interrupted`` raised; ``resume=True`` continues from there. In a distributed
+    run the first process to see its event set stops them all."""
     config.check()
     started = time.monotonic()
     group = ProcessGroup.from_environment(model.device)
@@ -361,7 +337,7 @@ def train_transcoders(
 
     exhausted = False
     loss = math.nan
-    with _StopFlag() as stop, bar:
+    with bar:
         while step < total_steps:
             data_chunk = chunk_index % chunks_per_epoch if config.epochs > 1 else chunk_index
             pairs = chunks.chunk(data_chunk)
@@ -422,10 +398,10 @@ def train_transcoders(
                 bar.update(config.batch_size)
                 if step % log_every == 0 or step == total_steps:
                     reported = log_window(float(stats[0]))
-                stop_now = group.max(torch.tensor([float(stop.raised)]))
+                stop_now = group.max(torch.tensor([float(stop is not None and stop.is_set())]))
                 if bool(stop_now[0]):
                     checkpoint()
-                    raise TrainingInterrupted(
+                    raise Interrupted(
                         f"interrupted at step {step:,} of {total_steps:,}; the checkpoint is saved: "
                         "run the same command with --resume to continue"
                     )
@@ -464,3 +440,23 @@ def train_transcoders(
         _finish_folder(out, transcoders, result.summary())
     group.barrier()
     return result
+
+
+def evaluate_heldout(
+    model: Model,
+    result: TrainResult,
+    contexts: CorpusContexts | SampledContexts,
+    out: str | Path,
+    n_tokens: int,
+) -> dict:
+    """Measure a finished run's set on ``n_tokens`` tokens of text it never saw (the chunks after its last),
+    add the report to the run's ``metrics.json`` under ``heldout`` and return it."""
+    config = TrainConfig.from_dict(result.config)
+    n_contexts = -(-n_tokens // (config.context_length - 1))
+    heldout = contexts.heldout(result.next_chunk, config.chunk_contexts, n_contexts)
+    report = evaluate_transcoders(model, result.transcoders, heldout, n_tokens=n_tokens).report()
+    path = Path(out) / METRICS_NAME
+    metrics = json.loads(path.read_text())
+    metrics["heldout"] = report
+    path.write_text(json.dumps(metrics, indent=2))
+    return report

@@ -8,6 +8,7 @@ disk until first use, so decoders are not part of `state_dict()`; `save()` write
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -343,6 +344,26 @@ class Transcoders(nn.Module):
             )
         acts = [self.encode(i, x) for i, x in enumerate(inputs)]
         return [self.decode(acts, m) + self.skip(m, x) for m, x in enumerate(inputs)]
+
+    def fingerprint(self) -> str:
+        """A hash that tells transcoder sets apart: kind, shapes, activation and a sample of every layer's
+        weights (encoder bias, first and last encoder and decoder rows) rounded to float32, so that the same
+        set loaded in another precision or on another device has the same fingerprint."""
+        digest = hashlib.sha256()
+        described = (
+            f"{self.kind} {self.n_layers} {self.d_features} {self.d_model} {self.activation_name} {self.k}"
+        )
+        digest.update(described.encode())
+        ends = torch.tensor([0, self.d_features - 1], device=self.device)
+        with torch.no_grad():
+            for layer in range(self.n_layers):
+                for tensor in (
+                    self._layer(layer).b_enc,
+                    self.encoder_vectors(layer, ends),
+                    self.decoder_vectors(layer, ends),
+                ):
+                    digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
         """Write the set to `folder` in the circuit-tracer layout (see `circuitmap.transcoders.io`)."""

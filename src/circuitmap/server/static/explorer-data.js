@@ -11,6 +11,35 @@
     logit: KIND.TARGET,
   };
 
+  // Node ids, as circuitmap/graphs/ids.py writes and reads them: features "layer_index_position" ("*" as
+  // the position: every position), error nodes "err_layer_position", tokens "E_token_position", logit
+  // targets "(nLayers + 1)_token_position", other targets "T_ordinal_position". Returns {kind, layer,
+  // index, position} (null where the id has no such part), or null for text that is no node id.
+  const NUMERIC_ID = /^(\d+)_(\d+)_(\d+|\*)$/;
+  const PREFIXED_ID = {
+    err: [KIND.ERROR, /^err_(\d+)_(\d+)$/],
+    E: [KIND.TOKEN, /^E_(\d+)_(\d+)$/],
+    T: [KIND.TARGET, /^T_(\d+)_(\d+)$/],
+  };
+  function parseNodeId(text, nLayers) {
+    const id = String(text).trim();
+    const numeric = NUMERIC_ID.exec(id);
+    if (numeric) {
+      const layer = Number(numeric[1]);
+      const kind = nLayers !== undefined && layer === nLayers + 1 ? KIND.TARGET : KIND.FEATURE;
+      const position = numeric[3] === "*" ? null : Number(numeric[3]);
+      if (position === null && kind !== KIND.FEATURE) return null;
+      return { kind, layer, index: Number(numeric[2]), position };
+    }
+    const prefixed = PREFIXED_ID[id.split("_", 1)[0]];
+    const match = prefixed ? prefixed[1].exec(id) : null;
+    if (!match) return null;
+    const [kind, first, position] = [prefixed[0], Number(match[1]), Number(match[2])];
+    return kind === KIND.ERROR
+      ? { kind, layer: first, index: null, position }
+      : { kind, layer: null, index: first, position };
+  }
+
   // The viewer document indexed for drawing and queries: one slot per node, one per link.
   class Graph {
     constructor(doc) {
@@ -144,10 +173,10 @@
       return list.sort((a, b) => Math.abs(this.weight[b]) - Math.abs(this.weight[a]));
     }
 
-    // Feature index of a feature node: the middle part of its id.
+    // Feature index of a feature node (null for other nodes).
     featureIndex(i) {
-      const parts = this.ids[i].split("_");
-      return parts.length === 3 ? Number(parts[1]) : null;
+      const ref = parseNodeId(this.ids[i], this.nLayers);
+      return ref && ref.kind === KIND.FEATURE ? ref.index : null;
     }
 
     // Per node, whether the view's thresholds and toggles show it (tokens and targets always shown).
@@ -417,6 +446,7 @@
   Object.assign(cm, {
     KIND,
     KIND_NAMES,
+    parseNodeId,
     Graph,
     stateFromDocument,
     normalizeState,

@@ -1,29 +1,31 @@
-"""The ``features`` commands: build a transcoder set's feature database, and read, search and label it."""
+"""``features``: build a transcoder set's feature database, and read, search, label and export it."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
-import signal
+import os
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from circuitmap.errors import CircuitmapError
-from circuitmap.features import (
-    BuildConfig,
-    FeatureDashboard,
-    FeatureStore,
-    build_features,
-    default_database_path,
+from circuitmap.cache import default_database_path
+from circuitmap.cli import (
+    add_model_args,
+    add_settings,
+    load_model_from_args,
+    positive_int,
+    settings_from,
+    stop_on_signals,
 )
-from circuitmap.features.build import BuildInterrupted
+from circuitmap.errors import CircuitmapError
+from circuitmap.features import BuildConfig, FeatureStore, build_features
+from circuitmap.features.llm_labels import build_prompt, label_features
+from circuitmap.features.neuronpedia import export_neuronpedia
+from circuitmap.transcoders import load_transcoders
 
 
-def add_feature_commands(commands, add_model_args: Callable, load: Callable, positive_int: Callable) -> None:
-    """Register ``circuitmap features build|show|search|label|export|label-llm``."""
+def register(commands) -> None:
     parser = commands.add_parser("features", help="feature dashboards and labels of a transcoder set")
     sub = parser.add_subparsers(dest="features_command", required=True, metavar="COMMAND")
 
@@ -37,40 +39,24 @@ def add_feature_commands(commands, add_model_args: Callable, load: Callable, pos
         help="text/jsonl file, folder, glob or hf:dataset (repeatable)",
     )
     build.add_argument("--db", help="database file (default: the cache, named by the set's fingerprint)")
-    defaults = BuildConfig()
-    build.add_argument(
-        "--tokens", type=positive_int, default=defaults.tokens, help="tokens to read (default 1M)"
-    )
-    build.add_argument("--context-length", type=positive_int, default=defaults.context_length)
-    build.add_argument(
-        "--batch-size", type=positive_int, default=defaults.batch_size, help="contexts per batch"
-    )
-    build.add_argument("--top", type=positive_int, default=defaults.top, help="top contexts kept per feature")
-    build.add_argument(
-        "--samples", type=positive_int, default=defaults.samples, help="contexts sampled across quantiles"
-    )
-    build.add_argument("--quantiles", type=positive_int, default=defaults.quantiles)
-    build.add_argument(
-        "--window", type=positive_int, default=defaults.window, help="tokens shown per context"
-    )
-    build.add_argument("--seed", type=int, default=defaults.seed)
+    add_settings(build, BuildConfig)
     build.add_argument(
         "--checkpoint-minutes", type=float, default=5.0, help="how often progress is saved (default 5)"
     )
-    build.set_defaults(run=lambda args: _cmd_build(args, load))
+    build.set_defaults(run=_build)
 
     show = sub.add_parser("show", help="print one feature's dashboard")
     show.add_argument("db", help="feature database file")
     show.add_argument("layer", type=int)
     show.add_argument("feature", type=int)
     show.add_argument("--json", action="store_true", help="print the dashboard as JSON")
-    show.set_defaults(run=_cmd_show)
+    show.set_defaults(run=_show)
 
     search = sub.add_parser("search", help="find features by label or token (or LAYER/FEATURE)")
     search.add_argument("db", help="feature database file")
     search.add_argument("text")
     search.add_argument("--limit", type=positive_int, default=20)
-    search.set_defaults(run=_cmd_search)
+    search.set_defaults(run=_search)
 
     label = sub.add_parser("label", help="set a feature's manual label (empty text clears it)")
     label.add_argument("db", help="feature database file")
@@ -78,7 +64,7 @@ def add_feature_commands(commands, add_model_args: Callable, load: Callable, pos
     label.add_argument("feature", type=int)
     label.add_argument("text")
     label.add_argument("--author", help="who labelled it (default: the user name)")
-    label.set_defaults(run=_cmd_label)
+    label.set_defaults(run=_label)
 
     export = sub.add_parser("export", help="write features in Neuronpedia's layout")
     export.add_argument("db", help="feature database file")
@@ -93,7 +79,7 @@ def add_feature_commands(commands, add_model_args: Callable, load: Callable, pos
     )
     export.add_argument("--creator-id", help="your Neuronpedia user id, for creatorId and authorId")
     export.add_argument("--no-progress", action="store_true")
-    export.set_defaults(run=_cmd_export)
+    export.set_defaults(run=_export)
 
     llm = sub.add_parser("label-llm", help="label features with a model behind an OpenAI-compatible endpoint")
     llm.add_argument("db", help="feature database file")
@@ -111,7 +97,7 @@ def add_feature_commands(commands, add_model_args: Callable, load: Callable, pos
     llm.add_argument("--relabel", action="store_true", help="also features with a manual or LLM label")
     llm.add_argument("--dry-run", action="store_true", help="print the first prompt and send nothing")
     llm.add_argument("--no-progress", action="store_true")
-    llm.set_defaults(run=_cmd_label_llm)
+    llm.set_defaults(run=_label_llm)
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
@@ -137,43 +123,27 @@ def _selection(args: argparse.Namespace, store: FeatureStore) -> list[tuple[int,
     return store.checked(chosen)
 
 
-def _cmd_build(args: argparse.Namespace, load: Callable) -> int:
-    from circuitmap.transcoders import load_transcoders
-
-    config = BuildConfig(
-        tokens=args.tokens,
-        context_length=args.context_length,
-        batch_size=args.batch_size,
-        top=args.top,
-        samples=args.samples,
-        quantiles=args.quantiles,
-        window=args.window,
-        before=min(args.window * 3 // 4, args.window - 1),
-        seed=args.seed,
-    )
+def _build(args: argparse.Namespace) -> int:
+    config = BuildConfig().with_changes(**settings_from(args, BuildConfig))
     config.check()
     if args.checkpoint_minutes <= 0:
         raise CircuitmapError(f"--checkpoint-minutes must be positive, got {args.checkpoint_minutes}")
-    model = load(args)
+    model = load_model_from_args(args)
     transcoders = load_transcoders(args.transcoders, device=model.device)
     path = Path(args.db) if args.db else default_database_path(transcoders)
     print(f"feature database: {path}", file=sys.stderr)
-    with _stop_on_signals() as stop:
-        try:
-            report = build_features(
-                model,
-                transcoders,
-                args.corpus,
-                path,
-                config,
-                model_name=args.model,
-                transcoders_name=str(args.transcoders),
-                checkpoint_seconds=args.checkpoint_minutes * 60,
-                stop=stop,
-            )
-        except BuildInterrupted as error:
-            print(f"circuitmap: {error}", file=sys.stderr)
-            return 130
+    with stop_on_signals() as stop:
+        report = build_features(
+            model,
+            transcoders,
+            args.corpus,
+            path,
+            config,
+            model_name=args.model,
+            transcoders_name=str(args.transcoders),
+            checkpoint_seconds=args.checkpoint_minutes * 60,
+            stop=stop,
+        )
     if report.already_complete:
         print(f"{path} is already complete ({report.tokens:,} tokens); delete it to rebuild")
         return 0
@@ -186,67 +156,14 @@ def _cmd_build(args: argparse.Namespace, load: Callable) -> int:
     return 0
 
 
-@contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by Ctrl-C or SIGTERM, so the build saves its progress before it stops."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def request_stop(_signal, _frame) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        print("\nstopping after this batch (again to stop now)…", file=sys.stderr)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
+def _show(args: argparse.Namespace) -> int:
     with FeatureStore(args.db) as store:
         dashboard = store.get(args.layer, args.feature)
-    if args.json:
-        print(json.dumps(dashboard.as_json(), indent=1))
-    else:
-        print(describe(dashboard))
+    print(json.dumps(dashboard.as_json(), indent=1) if args.json else dashboard.as_text())
     return 0
 
 
-def describe(dashboard: FeatureDashboard, contexts: int = 5) -> str:
-    """A plain-text dashboard: label, statistics, lens, input tokens and the top contexts with the peak
-    token in [brackets]."""
-    label = dashboard.label
-    title = (
-        "(no label)"
-        if label is None
-        else f"{label.text}  [{label.source}"
-        + (f", confidence {label.confidence:.2f}]" if label.confidence is not None else "]")
-    )
-    lines = [
-        f"layer {dashboard.layer} feature {dashboard.feature}: {title}",
-        f"density {dashboard.density:.3e} ({dashboard.active_tokens:,} tokens), "
-        f"max {dashboard.max_activation:.4g}, "
-        f"mean when active {dashboard.mean_activation:.4g}",
-        "promotes: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in dashboard.output_top[:8]),
-        "suppresses: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in dashboard.output_bottom[:8]),
-        "input tokens: " + ", ".join(f"{token!r} {value:+.2f}" for token, value in dashboard.input_top[:8]),
-        "top contexts:",
-    ]
-    for example in dashboard.top_examples[:contexts]:
-        text = "".join(
-            f"[{token}]" if i == example.peak else token for i, token in enumerate(example.tokens)
-        ).replace("\n", "⏎")
-        lines.append(f"  {example.max_activation:8.4g}  {text}")
-    return "\n".join(lines)
-
-
-def _cmd_search(args: argparse.Namespace) -> int:
+def _search(args: argparse.Namespace) -> int:
     with FeatureStore(args.db) as store:
         hits = store.search(args.text, limit=args.limit)
     if not hits:
@@ -256,9 +173,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from circuitmap.features.neuronpedia import export_neuronpedia
-
+def _export(args: argparse.Namespace) -> int:
     with FeatureStore(args.db) as store:
         report = export_neuronpedia(
             store,
@@ -276,11 +191,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_label_llm(args: argparse.Namespace) -> int:
-    import os
-
-    from circuitmap.features.llm_labels import build_prompt, label_features
-
+def _label_llm(args: argparse.Namespace) -> int:
     with FeatureStore(args.db) as store:
         features = _selection(args, store)
         if features is None and not args.all:
@@ -312,9 +223,7 @@ def _cmd_label_llm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_label(args: argparse.Namespace) -> int:
-    import getpass
-
+def _label(args: argparse.Namespace) -> int:
     with FeatureStore(args.db) as store:
         label = store.set_label(args.layer, args.feature, args.text, author=args.author or getpass.getuser())
         current = store.label(args.layer, args.feature)

@@ -1,0 +1,139 @@
+"""A graph folder: what ``circuitmap attribute --out`` writes and the explorer serves, one folder per graph.
+
+- ``graph.safetensors``: the full graph (``graphs.files``), which makes subgraph scores and checks exact;
+- ``graph.json``: the pruned viewer document (``graphs.export``), with the explorer's saved state (pins,
+  supernodes, labels) in its ``qParams``.
+
+A folder is written as one unit: both files go into a hidden sibling folder, which then takes the place of
+the old one, so a reader never finds a new document beside an old graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from circuitmap.errors import GraphFileError
+from circuitmap.graphs.export import graph_json, write_graph_json
+from circuitmap.graphs.files import load_graph, save_graph
+from circuitmap.graphs.graph import Graph
+from circuitmap.graphs.pruning import PruneConfig
+
+GRAPH_FILE = "graph.safetensors"
+DOCUMENT_FILE = "graph.json"
+
+
+@dataclass(frozen=True)
+class GraphFolder:
+    """The folder of one graph (see the module docstring)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def graph_file(self) -> Path:
+        return self.path / GRAPH_FILE
+
+    @property
+    def document_file(self) -> Path:
+        return self.path / DOCUMENT_FILE
+
+    def has_graph(self) -> bool:
+        return self.graph_file.is_file()
+
+    def has_document(self) -> bool:
+        return self.document_file.is_file()
+
+    def read_graph(self) -> Graph:
+        """The full graph; a one-line error when the folder has none."""
+        if not self.has_graph():
+            raise GraphFileError(f"{self.path} holds no full graph ({GRAPH_FILE})")
+        return load_graph(self.graph_file)
+
+    def read_document(self) -> dict:
+        """The viewer document; a one-line error when it is missing or is not a viewer document."""
+        return read_document(self.document_file)
+
+    def saved_supernodes(self) -> list[tuple[str, list[str]]]:
+        """The supernodes saved in the document (``qParams.supernodes``) as ``(name, member ids)``; none
+        when the folder has no document. Malformed entries are skipped."""
+        if not self.has_document():
+            return []
+        q_params = self.read_document().get("qParams")
+        saved = q_params.get("supernodes") if isinstance(q_params, dict) else None
+        if not isinstance(saved, list):
+            return []
+        return [
+            (group[0], [str(member) for member in group[1:]])
+            for group in saved
+            if isinstance(group, list) and len(group) >= 2 and isinstance(group[0], str)
+        ]
+
+    def write(self, graph: Graph, document: dict) -> None:
+        """Write the full graph and the document as one unit, replacing what the folder held."""
+        if self.path.exists() and not self.path.is_dir():
+            raise GraphFileError(f"{self.path} exists and is not a folder")
+        parent = self.path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{self.path.name}.incoming-{uuid.uuid4().hex[:12]}"
+        try:
+            staging.mkdir()
+            save_graph(graph, staging / GRAPH_FILE)
+            write_graph_json(document, staging / DOCUMENT_FILE)
+            _sync_folder(staging)
+            if self.path.exists():
+                retired = parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
+                self.path.rename(retired)
+                staging.rename(self.path)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                staging.rename(self.path)
+            _sync_folder(parent)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def viewer_document(source: str | Path, pruning: PruneConfig | None = None) -> dict:
+    """The viewer document of a graph folder (its document, else its full graph pruned now), of a
+    ``graph.json`` file, or of a ``.safetensors`` graph file (pruned now with ``pruning``)."""
+    source = Path(source)
+    if source.is_dir():
+        folder = GraphFolder(source)
+        if not (folder.has_document() or folder.has_graph()):
+            raise GraphFileError(f"{source} holds neither {DOCUMENT_FILE} nor {GRAPH_FILE}")
+        source = folder.document_file if folder.has_document() else folder.graph_file
+    if not source.is_file():
+        raise GraphFileError(f"no graph at {source}")
+    if source.suffix == ".safetensors":
+        return graph_json(load_graph(source), pruning)
+    return read_document(source)
+
+
+def read_document(path: str | Path) -> dict:
+    """A viewer document read from ``path``; a one-line error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise GraphFileError(f"no viewer document at {path}")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise GraphFileError(f"{path} is not a viewer JSON document: {error}") from None
+    if not isinstance(document, dict) or not {"metadata", "nodes", "links"} <= set(document):
+        raise GraphFileError(f"{path} is not a viewer JSON document (it needs metadata, nodes and links)")
+    return document
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk, so that a rename into it survives a crash."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
