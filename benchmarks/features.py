@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from circuitmap import load_model, load_transcoders
-from circuitmap.cli_demo import quick_transcoders_folder
+from circuitmap.cache import quick_transcoders_folder
 from circuitmap.features import BuildConfig, FeatureStore, build_features
 from circuitmap.features.bookkeeping import LayerStatistics
 from circuitmap.models import DEFAULT_MODEL

@@ -21,7 +21,7 @@ from circuitmap import (
     load_model,
     load_transcoders,
 )
-from circuitmap.cli_demo import quick_transcoders_folder
+from circuitmap.cache import quick_transcoders_folder
 from circuitmap.graphs import NodeKind
 
 MODEL = "smollm2-135m"

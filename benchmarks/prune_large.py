@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from circuitmap.graphs.graph import Graph, NodeKind
-from circuitmap.graphs.pruning import graph_scores, prune
+from circuitmap.graphs.pruning import PruneConfig, graph_scores, prune
+
+DEFAULTS = PruneConfig()
 
 N_LAYERS, N_POSITIONS, N_TARGETS = 20, 50, 10
 
@@ -141,7 +143,8 @@ def main() -> None:
     total_s = [p + s for p, s in zip(prune_s, score_s, strict=True)]
 
     print(
-        f"prune (0.8, 0.98): kept {int(result.node_mask.sum()):,} nodes, "
+        f"prune ({DEFAULTS.node_threshold:g}, {DEFAULTS.edge_threshold:g}): "
+        f"kept {int(result.node_mask.sum()):,} nodes, "
         f"{int(result.edge_mask.sum()):,} edges; "
         f"replacement {scores.replacement:.4f}, completeness {scores.completeness:.4f} "
         f"(full graph {full.replacement:.4f}, {full.completeness:.4f})"

@@ -37,10 +37,10 @@ from circuitmap import (  # noqa: E402
     load_transcoders,
     prune,
 )
-from circuitmap.cli_demo import ensure_quick_transcoders  # noqa: E402
+from circuitmap.cache import ensure_quick_transcoders  # noqa: E402
 from circuitmap.features import FeatureStore  # noqa: E402
-from circuitmap.features.build import default_database_path  # noqa: E402
-from circuitmap.graphs import NodeKind, graph_scores  # noqa: E402
+from circuitmap.graphs import NodeKind, PruneConfig, graph_scores  # noqa: E402
+from circuitmap.graphs.ids import parse_feature_id  # noqa: E402
 
 MODEL = "smollm2-135m"
 GROUP_SIZE = 20
@@ -64,7 +64,7 @@ class Context:
     def label(self, node_id: str) -> str:
         if self.store is None:
             return ""
-        layer, index, _ = (int(part) for part in node_id.split("_"))
+        layer, index, _ = parse_feature_id(node_id)
         label = self.store.label(layer, index)
         return label.text if label is not None else ""
 
@@ -112,7 +112,7 @@ def transplant(ctx: Context, donor: Explained, position: int, factor: float, at:
     acts = activations_at(ctx, donor.prompt, position)
     edits = []
     for node_id in top_features(donor, position):
-        layer, index, _ = (int(part) for part in node_id.split("_"))
+        layer, index, _ = parse_feature_id(node_id)
         edits.append(FeatureEdit.add((layer, at, index), factor * acts[(layer, index)]))
     return edits
 
@@ -181,14 +181,16 @@ def _quote(text: str) -> str:
 def describe_graph(ctx: Context, explained: Explained, slug: str) -> None:
     """The graph's size and scores, its supernodes with labels, and a drawing of the pruned graph."""
     graph = explained.graph
-    pruned = prune(graph)
+    settings = PruneConfig()
+    pruned = prune(graph, settings)
     full, kept = graph_scores(graph), graph_scores(graph, pruned.node_mask, pruned.edge_mask)
     targets = ", ".join(
         f"`{name!r}` ({prob:.2f})" for name, prob in zip(graph.target_names, graph.target_probs, strict=True)
     )
     ctx.lines += [
         f"Graph: {graph.n_features:,} active features, {graph.n_edges:,} edges; targets {targets}.",
-        f"Pruned (node threshold 0.8, edge threshold 0.98): {int(pruned.node_mask.sum()):,} nodes, "
+        f"Pruned (node threshold {settings.node_threshold:g}, edge threshold {settings.edge_threshold:g}): "
+        f"{int(pruned.node_mask.sum()):,} nodes, "
         f"{int(pruned.edge_mask.sum()):,} edges. Replacement score {full.replacement:.2f} "
         f"(pruned {kept.replacement:.2f}), completeness {full.completeness:.2f} "
         f"(pruned {kept.completeness:.2f}).",
@@ -330,7 +332,7 @@ def capital(ctx: Context) -> None:
     shared = set(candidates)
     for donor in donors.values():
         active = activations_at(ctx, donor.prompt, last)
-        shared = {m for m in shared if tuple(int(part) for part in m.split("_")[:2]) in active}
+        shared = {m for m in shared if parse_feature_id(m)[:2] in active}
     france.groups = {
         "France": top_features(france, country),
         "say a capital": [m for m in candidates if m in shared],
@@ -445,8 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(MODEL)
     source = args.transcoders or ensure_quick_transcoders(model, MODEL)
     transcoders = load_transcoders(source)
-    database = Path(args.features) if args.features else default_database_path(transcoders)
-    store = FeatureStore(database, transcoders) if database.is_file() else None
+    store = FeatureStore.open_for(transcoders, args.features)
     out = Path(args.out)
     figures = out / "interventions"
     figures.mkdir(parents=True, exist_ok=True)
