@@ -1,0 +1,98 @@
+"""The one generation loop: the same tokens as transformers' own greedy ``generate``, rows of a batch continued
+independently, stop tokens, seeded sampling on a private generator, and the position callbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.models import FAMILIES, tiny_model
+
+from circuitmap.errors import CircuitmapError
+from circuitmap.models.generation import generate_ids, sampling_generator, stop_ids
+
+PROMPT = "The cat sat on"
+
+
+def _until_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
+    for n, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: n + 1]
+    return tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_transformers_generate(family):
+    model = tiny_model(family, torch.float64)
+    ids = model.encode(PROMPT)
+    stops = stop_ids(model.hf_model, model.tokenizer)
+    ours = generate_ids(model.hf_model, ids, 12, stop=stops)[0].tolist()
+    with torch.no_grad():
+        theirs = model.hf_model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+        )[0, ids.shape[1] :].tolist()
+    assert ours == _until_stop(theirs, stops)
+    assert model.generate(PROMPT, 12) == model.decode_after(ids, ours)
+
+
+def test_rows_of_a_batch_are_continued_independently():
+    model = tiny_model("llama", torch.float64)
+    rows = torch.stack([model.encode("abcd")[0], model.encode("wxyz")[0]])
+    batch = generate_ids(model.hf_model, rows, 8)
+    for row, tokens in zip(rows, batch, strict=True):
+        assert generate_ids(model.hf_model, row[None], 8)[0].tolist() == tokens.tolist()
+
+
+def test_stop_tokens_end_a_continuation():
+    model = tiny_model("llama", torch.float64)
+    ids = model.encode(PROMPT)
+    free = generate_ids(model.hf_model, ids, 10)[0].tolist()
+    stopped = generate_ids(model.hf_model, ids, 10, stop=frozenset({free[3]}))[0].tolist()
+    assert stopped == _until_stop(free, frozenset({free[3]}))
+    assert len(stopped) <= 4
+
+
+def test_sampling_is_seeded_and_leaves_the_global_generator_alone():
+    model = tiny_model("gpt2", torch.float64)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = model.generate(PROMPT, 10, greedy=False, temperature=1.5, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first == model.generate(PROMPT, 10, greedy=False, temperature=1.5, seed=7)
+    others = {model.generate(PROMPT, 10, greedy=False, temperature=1.5, seed=seed) for seed in range(6)}
+    assert len(others) > 1
+    generator = sampling_generator(model.device, None)
+    assert isinstance(generator, torch.Generator)
+
+
+def test_position_callbacks_see_every_pass():
+    model = tiny_model("llama", torch.float64)
+    ids = model.encode(PROMPT)
+    seen: list[tuple[str, int]] = []
+    new = generate_ids(
+        model.hf_model,
+        ids,
+        4,
+        feed_last=True,
+        before_forward=lambda start: seen.append(("before", start)),
+        after_forward=lambda start: seen.append(("after", start)),
+    )
+    n = ids.shape[1]
+    starts = [0, n, n + 1, n + 2, n + 3]
+    assert seen == [(when, start) for start in starts for when in ("before", "after")]
+    assert new.shape == (1, 4)
+    seen.clear()
+    generate_ids(model.hf_model, ids, 4, before_forward=lambda start: seen.append(("before", start)))
+    assert [start for _, start in seen] == starts[:-1], "without feed_last the last token is not fed"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+        ({"max_new_tokens": 3, "greedy": False, "temperature": 0.0}, "temperature must be positive"),
+    ],
+)
+def test_bad_settings(settings, message):
+    model = tiny_model("llama", torch.float64)
+    with pytest.raises(CircuitmapError, match=message):
+        generate_ids(model.hf_model, model.encode(PROMPT), **settings)
