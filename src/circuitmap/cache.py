@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from circuitmap.errors import Interrupted
+
 if TYPE_CHECKING:  # the cache sits below models and transcoders, which use it
     from circuitmap.models import Model
     from circuitmap.transcoders import Transcoders
@@ -78,9 +80,15 @@ def ensure_quick_transcoders(
         shutil.rmtree(run)
     config = preset(QUICK_PRESET)
     contexts = SampledContexts(model, config.context_length, config.seed)
-    train_transcoders(
-        model, contexts, config, run, resume=resume, checkpoint_seconds=60, progress=progress, stop=stop
-    )
+    try:
+        train_transcoders(
+            model, contexts, config, run, resume=resume, checkpoint_seconds=60, progress=progress, stop=stop
+        )
+    except Interrupted:
+        raise Interrupted(
+            f"stopped while training the quick set; its checkpoint is kept in {run}, and the next run "
+            "resumes it"
+        ) from None
     folder.parent.mkdir(parents=True, exist_ok=True)
     run.rename(folder)
     return folder

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,6 +89,13 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     spec = str(spec)
+    with _without_progress_bars():
+        hf_model, tok = _load(spec, torch_dtype, tokenizer)
+    return Model(hf_model.to(torch_device), tok, name=spec)
+
+
+def _load(spec: str, torch_dtype: torch.dtype, tokenizer: str | Path | None):
+    """The Hugging Face model and tokenizer a spec names (see ``load_model``)."""
     if spec in ALIASES:
         hf_model, tok = load_gguf(smollm2_path(), torch_dtype)
     else:
@@ -104,8 +116,21 @@ def load_model(
             hf_model, tok = _load_pretrained(spec, torch_dtype, spec)
         else:
             raise ModelLoadError(f"{spec}: no such file or folder")
-    model = Model(hf_model.to(torch_device), tok, name=spec)
-    return model
+    return hf_model, tok
+
+
+@contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """Silence the progress bars transformers and the hub draw while loading (a load takes seconds)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _load_pretrained(source: str, dtype: torch.dtype, spec: str):
@@ -157,9 +182,14 @@ def load_gguf(path: Path, dtype: torch.dtype):
             raise ModelLoadError(
                 f"the cached copy of {path} was corrupt and has been removed; load again"
             ) from error
+    print(f"dequantising {path.name} once; the weights are kept in {cached}", file=sys.stderr)
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # the GGUF reader draws its own progress bar, which no setting turns off
+        with contextlib.redirect_stderr(io.StringIO()):
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
     except Exception as error:  # the GGUF reader raises many kinds of errors for truncated or corrupt files
         raise ModelLoadError(f"cannot read GGUF file {path}: {_first_line(error)}") from None
     _write_cache(hf_model, tok, cached, path)
