@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from browser_support import (  # noqa: E402  (the tests folder holds the shared browser helpers)
+from helpers.browser import (  # noqa: E402  (the tests folder holds the shared browser helpers)
     CHROMIUM,
     VIEWPORT,
     launch_chromium,

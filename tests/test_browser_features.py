@@ -8,28 +8,31 @@ to the same artifacts folder.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
-from browser_support import REPO, write_exported_html
-from conftest import write_graph_folder
-from starlette.testclient import TestClient
-from test_browser import (
+from helpers.browser import (
     READY,
     Served,
+    artifacts_folder,
     click_node,
     expect,
     open_graph,
+    skip_without_browser,
     top_features,
+    write_exported_html,
 )
-from test_server_features import build_tiny_database
+from helpers.features import build_engine_database
+from helpers.graphs import write_graph_folder
+from starlette.testclient import TestClient
 
 from circuitmap.attribution import attribute
 from circuitmap.features import FeatureStore
 from circuitmap.graphs.export import graph_json
 from circuitmap.server import create_app
+
+skip_without_browser()
 
 PROMPT = "The cat sat"
 
@@ -39,7 +42,7 @@ PROMPT = "The cat sat"
 
 @pytest.fixture(scope="module")
 def built(engine, tmp_path_factory) -> Path:
-    return build_tiny_database(engine, tmp_path_factory.mktemp("features"))
+    return build_engine_database(engine, tmp_path_factory.mktemp("features"))
 
 
 @pytest.fixture
@@ -65,8 +68,7 @@ def graphs(tmp_path, document) -> Path:
 @pytest.fixture
 def screenshot():
     """``screenshot(target, name)`` saves a PNG of a page or an element into the artifacts folder."""
-    folder = Path(os.environ.get("CIRCUITMAP_TEST_ARTIFACTS") or REPO / "test-artifacts" / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = artifacts_folder()
 
     def take(target, name: str) -> Path:
         path = folder / f"{name}.png"

@@ -10,14 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from browser_support import write_exported_html
-from conftest import write_graph_folder
-from test_browser import READY, Served, click_node, expect, open_graph, top_features
+from helpers.browser import (
+    READY,
+    Served,
+    click_node,
+    expect,
+    open_graph,
+    skip_without_browser,
+    top_features,
+    write_exported_html,
+)
+from helpers.graphs import write_graph_folder
 
 from circuitmap.attribution import attribute
 from circuitmap.graphs.export import graph_json
 from circuitmap.interventions import FeatureEdit, Supernode, generate_with, intervene
 from circuitmap.server import create_app
+
+skip_without_browser()
 
 PROMPT = "The cat sat"
 GROUP = "cat pair"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
-from test_attribution import random_transcoders
+from helpers.models import tiny_model
+from helpers.transcoders import random_transcoders
 
 from circuitmap import CircuitmapError, FeatureEdit, Supernode, check_graph, intervene
 from circuitmap.attribution import attribute

@@ -8,8 +8,8 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_hf_model
-from test_attribution import random_transcoders
+from helpers.models import char_tokenizer, tiny_hf_model
+from helpers.transcoders import random_transcoders
 
 from circuitmap import Graph, load_model
 from circuitmap.attribution import attribute

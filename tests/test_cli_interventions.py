@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_hf_model
+from helpers.models import char_tokenizer, tiny_hf_model
+from helpers.transcoders import random_transcoders
 from safetensors.torch import save_file
-from test_attribution import random_transcoders
 
 from circuitmap import FeatureEdit, ResidualEdit, load_model, load_transcoders
 from circuitmap.cli import main

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, char_tokenizer, tiny_hf_model, tiny_model
-from test_attribution import random_transcoders
+from helpers.models import REPO, char_tokenizer, tiny_hf_model, tiny_model
+from helpers.transcoders import random_transcoders
 
 from circuitmap import CircuitmapError
 from circuitmap.cli import main
@@ -235,8 +235,8 @@ def test_a_stopped_build_resumes_to_the_same_database(parts, built, tmp_path, mo
 KILLED_BUILD = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from conftest import tiny_model
-from test_attribution import random_transcoders
+from helpers.models import tiny_model
+from helpers.transcoders import random_transcoders
 from circuitmap.features import BuildConfig, build_features
 config = BuildConfig(**{config!r})
 build_features(tiny_model("llama"), random_transcoders("plt-topk", 3, 32).to(dtype=torch.float32), {corpus!r},

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers.graphs import random_graph
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from test_export import random_graph
 
 from circuitmap.errors import CircuitmapError, GraphFileError
 from circuitmap.graphs import files

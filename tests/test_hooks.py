@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import char_tokenizer, tiny_hf_model, tiny_model
+from helpers.models import char_tokenizer, tiny_hf_model, tiny_model
 
 from circuitmap import CircuitmapError, Model
 from circuitmap.models.adapters import get_module

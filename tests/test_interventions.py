@@ -13,8 +13,8 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, STORIES, needs_shared, tiny_model
-from test_attribution import random_transcoders
+from helpers.models import FAMILIES, STORIES, needs_shared, tiny_model
+from helpers.transcoders import random_transcoders
 
 from circuitmap import CircuitmapError, load_model
 from circuitmap.attribution import attribute

@@ -8,7 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from test_neuronpedia import build_tiny_database, labelled_features
+from helpers.features import build_tiny_llama_database, labelled_features
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.features import FeatureStore, llm_labels
@@ -65,7 +65,7 @@ class ChatServer:
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory):
-    return build_tiny_database(tmp_path_factory.mktemp("llm_labels"))
+    return build_tiny_llama_database(tmp_path_factory.mktemp("llm_labels"))
 
 
 @pytest.fixture

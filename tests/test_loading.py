@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STORIES, char_tokenizer, needs_shared, tiny_hf_model
+from helpers.models import STORIES, char_tokenizer, needs_shared, tiny_hf_model
 
 from circuitmap import CircuitmapError, load_model
 from circuitmap.cli import main

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_model
-from test_attribution import random_transcoders
+from helpers.features import build_tiny_llama_database, labelled_features
 
 from circuitmap.errors import CircuitmapError
-from circuitmap.features import BuildConfig, FeatureStore, build_features
+from circuitmap.features import FeatureStore
 from circuitmap.features.neuronpedia import (
     BATCH_FEATURES,
     default_ids,
@@ -70,30 +68,10 @@ EXPLANATION_FIELDS = {
 }
 
 
-def build_tiny_database(folder: Path) -> Path:
-    """A complete feature database of random transcoders on the tiny llama (about a second to build)."""
-    corpus = folder / "corpus.txt"
-    corpus.write_text(
-        "\n\n".join(f"The cat number {i} sat on the mat and said hello {i * 7}." for i in range(300))
-    )
-    model = tiny_model("llama")
-    transcoders = random_transcoders("plt-topk", 3, 32).to(dtype=torch.float32)
-    path = folder / "features.sqlite"
-    config = BuildConfig(tokens=3000, context_length=32, batch_size=8, window=16, before=8)
-    build_features(model, transcoders, corpus, path, config, progress=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    with FeatureStore(build_tiny_database(tmp_path_factory.mktemp("neuronpedia"))) as opened:
+    with FeatureStore(build_tiny_llama_database(tmp_path_factory.mktemp("neuronpedia"))) as opened:
         yield opened
-
-
-def labelled_features(store: FeatureStore) -> list[tuple[int, int]]:
-    """The features with a label: every feature that was active has an automatic one."""
-    every = [(layer, feature) for layer in range(store.n_layers) for feature in range(store.d_features)]
-    return sorted(store.labels_of(every))
 
 
 def rich_feature(store: FeatureStore) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import importlib.util
 import re
 
 import pytest
-from conftest import REPO
+from helpers.models import REPO
 
 pytestmark = [
     pytest.mark.slow,

@@ -12,9 +12,10 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from conftest import SERVER_PROMPT, tiny_model, write_graph_folder
+from helpers.graphs import SERVER_PROMPT, write_graph_folder
+from helpers.models import tiny_model
+from helpers.transcoders import random_transcoders
 from starlette.testclient import TestClient
-from test_attribution import random_transcoders
 
 from circuitmap.cli import main
 from circuitmap.errors import CircuitmapError, Interrupted

@@ -8,35 +8,24 @@ import re
 import shutil
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
-from conftest import write_graph_folder
+from helpers.features import ENGINE_BUILD, build_engine_database
+from helpers.graphs import write_graph_folder
+from helpers.transcoders import random_transcoders
 from starlette.testclient import TestClient
-from test_attribution import random_transcoders
 
 from circuitmap.cli import main
 from circuitmap.errors import CircuitmapError
-from circuitmap.features import BuildConfig, FeatureStore, build_features
+from circuitmap.features import FeatureStore
 from circuitmap.features.graph_labels import add_feature_labels
 from circuitmap.graphs.export import json_schema, write_graph_json
 from circuitmap.server import Engine, create_app
 
 BASE = "http://127.0.0.1:8041"
 FEATURE_TYPE = "cross layer transcoder"
-CORPUS = "\n\n".join(f"The cat number {i} sat on the mat and said hello {i * 7}." for i in range(200))
-TINY_BUILD = BuildConfig(tokens=2000, context_length=32, batch_size=8, top=8, samples=10, window=16, before=8)
-
-
-def build_tiny_database(engine, folder: Path) -> Path:
-    """A feature database of the engine's transcoders in ``folder``, built from a small corpus."""
-    corpus = folder / "corpus.txt"
-    corpus.write_text(CORPUS, encoding="utf-8")
-    path = folder / "features.sqlite"
-    build_features(engine.model, engine.transcoders, corpus, path, TINY_BUILD, progress=False)
-    return path
 
 
 # ---------------------------------------------------------------- fixtures
@@ -45,7 +34,7 @@ def build_tiny_database(engine, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(engine, tmp_path_factory):
     """A feature database of the engine's transcoders, built once."""
-    return build_tiny_database(engine, tmp_path_factory.mktemp("features"))
+    return build_engine_database(engine, tmp_path_factory.mktemp("features"))
 
 
 @pytest.fixture
@@ -107,7 +96,7 @@ def schema_with_label_source() -> dict:
 def test_config_names_the_database(client, features, graphs):
     config = client.get("/api/config").json()["features"]
     assert config["n_layers"] == features.n_layers and config["d_features"] == features.d_features
-    assert config["tokens"] >= TINY_BUILD.tokens
+    assert config["tokens"] >= ENGINE_BUILD.tokens
     with TestClient(create_app(graphs), base_url=BASE) as plain:
         assert plain.get("/api/config").json()["features"] is None
 

@@ -7,7 +7,7 @@ import json
 import threading
 
 import pytest
-from conftest import SERVER_PROMPT, write_graph_folder
+from helpers.graphs import SERVER_PROMPT, write_graph_folder
 from starlette.testclient import TestClient
 
 from circuitmap.graphs.export import write_graph_json

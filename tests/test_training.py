@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_hf_model, tiny_model
+from helpers.models import char_tokenizer, tiny_hf_model, tiny_model
 from safetensors.torch import load_file
 
 from circuitmap import CircuitmapError, attribute, load_transcoders

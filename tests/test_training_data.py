@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_shared, tiny_model
+from helpers.models import SHARED_DATA, needs_shared, tiny_model
 
 from circuitmap import CircuitmapError
 from circuitmap.training import collect_pairs, corpus_files, iter_documents, pack_contexts

@@ -1,0 +1,1 @@
+"""Builders shared by the test modules (and the explorer benchmark): models, transcoders, graphs, features."""
