@@ -190,6 +190,8 @@ def test_validation_loss_is_in_the_known_range(stories):
             loss = model(ids, labels=ids).loss.item()
             total += loss * (ids.shape[1] - 1)
             count += ids.shape[1] - 1
+    # The shared data README gives stories260K's mean loss on TinyStories validation text as about 1.3–1.5
+    # nats per token (these 20 passages give 1.38); a sample this small can stray, hence the wider band.
     assert 1.0 < total / count < 1.8
 
 

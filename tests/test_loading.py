@@ -181,6 +181,8 @@ def test_default_model_says_paris():
     model = load_model("smollm2-135m")
     assert (model.n_layers, model.d_model, model.d_vocab) == (30, 576, 49152)
     token, prob = model.top_next_tokens("The capital of France is", 1)[0]
+    # The shared data README reports " Paris" at p≈0.77 for this prompt on SmolLM2-135M-Instruct (the 4-bit
+    # GGUF file dequantised; 0.7725 here); the band leaves room for other CPUs' and versions' arithmetic.
     assert token == " Paris" and 0.7 < prob < 0.85
     assert (
         model.top_next_tokens("When Mary and John went to the store, John gave a drink to", 1)[0][0]

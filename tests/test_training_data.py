@@ -80,4 +80,5 @@ def test_pairs_are_the_mlp_inputs_and_outputs_without_the_first_position():
 @needs_shared()
 def test_real_corpus_is_split_into_stories():
     stories = list(iter_documents(SHARED_DATA / "corpora" / "tinystories_valid.txt"))
+    # The shared data README describes the file as about the first 1,000 stories of TinyStories validation.
     assert len(stories) > 500 and all(story.strip() == story and story for story in stories[:50])
