@@ -1,5 +1,5 @@
-"""Edits as handles: what ``patch_edits`` puts on a model acts on every pass until ``remove()``, exactly as the
-edited run of ``intervene``; ``apply_edits`` is its context-manager twin; model hooks are handles too."""
+"""Edits as handles: what ``patch_edits`` puts on a model acts on every pass until ``remove()``, exactly as
+the edited run of ``intervene``; ``apply_edits`` is its context-manager twin; model hooks are handles too."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ PROMPT = "The cat sat on"
 
 def _setup():
     model = tiny_model("llama", torch.float64)
-    return model, random_transcoders("clt-jumprelu-skip", model.n_layers, model.d_model).to(dtype=torch.float64)
+    return model, random_transcoders("clt-jumprelu-skip", model.n_layers, model.d_model).to(
+        dtype=torch.float64
+    )
 
 
 def _active(model, transcoders, layer: int, position: int) -> int:

@@ -1,5 +1,5 @@
-"""The one generation loop: the same tokens as transformers' own greedy ``generate``, rows of a batch continued
-independently, stop tokens, seeded sampling on a private generator, and the position callbacks."""
+"""The one generation loop: the same tokens as transformers' own greedy ``generate``, rows of a batch
+continued independently, stop tokens, seeded sampling on a private generator, and the position callbacks."""
 
 from __future__ import annotations
 

@@ -21,11 +21,12 @@ from circuitmap.errors import CircuitmapError
 from circuitmap.graphs.graph import Graph, NodeKind
 
 EVERY_POSITION = "*"
-_NUMERIC = re.compile(r"^(\d+)_(\d+)_(\d+|\*)$")
+_SPACE = " \t\n\r"
+_NUMERIC = re.compile(r"^([0-9]+)_([0-9]+)_([0-9]+|\*)$")
 _PREFIXED = {
-    "err": (NodeKind.ERROR, re.compile(r"^err_(\d+)_(\d+)$")),
-    "E": (NodeKind.TOKEN, re.compile(r"^E_(\d+)_(\d+)$")),
-    "T": (NodeKind.TARGET, re.compile(r"^T_(\d+)_(\d+)$")),
+    "err": (NodeKind.ERROR, re.compile(r"^err_([0-9]+)_([0-9]+)$")),
+    "E": (NodeKind.TOKEN, re.compile(r"^E_([0-9]+)_([0-9]+)$")),
+    "T": (NodeKind.TARGET, re.compile(r"^T_([0-9]+)_([0-9]+)$")),
 }
 
 
@@ -49,7 +50,7 @@ def parse_node_id(text: str, n_layers: int | None = None) -> NodeRef:
     """Read a node id. A numeric id is a feature unless its layer is ``n_layers + 1`` (a logit target); only
     a feature may have the ``*`` position. A one-line error for anything else."""
     if isinstance(text, str):
-        match = _NUMERIC.match(text.strip())
+        match = _NUMERIC.match(text.strip(_SPACE))
         if match is not None:
             layer, index, position = match.groups()
             kind = (
@@ -60,10 +61,10 @@ def parse_node_id(text: str, n_layers: int | None = None) -> NodeRef:
             return NodeRef(
                 kind, int(layer), int(index), None if position == EVERY_POSITION else int(position)
             )
-        prefix = text.strip().split("_", 1)[0]
+        prefix = text.strip(_SPACE).split("_", 1)[0]
         if prefix in _PREFIXED:
             kind, pattern = _PREFIXED[prefix]
-            match = pattern.match(text.strip())
+            match = pattern.match(text.strip(_SPACE))
             if match is not None:
                 first, position = (int(part) for part in match.groups())
                 layer = first if kind == NodeKind.ERROR else None
@@ -85,7 +86,7 @@ def parse_feature_id(text: str) -> tuple[int, int, int | None]:
 
 def is_feature_id(text: str) -> bool:
     """Whether ``text`` reads as a feature id (``*`` position included)."""
-    return isinstance(text, str) and _NUMERIC.match(text.strip()) is not None
+    return isinstance(text, str) and _NUMERIC.match(text.strip(_SPACE)) is not None
 
 
 def node_id(graph: Graph, node: int) -> str:

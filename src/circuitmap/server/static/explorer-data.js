@@ -15,23 +15,23 @@
   // the position: every position), error nodes "err_layer_position", tokens "E_token_position", logit
   // targets "(nLayers + 1)_token_position", other targets "T_ordinal_position". Returns {kind, layer,
   // index, position} (null where the id has no such part), or null for text that is no node id.
-  const NUMERIC_ID = /^(\d+)_(\d+)_(\d+|\*)$/;
-  const PREFIXED_ID = {
-    err: [KIND.ERROR, /^err_(\d+)_(\d+)$/],
-    E: [KIND.TOKEN, /^E_(\d+)_(\d+)$/],
-    T: [KIND.TARGET, /^T_(\d+)_(\d+)$/],
-  };
+  const NUMERIC_ID = /^([0-9]+)_([0-9]+)_([0-9]+|\*)$/;
+  const PREFIXED_ID = new Map([
+    ["err", [KIND.ERROR, /^err_([0-9]+)_([0-9]+)$/]],
+    ["E", [KIND.TOKEN, /^E_([0-9]+)_([0-9]+)$/]],
+    ["T", [KIND.TARGET, /^T_([0-9]+)_([0-9]+)$/]],
+  ]);
   function parseNodeId(text, nLayers) {
-    const id = String(text).trim();
+    const id = String(text).replace(/^[ \t\n\r]+|[ \t\n\r]+$/g, "");
     const numeric = NUMERIC_ID.exec(id);
     if (numeric) {
       const layer = Number(numeric[1]);
-      const kind = nLayers !== undefined && layer === nLayers + 1 ? KIND.TARGET : KIND.FEATURE;
+      const kind = nLayers != null && layer === nLayers + 1 ? KIND.TARGET : KIND.FEATURE;
       const position = numeric[3] === "*" ? null : Number(numeric[3]);
       if (position === null && kind !== KIND.FEATURE) return null;
       return { kind, layer, index: Number(numeric[2]), position };
     }
-    const prefixed = PREFIXED_ID[id.split("_", 1)[0]];
+    const prefixed = PREFIXED_ID.get(id.split("_", 1)[0]);
     const match = prefixed ? prefixed[1].exec(id) : null;
     if (!match) return null;
     const [kind, first, position] = [prefixed[0], Number(match[1]), Number(match[2])];
