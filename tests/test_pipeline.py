@@ -113,3 +113,19 @@ def test_targets_reach_the_graph(engine):
     )
     assert computed.graph.target_names == ["a", "e − o"]
     assert torch.isfinite(torch.as_tensor(computed.graph.weights)).all()
+
+
+def test_a_progress_callback_hears_each_stage(engine):
+    stages = []
+    compute_graph(
+        engine.model,
+        engine.transcoders,
+        SERVER_PROMPT,
+        AttributionConfig(max_feature_nodes=10),
+        progress=lambda stage, done, total: stages.append(stage),
+    )
+    assert list(dict.fromkeys(stages)) == [
+        "selecting features",
+        "recomputing rows",
+        "pruning, scores and logit lens",
+    ]

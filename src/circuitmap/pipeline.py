@@ -112,7 +112,8 @@ def compute_graph(
 
     ``features``: the feature database whose labels name the feature nodes (its set must be
     ``transcoders``). ``slug`` names the document (default: made from the prompt). ``check_memory``: refuse
-    a run whose estimated peak memory exceeds the free memory. ``progress`` and ``stop`` are ``attribute``'s.
+    a run whose estimated peak memory exceeds the free memory. ``progress`` and ``stop`` are ``attribute``'s;
+    a progress callback also hears of the stage after attribution.
     """
     if check_memory:
         n_targets = None if targets is None else len(targets) if isinstance(targets, list) else 1
@@ -122,6 +123,8 @@ def compute_graph(
         check_fits(estimate, model.device)
     graph = attribute(model, transcoders, prompt, attribution, targets=targets, progress=progress, stop=stop)
     started = time.perf_counter()
+    if callable(progress):
+        progress("pruning, scores and logit lens", 0, 1)
     document = graph_json(graph, pruning, slug=slug)
     add_logit_lens(document, model, transcoders, LENS_TOKENS)
     if features is not None:

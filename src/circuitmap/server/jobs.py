@@ -166,7 +166,7 @@ class Jobs:
 
         def progress(stage: str, done: int, total: int) -> None:
             job.stage, job.done, job.total = stage, done, total
-            job.message = f"{stage}: {done:,} of {total:,} rows"
+            job.message = f"{stage}: {done:,} of {total:,} rows" if total > 1 else stage
 
         with engine.lock:
             computed = compute_graph(
