@@ -35,6 +35,8 @@ from circuitmap.transcoders import Transcoders
 
 LENS_TOKENS = 10
 """Tokens listed in each feature's logit lens, on each side."""
+PRUNING_STAGE = "pruning, scores and logit lens"
+"""The stage a progress callback hears of after attribution."""
 
 
 @dataclass
@@ -124,11 +126,13 @@ def compute_graph(
     graph = attribute(model, transcoders, prompt, attribution, targets=targets, progress=progress, stop=stop)
     started = time.perf_counter()
     if callable(progress):
-        progress("pruning, scores and logit lens", 0, 1)
+        progress(PRUNING_STAGE, 0, 1)
     document = graph_json(graph, pruning, slug=slug)
     add_logit_lens(document, model, transcoders, LENS_TOKENS)
     if features is not None:
         add_feature_labels(document, features)
+    if callable(progress):
+        progress(PRUNING_STAGE, 1, 1)
     seconds = {"attribution": float(graph.info["seconds"]), "pruning": time.perf_counter() - started}
     return ComputedGraph(graph, document, seconds)
 
