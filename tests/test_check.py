@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -193,5 +195,10 @@ def test_a_graph_of_other_transcoders_is_refused(checked):
     other = random_transcoders("clt-jumprelu-skip", model.n_layers, model.d_model, seed=7).to(
         dtype=torch.float64
     )
-    with pytest.raises(CircuitmapError, match="computed with another model or transcoder set"):
+    with pytest.raises(CircuitmapError, match="the graph was made with another transcoder set"):
         check_graph(model, other, graph, n_features=3)
+    legacy = dataclasses.replace(
+        graph, info={key: v for key, v in graph.info.items() if key != "transcoders_fingerprint"}
+    )
+    with pytest.raises(CircuitmapError, match="computed with another model or transcoder set"):
+        check_graph(model, other, legacy, n_features=3)

@@ -56,11 +56,19 @@ def test_a_new_window_keeps_the_share_before_the_peak():
     [
         (AttributionConfig(max_n_logits=0), "max_n_logits must be at least 1"),
         (AttributionConfig(desired_logit_prob=1.5), "desired_logit_prob must be in"),
-        (AttributionConfig(desired_logit_prob=float("nan")), "desired_logit_prob must be in"),
+        (AttributionConfig(desired_logit_prob=float("nan")), "desired_logit_prob must be a finite number"),
         (AttributionConfig(max_feature_nodes=-1), "zero or more"),
         (AttributionConfig(batch_size=0), "batch_size must be at least 1"),
         (PruneConfig(node_threshold=0.0), "node_threshold must be in"),
-        (PruneConfig(edge_threshold=float("nan")), "edge_threshold must be in"),
+        (PruneConfig(edge_threshold=float("nan")), "edge_threshold must be a finite number"),
+        (TrainConfig(sparsity_coef=float("nan")), "sparsity_coef must be a finite number"),
+        (TrainConfig(lr=float("inf")), "lr must be a finite number"),
+        (TrainConfig(aux_coef=-1.0), "aux_coef must be zero or more"),
+        (TrainConfig(k=2.5), "k must be a whole number"),
+        (TrainConfig(max_grad_norm=0.0), "max_grad_norm must be positive"),
+        (TrainConfig(decay_fraction=1.5), r"decay_fraction must be in \[0, 1\]"),
+        (BuildConfig(seed=0.5), "seed must be a whole number"),
+        (BuildConfig(before=-1), "before must be zero or more"),
     ],
 )
 def test_out_of_range_settings(config, message):

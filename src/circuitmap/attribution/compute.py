@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -48,17 +49,13 @@ def default_batch_size(model: Model, n_tokens: int) -> int:
 def check_inputs(
     model: Model, transcoders: Transcoders, ids: torch.Tensor, config: AttributionConfig
 ) -> None:
-    """Clear errors for transcoders that do not fit, a prompt that is batched, too long or too short, and
-    settings out of range."""
+    """Clear errors for transcoders that do not fit, a prompt that is batched or too short (``encode`` has
+    checked its length against the model's context), and settings out of range."""
     transcoders.check_model(model.n_layers, model.d_model)
     if ids.shape[0] != 1:
         raise CircuitmapError(f"attribution explains one prompt at a time, got a batch of {ids.shape[0]}")
     config.check()
-    n_tokens = ids.shape[1]
-    context = getattr(model.hf_model.config.get_text_config(), "max_position_embeddings", None)
-    if context is not None and n_tokens > context:
-        raise CircuitmapError(f"the prompt has {n_tokens} tokens but the model's context is {context}")
-    if n_tokens <= FIRST_POSITION:
+    if ids.shape[1] <= FIRST_POSITION:
         raise CircuitmapError("the prompt needs at least two tokens (the first position is excluded)")
 
 
@@ -210,6 +207,8 @@ def attribute(
     if isinstance(prompt, str):
         graph.prompt = prompt
     graph.info.update(
+        graph_id=uuid.uuid4().hex,
+        transcoders_fingerprint=transcoders.fingerprint(),
         n_active_features=len(features),
         max_feature_nodes=max_feature_nodes,
         recomputed_rows=0 if selection is None else int((~selection.complete).sum()),

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from circuitmap.config import Settings
-from circuitmap.errors import CircuitmapError
+from circuitmap.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -24,11 +23,9 @@ class AttributionConfig(Settings):
 
     def check(self) -> None:
         """A one-line error for a setting out of range."""
-        if self.max_n_logits < 1:
-            raise CircuitmapError(f"max_n_logits must be at least 1, got {self.max_n_logits}")
-        if not (math.isfinite(self.desired_logit_prob) and 0 < self.desired_logit_prob <= 1):
-            raise CircuitmapError(f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob}")
-        if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
-            raise CircuitmapError("max_feature_nodes must be zero or more")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise CircuitmapError("batch_size must be at least 1")
+        check_number("max_n_logits", self.max_n_logits, low=1, whole=True)
+        check_number("desired_logit_prob", self.desired_logit_prob, low=0, high=1, low_open=True)
+        if self.max_feature_nodes is not None:
+            check_number("max_feature_nodes", self.max_feature_nodes, low=0, whole=True)
+        if self.batch_size is not None:
+            check_number("batch_size", self.batch_size, low=1, whole=True)

@@ -57,7 +57,7 @@ def token_id(model: Model, token: str | int) -> int:
         return token
     ids = model.tokenizer(token, add_special_tokens=False).input_ids
     if len(ids) != 1:
-        pieces = [model.tokenizer.decode([i]) for i in ids]
+        pieces = model.token_strings(torch.tensor(ids))
         raise CircuitmapError(f"target {token!r} is not a single token: it tokenises as {pieces}")
     return int(ids[0])
 
@@ -88,7 +88,7 @@ def salient_logits(
     unembedding = model.unembedding.detach()
     return [
         Target(
-            name=model.tokenizer.decode([int(i)]),
+            name=model.token_text(int(i)),
             vector=_demeaned_row(unembedding, int(i)),
             point="final_norm",
             weight=float(p) / total,
@@ -134,7 +134,7 @@ def resolve_targets(
             if len(spec) != 2:
                 raise CircuitmapError(f"a logit difference is a pair of tokens, got {spec!r}")
             first, second = (token_id(model, t) for t in spec)
-            name = f"{model.tokenizer.decode([first])} − {model.tokenizer.decode([second])}"
+            name = f"{model.token_text(first)} − {model.token_text(second)}"
             vector = unembedding[first] - unembedding[second]
             offset = _bias_offset(model, first, second)
             resolved.append(Target(name, vector, "final_norm", weight, float("nan"), offset=offset))
@@ -142,7 +142,7 @@ def resolve_targets(
             index = token_id(model, spec)
             resolved.append(
                 Target(
-                    model.tokenizer.decode([index]),
+                    model.token_text(index),
                     _demeaned_row(unembedding, index),
                     "final_norm",
                     weight,

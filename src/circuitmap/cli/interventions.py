@@ -195,6 +195,8 @@ def _intervene(args: argparse.Namespace) -> int:
         raise CircuitmapError("no edits: give --set, --scale, --add, --ablate or --vector")
     args.model = args.model or DEFAULT_MODEL
     transcoders = load_transcoders(_transcoders_source(args))
+    if args.graph:
+        transcoders.check_fingerprint(graph.info.get("transcoders_fingerprint"), f"the graph {args.graph}")
     model = load_model_from_args(args)
     result = intervene(
         model,

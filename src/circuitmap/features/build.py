@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -30,6 +28,7 @@ from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
 from circuitmap import __version__
+from circuitmap.atomic import atomic_write
 from circuitmap.config import Settings
 from circuitmap.errors import CircuitmapError, Interrupted
 from circuitmap.features import schema
@@ -41,6 +40,7 @@ from circuitmap.models import Model
 from circuitmap.training.activations import pack_contexts
 from circuitmap.training.corpus import iter_documents
 from circuitmap.transcoders import Transcoders
+from circuitmap.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,10 @@ class BuildConfig(Settings):
     def check(self) -> None:
         """A clear error for settings that cannot work together."""
         for name in ("tokens", "batch_size", "top", "samples", "quantiles", "window", "lens_tokens"):
-            if getattr(self, name) < 1:
-                raise CircuitmapError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.context_length < 2:
-            raise CircuitmapError(f"context_length must be at least 2, got {self.context_length}")
+            check_number(name, getattr(self, name), low=1, whole=True)
+        check_number("context_length", self.context_length, low=2, whole=True)
+        check_number("before", self.before, low=0, whole=True)
+        check_number("seed", self.seed, whole=True)
         if self.window > self.context_length:
             raise CircuitmapError(
                 f"the window ({self.window}) cannot be longer than a context ({self.context_length})"
@@ -125,6 +125,7 @@ def build_features(
     batch boundary after saving a checkpoint, with ``Interrupted``; running again resumes it.
     """
     config.check()
+    model.check_length(config.context_length, "a context (--context-length)")
     transcoders.check_model(model.n_layers, model.d_model)
     path = Path(path)
     started = time.perf_counter()
@@ -241,21 +242,18 @@ def _open_or_create(
         "created": now(),
         "circuitmap_version": __version__,
     }
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
+
+    def create(temporary: Path) -> None:
         connection = sqlite3.connect(temporary)
         try:
             schema.create(connection, meta)
-            vocab = model.token_strings(torch.arange(model.d_vocab))
             with connection:
-                connection.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)", enumerate(vocab))
+                rows = enumerate(model.vocabulary())
+                connection.executemany("INSERT INTO vocab (id, text) VALUES (?, ?)", rows)
         finally:
             connection.close()
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, create)
     return meta
 
 
@@ -349,7 +347,7 @@ def _finish(
     """Write every feature's dashboard, the search index and the automatic labels; mark the build complete.
     Returns the number of features with fewer than ``top`` contexts, and of features never active."""
     context_tokens = _all_contexts(connection, config.context_length)
-    strings = model.token_strings(torch.arange(model.d_vocab))
+    strings = model.vocabulary()
     short = dead = 0
     d_features = transcoders.d_features
     created = now()

@@ -7,6 +7,7 @@ text came from.
 
 from __future__ import annotations
 
+from circuitmap.errors import IncompatibleTranscodersError
 from circuitmap.features.logit_lens import FEATURE_TYPE
 from circuitmap.features.store import FeatureStore
 from circuitmap.graphs.ids import parse_feature_id
@@ -23,7 +24,17 @@ def unlabelled_features(document: dict) -> list[tuple[dict, tuple[int, int]]]:
 
 def add_feature_labels(document: dict, store: FeatureStore) -> dict:
     """Give each unlabelled feature node of ``document`` its feature's current label from ``store`` (one
-    query for all of them), with ``label_source``; returns the document."""
+    query for all of them), with ``label_source``; returns the document. A document made with another
+    transcoder set than the database's is refused: its features are other features."""
+    metadata = document.get("metadata")
+    info = metadata.get("info") if isinstance(metadata, dict) else None
+    recorded = info.get("transcoders_fingerprint") if isinstance(info, dict) else None
+    built_for = store.meta.get("fingerprint")
+    if isinstance(recorded, str) and built_for and recorded != built_for:
+        raise IncompatibleTranscodersError(
+            f"the graph was made with another transcoder set (fingerprint {recorded[:12]}) than the feature "
+            f"database {store.path} (fingerprint {built_for[:12]}): its labels would name other features"
+        )
     nodes = unlabelled_features(document)
     wanted = {key for _, key in nodes if 0 <= key[0] < store.n_layers and 0 <= key[1] < store.d_features}
     if not wanted:

@@ -130,7 +130,8 @@ def layer_input_lens(
 
 def _named(model: Model, ids: torch.Tensor, values: torch.Tensor) -> list[tuple[str, float]]:
     """(token string, value) pairs."""
-    return list(zip(model.token_strings(ids), values.tolist(), strict=True))
+    vocabulary = model.vocabulary()
+    return [(vocabulary[token], value) for token, value in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
 def add_logit_lens(document: dict, model: Model, transcoders: Transcoders, k: int = 10) -> dict:

@@ -28,15 +28,14 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from circuitmap.atomic import atomic_write
 from circuitmap.errors import CircuitmapError
 from circuitmap.features.store import Example, FeatureDashboard, FeatureStore, Label
 
@@ -226,7 +225,7 @@ def _export_one(
     record = feature_json(
         store, layer, feature, model_id=model_id, source_id=source_id, creator_id=creator_id
     )
-    _write_atomic(path, (json.dumps(record, ensure_ascii=False, allow_nan=False, indent=1) + "\n").encode())
+    _write_bytes(path, (json.dumps(record, ensure_ascii=False, allow_nan=False, indent=1) + "\n").encode())
     return ExportReport(path, 1, len(record["activations"]), len(record["explanations"]), [path])
 
 
@@ -255,7 +254,7 @@ def _export_folder(
             folder = path / model_id / source_name(layer, source_id)
             for table, records in tables.items():
                 target = folder / table / f"batch-{batch}.jsonl.gz"
-                _write_atomic(target, gzip.compress(_json_lines(records), compresslevel=6, mtime=0))
+                _write_bytes(target, gzip.compress(_json_lines(records), compresslevel=6, mtime=0))
                 counts[table] += len(records)
                 files.append(target)
     finally:
@@ -328,14 +327,6 @@ def _json_lines(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records).encode()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file by renaming a finished temporary one into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically (``circuitmap.atomic``)."""
+    atomic_write(path, lambda temporary: temporary.write_bytes(data))

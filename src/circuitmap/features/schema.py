@@ -115,9 +115,4 @@ def read_meta(connection: sqlite3.Connection, path: str | Path) -> dict[str, str
 
 def check_transcoders(meta: dict[str, str], transcoders: Transcoders, path: str | Path) -> None:
     """Refuse a database built for another transcoder set, naming both."""
-    expected = transcoders.fingerprint()
-    if meta.get("fingerprint") != expected:
-        raise CircuitmapError(
-            f"{path}: built for another transcoder set ({meta.get('transcoders', '?')}, fingerprint "
-            f"{meta.get('fingerprint', '?')[:12]}), not this one (fingerprint {expected[:12]})"
-        )
+    transcoders.check_fingerprint(meta.get("fingerprint", "?"), f"{path} ({meta.get('transcoders', '?')})")

@@ -22,6 +22,7 @@ from circuitmap.cache import default_database_path
 from circuitmap.errors import CircuitmapError
 from circuitmap.features import schema
 from circuitmap.transcoders import Transcoders
+from circuitmap.validation import check_text
 
 LABEL_SOURCES = ("auto", "manual", "llm")
 MAX_LABEL_LENGTH = 500
@@ -353,7 +354,10 @@ class FeatureStore:
         """Store a label (manual by default) with the time and author; an empty manual label clears the
         manual one. Opens the file for writing only for this edit."""
         self.check_feature(layer, feature)
-        text = " ".join(str(text).split())
+        check_text("a label", text, empty=True)
+        if author is not None:
+            check_text("the author", author, empty=True)
+        text = " ".join(text.split())
         if len(text) > MAX_LABEL_LENGTH:
             raise CircuitmapError(f"a label has at most {MAX_LABEL_LENGTH} characters, got {len(text)}")
         if source not in LABEL_SOURCES:

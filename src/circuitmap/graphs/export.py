@@ -60,9 +60,9 @@ from pathlib import Path
 
 import numpy as np
 
+from circuitmap.atomic import atomic_write
 from circuitmap.errors import CircuitmapError, GraphExportError
 from circuitmap.graphs import pruning
-from circuitmap.graphs.files import atomic_write
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.ids import node_ids
 

@@ -8,8 +8,8 @@ one JSON document in the safetensors header metadata under ``METADATA_KEY``, wit
 
 File names: a path whose name does not end in ``.safetensors`` gets that suffix appended (``"run/graph"`` →
 ``"run/graph.safetensors"``); ``save_graph`` returns the path it wrote, and ``load_graph`` applies the same
-rule when the path as given does not exist. Writes go to a temporary file in the same folder, flushed to disk
-and renamed over the target, so a crash never leaves a half-written graph under the final name.
+rule when the path as given does not exist. Writes are atomic (``circuitmap.atomic``), so a crash never
+leaves a half-written graph under the final name.
 
 Never pickle: a graph file holds only tensors and JSON, so loading one cannot run code.
 """
@@ -17,15 +17,13 @@ Never pickle: a graph file holds only tensors and JSON, so loading one cannot ru
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from circuitmap.atomic import atomic_write
 from circuitmap.errors import GraphFileError
 from circuitmap.graphs.graph import Graph, NodeKind
 
@@ -90,25 +88,7 @@ def save_graph(graph: Graph, path: str | Path) -> Path:
 
 def load_graph(path: str | Path) -> Graph:
     """Read a graph written by ``save_graph``; any problem with the file raises ``GraphFileError``."""
-    path = Path(path)
-    if not path.exists():
-        path = graph_file_path(path)
-    if not path.exists():
-        raise GraphFileError(f"{path}: graph file not found")
-    if path.is_dir():
-        raise GraphFileError(f"{path}: is a folder, not a graph file")
-    try:
-        with safe_open(str(path), framework="np") as reader:
-            header = reader.metadata() or {}
-            names = set(reader.keys())
-            arrays = {name: reader.get_tensor(name) for name in ARRAY_FIELDS if name in names}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise GraphFileError(
-            f"{path}: not a readable safetensors file (truncated or another format): {exc}"
-        ) from exc
-    if METADATA_KEY not in header:
-        raise GraphFileError(f"{path}: safetensors file without circuitmap graph metadata (not a graph file)")
-    document = _read_document(path, header[METADATA_KEY])
+    path, document, arrays = _read(path, arrays=True)
     missing = [name for name in ARRAY_FIELDS if name not in arrays]
     if missing:
         raise GraphFileError(f"{path}: missing arrays: {', '.join(missing)}")
@@ -133,21 +113,32 @@ def load_graph(path: str | Path) -> Graph:
     )
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temporary)`` on a temporary file beside ``path``, flush it to disk, then rename it over
-    ``path``; on any failure the temporary file is removed and ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary = Path(name)
+def read_graph_info(path: str | Path) -> dict:
+    """The ``info`` of a graph file, read from its header alone (the arrays stay on disk)."""
+    return _read(path, arrays=False)[1]["info"]
+
+
+def _read(path: str | Path, *, arrays: bool) -> tuple[Path, dict, dict[str, np.ndarray]]:
+    """The path read (suffix rule applied), the checked metadata document and, with ``arrays``, the arrays."""
+    path = Path(path)
+    if not path.exists():
+        path = graph_file_path(path)
+    if not path.exists():
+        raise GraphFileError(f"{path}: graph file not found")
+    if path.is_dir():
+        raise GraphFileError(f"{path}: is a folder, not a graph file")
     try:
-        write(temporary)
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        with safe_open(str(path), framework="np") as reader:
+            header = reader.metadata() or {}
+            names = set(reader.keys()) if arrays else set()
+            found = {name: reader.get_tensor(name) for name in ARRAY_FIELDS if name in names}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GraphFileError(
+            f"{path}: not a readable safetensors file (truncated or another format): {exc}"
+        ) from exc
+    if METADATA_KEY not in header:
+        raise GraphFileError(f"{path}: safetensors file without circuitmap graph metadata (not a graph file)")
+    return path, _read_document(path, header[METADATA_KEY]), found
 
 
 def _arrays_of(graph: Graph) -> dict[str, np.ndarray]:

@@ -5,18 +5,17 @@
   supernodes, labels) in its ``qParams``.
 
 A folder is written as one unit: both files go into a hidden sibling folder, which then takes the place of
-the old one, so a reader never finds a new document beside an old graph.
+the old one, so a reader never finds a new document beside an old graph. Both files also carry the graph's
+id (``info.graph_id``, given by ``attribute``), and readers refuse a pair whose ids differ.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from circuitmap.atomic import replace_folder
 from circuitmap.errors import GraphFileError
 from circuitmap.graphs.export import graph_json, write_graph_json
 from circuitmap.graphs.files import load_graph, save_graph
@@ -51,10 +50,14 @@ class GraphFolder:
         return self.document_file.is_file()
 
     def read_graph(self) -> Graph:
-        """The full graph; a one-line error when the folder has none."""
+        """The full graph; a one-line error when the folder has none, or when its document was made from
+        another graph."""
         if not self.has_graph():
             raise GraphFileError(f"{self.path} holds no full graph ({GRAPH_FILE})")
-        return load_graph(self.graph_file)
+        graph = load_graph(self.graph_file)
+        if self.has_document():
+            check_pair(self.read_document(), graph.info, self.path)
+        return graph
 
     def read_document(self) -> dict:
         """The viewer document; a one-line error when it is missing or is not a viewer document."""
@@ -79,25 +82,29 @@ class GraphFolder:
         """Write the full graph and the document as one unit, replacing what the folder held."""
         if self.path.exists() and not self.path.is_dir():
             raise GraphFileError(f"{self.path} exists and is not a folder")
-        parent = self.path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{self.path.name}.incoming-{uuid.uuid4().hex[:12]}"
-        try:
-            staging.mkdir()
+
+        def fill(staging: Path) -> None:
             save_graph(graph, staging / GRAPH_FILE)
             write_graph_json(document, staging / DOCUMENT_FILE)
-            _sync_folder(staging)
-            if self.path.exists():
-                retired = parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
-                self.path.rename(retired)
-                staging.rename(self.path)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                staging.rename(self.path)
-            _sync_folder(parent)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+
+        replace_folder(self.path, fill)
+
+
+def graph_id(info: object) -> str | None:
+    """The id a graph's ``info`` records (None for graphs made without one)."""
+    identifier = info.get("graph_id") if isinstance(info, dict) else None
+    return identifier if isinstance(identifier, str) else None
+
+
+def check_pair(document: dict, info: dict, folder: Path) -> None:
+    """A one-line error when a folder's document records another graph id than its full graph's ``info``."""
+    metadata = document.get("metadata")
+    recorded = graph_id(metadata.get("info") if isinstance(metadata, dict) else None)
+    if recorded is not None and graph_id(info) is not None and recorded != graph_id(info):
+        raise GraphFileError(
+            f"{DOCUMENT_FILE} and {GRAPH_FILE} in {folder} come from different graphs (a write was "
+            "interrupted, or one was copied in by hand): compute the graph again"
+        )
 
 
 def viewer_document(source: str | Path, pruning: PruneConfig | None = None) -> dict:
@@ -128,12 +135,3 @@ def read_document(path: str | Path) -> dict:
     if not isinstance(document, dict) or not {"metadata", "nodes", "links"} <= set(document):
         raise GraphFileError(f"{path} is not a viewer JSON document (it needs metadata, nodes and links)")
     return document
-
-
-def _sync_folder(folder: Path) -> None:
-    """Flush a folder's entries to disk, so that a rename into it survives a crash."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -55,6 +55,7 @@ from circuitmap.config import Settings
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.ids import index_by_id
+from circuitmap.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ class PruneConfig(Settings):
     """Share of the influence-weighted flow among the kept nodes that the kept edges carry, in (0, 1]."""
 
     def check(self) -> None:
-        """Thresholds are cumulative fractions: in (0, 1]; NaN fails too."""
-        _check_threshold("node_threshold", self.node_threshold)
-        _check_threshold("edge_threshold", self.edge_threshold)
+        """Thresholds are cumulative fractions: in (0, 1]."""
+        check_number("node_threshold", self.node_threshold, low=0, high=1, low_open=True)
+        check_number("edge_threshold", self.edge_threshold, low=0, high=1, low_open=True)
 
 
 @dataclass
@@ -318,12 +319,6 @@ def _checked_mask(mask: np.ndarray, length: int, name: str) -> np.ndarray:
     if mask.dtype != np.bool_ or mask.shape != (length,):
         raise CircuitmapError(f"{name} must be bool of length {length}, not {mask.dtype} {mask.shape}")
     return mask
-
-
-def _check_threshold(name: str, value: float) -> None:
-    """Thresholds are cumulative fractions: in (0, 1]; NaN fails too."""
-    if not 0.0 < value <= 1.0:
-        raise CircuitmapError(f"{name} must be in (0, 1], got {value}")
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -50,6 +50,7 @@ class CheckReport:
     prompt: str
     target: str
     rows: list[CheckRow]
+    transcoders_fingerprint: str | None = None
 
     @property
     def sign_agreement(self) -> float:
@@ -92,6 +93,7 @@ class CheckReport:
         return {
             "prompt": self.prompt,
             "target": self.target,
+            "transcoders_fingerprint": self.transcoders_fingerprint,
             "sign_agreement": self.sign_agreement,
             "rank_correlation": self.rank_correlation,
             "rows": [vars(row) for row in self.rows],
@@ -198,6 +200,7 @@ def _check_match(graph: Graph, model: Model, transcoders: Transcoders, nodes: Se
     if graph.n_layers != model.n_layers:
         raise CircuitmapError(f"the graph has {graph.n_layers} layers but the model has {model.n_layers}")
     transcoders.check_model(model.n_layers, model.d_model)
+    transcoders.check_fingerprint(graph.info.get("transcoders_fingerprint"), "the graph")
     if max(graph.tokens) >= model.d_vocab:
         raise CircuitmapError("the graph's token ids are outside the model's vocabulary: another model")
     transcoders.to(device=model.device, dtype=model.dtype)
@@ -276,7 +279,7 @@ def check_graph(
         )
     prompt = graph.prompt
     target_name = graph.target_names[target_node - int(graph.nodes_of(NodeKind.TARGET)[0])]
-    return CheckReport(prompt, target_name, rows)
+    return CheckReport(prompt, target_name, rows, transcoders.fingerprint())
 
 
 def _edge(graph: Graph, target: int, source: int) -> float:

@@ -6,17 +6,16 @@ import contextlib
 import importlib.util
 import io
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from circuitmap.atomic import replace_folder
 from circuitmap.cache import gguf_cache_folder
 from circuitmap.errors import CircuitmapError, ModelLoadError
 from circuitmap.models.model import Model
@@ -201,14 +200,11 @@ def _write_cache(hf_model, tok, folder: Path, source: Path) -> None:
     hf_model.hf_quantizer = None
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "complete.json").write_text(json.dumps({"source": str(source.resolve())}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(staging: Path) -> None:
+        hf_model.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        (staging / "complete.json").write_text(json.dumps({"source": str(source.resolve())}))
+
+    with contextlib.suppress(OSError):  # without a cache the next load dequantises again
+        replace_folder(folder, fill)

@@ -23,6 +23,7 @@ from circuitmap.models.hooks import (
     freeze,
     register_attention,
 )
+from circuitmap.validation import check_text
 
 Inputs = str | torch.Tensor
 
@@ -39,6 +40,7 @@ class Model:
         self.name = name
         self.adapter: Adapter = adapter_for(hf_model)
         self.points = HookPoints(hf_model, self.adapter)
+        self._vocabulary: list[str] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -84,14 +86,27 @@ class Model:
         self.hf_model.to(device=device, dtype=dtype)
         return self
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens the model reads at once (its position embeddings or rotary table), if it says."""
+        return getattr(self.hf_model.config.get_text_config(), "max_position_embeddings", None)
+
+    def check_length(self, n_tokens: int, what: str = "the prompt") -> None:
+        """A one-line error when ``n_tokens`` tokens exceed the model's context."""
+        context = self.context_length
+        if context is not None and n_tokens > context:
+            raise CircuitmapError(f"{what} has {n_tokens:,} tokens but the model's context is {context:,}")
+
     def encode(self, text: Inputs) -> torch.Tensor:
-        """Token ids ``[1, T]``, special tokens added as the tokenizer does by default; ids pass through."""
+        """Token ids ``[1, T]``, special tokens added as the tokenizer does by default; ids pass through.
+        Text must be valid and not empty, and no longer than the model's context."""
         if isinstance(text, torch.Tensor):
             ids = text if text.ndim == 2 else text.unsqueeze(0)
-            return ids.to(self.device)
-        if not isinstance(text, str) or not text.strip():
-            raise CircuitmapError("the prompt is empty")
-        ids = self.tokenizer(text, return_tensors="pt").input_ids
+            self.check_length(ids.shape[-1], "the input")
+        else:
+            check_text("the prompt", text)
+            ids = self.tokenizer(text, return_tensors="pt").input_ids
+            self.check_length(ids.shape[-1])
         return ids.to(self.device)
 
     def decode_after(self, ids: torch.Tensor, new_ids: Sequence[int] | torch.Tensor) -> str:
@@ -111,8 +126,34 @@ class Model:
         )
 
     def token_strings(self, ids: torch.Tensor) -> list[str]:
-        """Decoded text of each token id, one string per token."""
-        return [self.tokenizer.decode([int(i)]) for i in ids.reshape(-1)]
+        """The text of each token of the sequence ``ids``, as it reads there: what it adds to the decoded
+        text of the tokens before it (SentencePiece drops a token's leading space when decoded alone)."""
+        ids = [int(i) for i in torch.as_tensor(ids).reshape(-1)]
+        strings, before = [], ""
+        for n in range(1, len(ids) + 1):
+            text = self.tokenizer.decode(ids[:n])
+            strings.append(
+                text[len(before) :] if text.startswith(before) else self.tokenizer.decode(ids[n - 1 : n])
+            )
+            before = text
+        return strings
+
+    def token_text(self, token: int) -> str:
+        """The text of vocabulary entry ``token`` as it reads after another token (its leading space kept)."""
+        return self.vocabulary()[token]
+
+    def vocabulary(self) -> list[str]:
+        """The text of every vocabulary entry as it reads after another token: what it adds to the decoded
+        text of a one-letter token (decoding it alone loses a SentencePiece token's leading space)."""
+        if self._vocabulary is None:
+            anchor = self.tokenizer("a", add_special_tokens=False).input_ids[-1:]
+            before = self.tokenizer.decode(anchor)
+            pairs = self.tokenizer.batch_decode([[*anchor, token] for token in range(self.d_vocab)])
+            self._vocabulary = [
+                pair[len(before) :] if pair.startswith(before) else self.tokenizer.decode([token])
+                for token, pair in enumerate(pairs)
+            ]
+        return self._vocabulary
 
     def logits(self, inputs: Inputs) -> torch.Tensor:
         """Logits ``[batch, T, d_vocab]`` for text or ids."""
@@ -151,6 +192,7 @@ class Model:
         (seeded with ``seed``, on a private generator). ``before_forward(start)`` is called before each
         forward pass with the position of its first token (see ``circuitmap.models.generation``)."""
         ids = self.encode(text)
+        self.check_length(ids.shape[1] + max_new_tokens, "the prompt with its continuation")
         generator = None if greedy else sampling_generator(self.device, seed)
         new = generate_ids(
             self.hf_model,

@@ -49,6 +49,7 @@ from circuitmap.features.store import FeatureStore, current_label
 from circuitmap.server.interventions import run_on_graph
 from circuitmap.server.jobs import Engine, Jobs
 from circuitmap.server.store import GraphStore
+from circuitmap.validation import check_text
 
 MAX_BODY = 2 * 2**20
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -328,15 +329,9 @@ def _search_limit(value: str) -> int:
 def _label_fields(body: dict) -> tuple[str, str | None]:
     """The text and author of a label edit, checked."""
     text, author = body.get("text"), body.get("author")
-    if not isinstance(text, str):
-        raise StoreError("the label text must be a string (empty clears the manual label)")
-    if author is not None and not isinstance(author, str):
-        raise StoreError("the author must be a string")
-    for value in (text, author or ""):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise StoreError("the label holds text that is not valid Unicode") from None
+    check_text("the label text (empty clears the manual label)", text, empty=True)
+    if author is not None:
+        check_text("the author", author, empty=True)
     author = " ".join(author.split()) if author else None
     if author and len(author) > MAX_AUTHOR:
         raise StoreError(f"an author name has at most {MAX_AUTHOR} characters, got {len(author)}")

@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
+from circuitmap.atomic import atomic_write
 from circuitmap.errors import CircuitmapError
-from circuitmap.graphs.files import atomic_write
 from circuitmap.server.app import PAGE, package_assets
 
 _STYLE_TAG = re.compile(r'<link rel="stylesheet" href="/static/([A-Za-z0-9_.-]+\.css)">')

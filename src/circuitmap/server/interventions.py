@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from circuitmap.errors import StoreError
+from circuitmap.errors import CircuitmapError, StoreError
 from circuitmap.graphs.export import FEATURE_TYPES
 from circuitmap.graphs.graph import NodeKind
 from circuitmap.interventions import FeatureEdit, Supernode, generate_with, intervene
@@ -52,6 +52,13 @@ def run_on_graph(store: GraphStore, name: str, engine: Engine, body: dict) -> di
     if not isinstance(document, dict) or not isinstance(document.get("metadata"), dict):
         raise StoreError(f"graph {name!r} is not a viewer document (no metadata)", 422)
     request = parse_request(body, _node_types(document, name))
+    info = document["metadata"].get("info")
+    try:
+        engine.transcoders.check_fingerprint(
+            info.get("transcoders_fingerprint") if isinstance(info, dict) else None, f"graph {name!r}"
+        )
+    except CircuitmapError as error:
+        raise StoreError(f"{error}: its feature nodes cannot be edited here", 409) from None
     ids = prompt_ids(store, name, document, engine)
     with engine.lock:
         return run_edits(engine, ids, request)

@@ -25,6 +25,7 @@ from circuitmap.models import Model
 from circuitmap.pipeline import compute_graph
 from circuitmap.server.store import GraphStore, check_name
 from circuitmap.transcoders import Transcoders
+from circuitmap.validation import check_text
 
 MAX_PROMPT = 4000
 MAX_JOBS_KEPT = 50
@@ -101,10 +102,7 @@ class Jobs:
 
     def submit(self, prompt: str, name: str | None = None) -> Job:
         """Queue the graph of ``prompt``, to be saved as ``name`` (default: made from the prompt)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise StoreError("the prompt is empty")
-        if len(prompt) > MAX_PROMPT:
-            raise StoreError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT} are allowed")
+        check_text("the prompt", prompt, max_length=MAX_PROMPT)
         name = check_name(name) if name else prompt_slug(prompt)
         with self._lock:
             job = Job(id=str(next(self._numbers)), prompt=prompt, name=name)

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from circuitmap.atomic import remove_stale
 from circuitmap.errors import CircuitmapError, StoreError
 from circuitmap.graphs.export import FEATURE_TYPES, write_graph_json
-from circuitmap.graphs.files import load_graph
-from circuitmap.graphs.folder import DOCUMENT_FILE, GRAPH_FILE, GraphFolder
+from circuitmap.graphs.files import load_graph, read_graph_info
+from circuitmap.graphs.folder import DOCUMENT_FILE, GRAPH_FILE, GraphFolder, check_pair, graph_id
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.pruning import Scores, subgraph_scores
+from circuitmap.validation import check_text
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 MAX_LABEL = 500
@@ -54,6 +56,7 @@ class Summary:
     n_edges: dict
     scores: dict
     exact_scores: bool
+    graph_id: str | None
 
     def as_json(self) -> dict:
         return dict(self.__dict__)
@@ -76,6 +79,7 @@ class GraphStore:
         if not root.is_dir():
             raise CircuitmapError(f"graph folder {root} does not exist or is not a folder")
         self.root = root.resolve()
+        remove_stale(self.root)
         self._lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._summaries: dict[str, tuple[str, Summary]] = {}
@@ -138,12 +142,14 @@ class GraphStore:
         return sorted(found, key=lambda summary: summary.created, reverse=True)
 
     def summary(self, name: str) -> Summary:
-        """The summary of one graph, cached until its document changes."""
+        """The summary of one graph, cached until its files change. Scores are exact when the folder holds
+        the full graph the document was made from."""
         try:
             stat = self._document_path(name).stat()
         except FileNotFoundError:
             raise StoreError(f"no graph named {name!r}", 404) from None
-        key = f"{stat.st_mtime_ns}-{stat.st_size}"
+        full = self._file(name, GRAPH_FILE)
+        key = f"{_revision_of(stat)}/{_revision_of(full.stat()) if full is not None else ''}"
         cached = self._summaries.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -163,7 +169,8 @@ class GraphStore:
                 n_nodes=metadata.get("n_nodes") or {"exported": len(document["nodes"])},
                 n_edges=metadata.get("n_edges") or {"exported": len(document["links"])},
                 scores=metadata.get("scores") or {},
-                exact_scores=self._file(name, GRAPH_FILE) is not None,
+                exact_scores=full is not None and self._pairs(document, full),
+                graph_id=graph_id(info),
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise StoreError(f"graph {name!r} is not a viewer document: missing {error}", 500) from None
@@ -241,8 +248,6 @@ class GraphStore:
 
     def scores(self, name: str, pinned: list[str], supernodes: list[list[str]]) -> Scores:
         """Exact replacement and completeness of a subgraph, from the full graph (404 without one)."""
-        if self._file(name, GRAPH_FILE) is None:
-            raise StoreError(f"graph {name!r} has no full graph ({GRAPH_FILE}) to score subgraphs on", 404)
         graph = self.full_graph(name)
         members = [*_id_list("pinnedIds", pinned), *_members(supernodes)]
         try:
@@ -251,12 +256,18 @@ class GraphStore:
             raise StoreError(str(error)) from None
 
     def full_graph(self, name: str) -> Graph:
-        """The full graph of ``name``, kept in a small cache keyed by its file's revision."""
+        """The full graph of ``name`` (404 without one; 409 when the document was made from another graph),
+        kept in a small cache keyed by its file's revision."""
         path = self._file(name, GRAPH_FILE)
         if path is None:
             raise StoreError(f"graph {name!r} has no full graph ({GRAPH_FILE})", 404)
-        stat = path.stat()
-        key = (name, f"{stat.st_mtime_ns}-{stat.st_size}")
+        if not self.summary(name).exact_scores:
+            raise StoreError(
+                f"graph {name!r}: its {DOCUMENT_FILE} and {GRAPH_FILE} come from different graphs; "
+                "compute it again",
+                409,
+            )
+        key = (name, _revision_of(path.stat()))
         with self._cache_lock:
             if key not in self._graphs:
                 self._graphs[key] = load_graph(path)
@@ -264,6 +275,15 @@ class GraphStore:
                     self._graphs.popitem(last=False)
             self._graphs.move_to_end(key)
             return self._graphs[key]
+
+    def _pairs(self, document: dict, full: Path) -> bool:
+        """Whether the full graph at ``full`` is the one ``document`` was made from (graphs without ids
+        pass)."""
+        try:
+            check_pair(document, read_graph_info(full), full.parent)
+        except CircuitmapError:
+            return False
+        return True
 
     def _forget(self, name: str) -> None:
         self._summaries.pop(name, None)
@@ -295,7 +315,7 @@ def apply_state(document: dict, state: dict) -> None:
         raise StoreError("labels must be an object of node id → label")
     _known(list(labels), nodes, "labels")
     for identifier, label in labels.items():
-        _check_text(f"the label of {identifier}", label)
+        check_text(f"the label of {identifier}", label, max_length=MAX_LABEL, empty=True)
     view = _view(state.get("view", {}))
 
     members = [member for group in groups for member in group[1:]]
@@ -341,18 +361,8 @@ def _members(supernodes) -> list[str]:
 def _supernodes(supernodes, nodes: dict) -> list[list[str]]:
     _known(_members(supernodes), nodes, "supernodes")
     for group in supernodes:
-        _check_text("a supernode label", group[0])
+        check_text("a supernode label", group[0], max_length=MAX_LABEL, empty=True)
     return [list(group) for group in supernodes]
-
-
-def _check_text(what: str, text) -> None:
-    """Labels are strings of at most ``MAX_LABEL`` characters that UTF-8 can encode (no lone surrogates)."""
-    if not isinstance(text, str) or len(text) > MAX_LABEL:
-        raise StoreError(f"{what} must be a string of at most {MAX_LABEL} characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise StoreError(f"{what} is not valid Unicode text") from None
 
 
 def _view(view) -> dict:
@@ -371,6 +381,11 @@ def _view(view) -> dict:
             value = float(value)
         checked[key] = value
     return checked
+
+
+def _revision_of(stat) -> str:
+    """A file's revision as its modification time and size say."""
+    return f"{stat.st_mtime_ns}-{stat.st_size}"
 
 
 def _revision(data: bytes) -> str:

@@ -7,13 +7,13 @@ so a resumed run continues bit for bit where the checkpoint was taken.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from circuitmap.atomic import atomic_write
 from circuitmap.errors import CircuitmapError
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -23,18 +23,13 @@ CHECKPOINT_FORMAT = 1
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write the checkpoint to a temporary file and rename it over the previous one."""
     path = folder / CHECKPOINT_NAME
-    temporary = folder / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
     payload = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    metadata = {"circuitmap": json.dumps({**meta, "format": CHECKPOINT_FORMAT})}
     try:
-        save_file(
-            payload, temporary, metadata={"circuitmap": json.dumps({**meta, "format": CHECKPOINT_FORMAT})}
-        )
-        with temporary.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise CircuitmapError(f"cannot write the checkpoint {path}: {error.strerror or error}") from None
+        atomic_write(path, lambda temporary: save_file(payload, temporary, metadata=metadata))
+    except (OSError, SafetensorError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise CircuitmapError(f"cannot write the checkpoint {path}: {reason}") from None
     return path
 
 

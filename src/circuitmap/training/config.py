@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from circuitmap.config import Settings
 from circuitmap.errors import CircuitmapError
+from circuitmap.validation import check_number
 
 KINDS = ("plt", "skip-plt", "clt")
 ACTIVATIONS = ("topk", "jumprelu", "relu")
@@ -93,32 +94,20 @@ class TrainConfig(Settings):
                 f"sparsity_penalty must be one of {', '.join(SPARSITY_PENALTIES)}, "
                 f"got {self.sparsity_penalty!r}"
             )
-        positive = (
-            "d_features",
-            "k",
-            "n_tokens",
-            "epochs",
-            "batch_size",
-            "context_length",
-            "model_batch_size",
-            "chunk_contexts",
-            "groups",
-            "aux_k",
-            "dead_tokens",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise CircuitmapError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.context_length < 3:
-            raise CircuitmapError(f"context_length must be at least 3, got {self.context_length}")
+        counts = ("d_features", "k", "n_tokens", "epochs", "batch_size", "model_batch_size", "chunk_contexts")
+        for name in (*counts, "groups", "aux_k", "dead_tokens"):
+            check_number(name, getattr(self, name), low=1, whole=True)
+        check_number("context_length", self.context_length, low=3, whole=True)
+        check_number("warmup_steps", self.warmup_steps, low=0, whole=True)
+        check_number("seed", self.seed, whole=True)
+        for name in ("lr", "jumprelu_bandwidth", "init_threshold", "tanh_scale", "max_grad_norm"):
+            check_number(name, getattr(self, name), low=0, low_open=True)
+        for name in ("aux_coef", "sparsity_coef"):
+            check_number(name, getattr(self, name), low=0)
+        for name in ("decay_fraction", "sparsity_warmup"):
+            check_number(name, getattr(self, name), low=0, high=1)
         if self.activation == "topk" and self.k > self.d_features:
             raise CircuitmapError(f"k={self.k} cannot exceed d_features={self.d_features}")
-        for name in ("lr", "jumprelu_bandwidth", "init_threshold", "tanh_scale"):
-            if not getattr(self, name) > 0:
-                raise CircuitmapError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("decay_fraction", "sparsity_warmup"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise CircuitmapError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.batch_size % self.groups or self.chunk_contexts % self.groups:
             raise CircuitmapError(
                 f"groups={self.groups} must divide batch_size={self.batch_size} "

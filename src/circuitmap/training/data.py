@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from circuitmap.atomic import atomic_write
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
 from circuitmap.models.generation import generate_ids, sampling_generator
@@ -234,16 +234,15 @@ class ActivationCache:
             return torch.from_numpy(array).view(PAIR_DTYPE)
 
     def store(self, chunk: int, group: int, pairs: torch.Tensor) -> None:
-        path = self._path(chunk, group)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        array = pairs.view(torch.int16).numpy()
+
+        def write(temporary: Path) -> None:
             with temporary.open("wb") as handle:
-                np.save(handle, pairs.view(torch.int16).numpy())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
+                np.save(handle, array, allow_pickle=False)
+
+        try:
+            atomic_write(self._path(chunk, group), write)
         except OSError as error:
-            temporary.unlink(missing_ok=True)
             reason = error.strerror or str(error)
             raise CircuitmapError(f"cannot write the activation cache in {self.folder}: {reason}") from None
 

@@ -135,7 +135,9 @@ def evaluate_corpus(
     context_length: int = EVAL_CONTEXT_LENGTH,
 ) -> Evaluation:
     """``evaluate_transcoders`` on the first ``n_tokens`` tokens of corpus ``sources``, packed into
-    contexts of ``context_length``; a warning on stderr when the corpus holds fewer."""
+    contexts of ``context_length`` (or of the model's context, if shorter); a warning on stderr when the
+    corpus holds fewer."""
+    context_length = min(context_length, model.context_length or context_length)
     contexts = CorpusContexts.from_sources(model.tokenizer, sources, context_length, text_field)
     n_contexts = -(-n_tokens // (context_length - 1))
     evaluation = evaluate_transcoders(

@@ -19,7 +19,6 @@ import shutil
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from circuitmap.atomic import replace_folder
 from circuitmap.errors import CircuitmapError, Interrupted, TrainingDiverged
 from circuitmap.models import Model
 from circuitmap.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -201,16 +201,15 @@ def _notice(group: ProcessGroup, message: str) -> None:
 
 def _finish_folder(out: Path, transcoders: Transcoders, summary: dict) -> None:
     """Replace the run folder by the transcoder set, keeping the settings and the log beside it."""
-    final = out.with_name(f".{out.name}.final-{uuid.uuid4().hex}")
-    transcoders.save(final)
-    for name in (RUN_NAME, LOG_NAME):
-        if (out / name).exists():
-            shutil.copy2(out / name, final / name)
-    (final / METRICS_NAME).write_text(json.dumps(summary, indent=2))
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
-    out.rename(old)
-    final.rename(out)
-    shutil.rmtree(old)
+
+    def fill(final: Path) -> None:
+        transcoders.save(final, overwrite=True)
+        for name in (RUN_NAME, LOG_NAME):
+            if (out / name).exists():
+                shutil.copy2(out / name, final / name)
+        (final / METRICS_NAME).write_text(json.dumps(summary, indent=2))
+
+    replace_folder(out, fill)
 
 
 def train_transcoders(
@@ -232,6 +231,7 @@ def train_transcoders(
     checkpoint is written and ``Interrupted`` raised; ``resume=True`` continues from there. In a distributed
     run the first process to see its event set stops them all."""
     config.check()
+    model.check_length(config.context_length, "a training context (--context-length)")
     started = time.monotonic()
     group = ProcessGroup.from_environment(model.device)
     if config.groups % group.world:

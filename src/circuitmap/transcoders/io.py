@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from circuitmap.atomic import replace_folder
 from circuitmap.errors import CircuitmapError, TranscoderLoadError
 from circuitmap.transcoders.activations import Activation, JumpReLU, ReLU, TopK
 from circuitmap.transcoders.transcoders import (
@@ -85,29 +84,15 @@ def load_transcoders(
 def save_transcoders(transcoders: Transcoders, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write `transcoders` to `folder` in the circuit-tracer layout and return the folder.
 
-    Files are written into a temporary sibling folder that is then renamed into place, so a failed save
-    leaves no half-written set. An existing non-empty folder is replaced only with overwrite=True.
+    The folder is written as one unit (``circuitmap.atomic.replace_folder``), so a failed save leaves no
+    half-written set. An existing non-empty folder is replaced only with overwrite=True.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CircuitmapError(f"cannot save transcoders to {folder}: it exists and is not a folder")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise CircuitmapError(f"cannot save transcoders to {folder}: it is not empty (use overwrite=True)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.saving-{uuid.uuid4().hex}")
-    staging.mkdir()
-    try:
-        _write(transcoders, staging)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex}")
-            folder.rename(old)
-            staging.rename(folder)
-            shutil.rmtree(old)
-        else:
-            staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return replace_folder(folder, lambda staging: _write(transcoders, staging))
 
 
 def _write(transcoders: Transcoders, folder: Path) -> None:

@@ -365,6 +365,18 @@ class Transcoders(nn.Module):
                     digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
 
+    def check_fingerprint(self, recorded: str | None, what: str) -> None:
+        """A one-line error when ``recorded`` (the fingerprint kept with ``what``: a graph, a database)
+        names another set than this one; None (nothing recorded) passes."""
+        if recorded is None:
+            return
+        mine = self.fingerprint()
+        if recorded != mine:
+            raise IncompatibleTranscodersError(
+                f"{what} was made with another transcoder set (fingerprint {str(recorded)[:12]}), "
+                f"not this one (fingerprint {mine[:12]})"
+            )
+
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
         """Write the set to `folder` in the circuit-tracer layout (see `circuitmap.transcoders.io`)."""
         from circuitmap.transcoders.io import save_transcoders  # io imports this module
