@@ -325,19 +325,47 @@ def test_other_sets_newer_schemas_and_other_files_are_refused(parts, built, tmp_
         FeatureStore(tmp_path / "absent.sqlite")
 
 
-def test_resuming_with_other_settings_is_refused(parts, tmp_path, monkeypatch):
-    model, transcoders = parts
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    path = tmp_path / "partial.sqlite"
+def test_resuming_with_other_settings_is_refused_once_something_was_read(parts, tmp_path, monkeypatch):
     import threading
 
+    model, transcoders = parts
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    changed = BuildConfig(**{**CONFIG.__dict__, "top": 7})
+    untouched = tmp_path / "untouched.sqlite"
     stop = threading.Event()
     stop.set()
     with pytest.raises(Interrupted):
+        build_features(model, transcoders, corpus, untouched, CONFIG, progress=False, stop=stop)
+    assert build_features(model, transcoders, corpus, untouched, changed, progress=False).contexts > 0
+    assert json.loads(FeatureStore(untouched).meta["settings"])["top"] == 7, "one that read nothing restarts"
+    path = tmp_path / "partial.sqlite"
+    original = build_module._process
+
+    def process_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        stop.set()
+
+    stop.clear()
+    monkeypatch.setattr(build_module, "_process", process_then_stop)
+    with pytest.raises(Interrupted):
         build_features(model, transcoders, corpus, path, CONFIG, progress=False, stop=stop)
-    changed = BuildConfig(**{**CONFIG.__dict__, "top": 7})
-    with pytest.raises(CircuitmapError, match="top 6 → 7"):
+    monkeypatch.setattr(build_module, "_process", original)
+    with pytest.raises(CircuitmapError, match="top 6 → 7.*--rebuild"):
         build_features(model, transcoders, corpus, path, changed, progress=False)
+    rebuilt = build_features(model, transcoders, corpus, path, changed, progress=False, rebuild=True)
+    assert rebuilt.contexts > 0 and json.loads(FeatureStore(path).meta["settings"])["top"] == 7
+
+
+def test_an_empty_or_missing_corpus_is_refused_before_anything_is_written(parts, tmp_path):
+    model, transcoders = parts
+    (tmp_path / "empty.txt").write_text("")
+    for corpus, message in [
+        (tmp_path / "empty.txt", "too little text for one context"),
+        (tmp_path / "typo.txt", "typo.txt"),
+    ]:
+        with pytest.raises(CircuitmapError, match=message):
+            build_features(model, transcoders, corpus, tmp_path / "db.sqlite", CONFIG, progress=False)
+        assert not (tmp_path / "db.sqlite").exists()
 
 
 def test_bad_settings_are_refused(parts, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -352,6 +353,47 @@ def test_resume_refuses_other_settings_and_unknown_folders(tmp_path):
         train_transcoders(model, corpus(model), SMALL.with_changes(k=5), out, resume=True, progress=False)
     with pytest.raises(CircuitmapError, match="holds an unfinished run: add --resume"):
         train_transcoders(model, corpus(model), SMALL, out, progress=False)
+
+
+def test_a_run_that_never_reached_a_checkpoint_starts_again(tmp_path, monkeypatch, capsys):
+    model = tiny_model("llama")
+    config = SMALL.with_changes(n_tokens=640)
+
+    def full_disk(*args, **kwargs):
+        raise CircuitmapError("cannot write the checkpoint: No space left on device")
+
+    for resume in (False, True):
+        out = tmp_path / f"run-{resume}"
+        with monkeypatch.context() as patched:
+            patched.setattr("circuitmap.training.trainer.save_checkpoint", full_disk)
+            with pytest.raises(CircuitmapError, match="No space left"):
+                train_transcoders(model, corpus(model), config, out, progress=False, checkpoint_seconds=0)
+        assert (out / "training.json").is_file() and not (out / "checkpoint.safetensors").exists()
+        train_transcoders(model, corpus(model), config, out, resume=resume, progress=False)
+        assert "never reached a checkpoint: starting it again" in capsys.readouterr().err
+        assert (out / "metrics.json").is_file()
+
+
+def test_two_trainers_never_share_a_run_folder(tmp_path):
+    import fcntl
+
+    model = tiny_model("llama")
+    out = tmp_path / "run"
+    out.mkdir()
+    with (out / ".lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CircuitmapError, match="another training run is using"):
+            train_transcoders(model, corpus(model), SMALL, out, progress=False)
+        assert [path.name for path in out.iterdir()] == [".lock"]
+    train_transcoders(model, corpus(model), SMALL.with_changes(n_tokens=640), out, progress=False)
+    assert (out / "metrics.json").is_file() and not (out / ".lock").exists()
+
+
+def test_non_finite_settings_are_refused_before_anything_is_written(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(CircuitmapError, match="sparsity_coef must be a finite number"):
+        train_transcoders(model, corpus(model), SMALL.with_changes(sparsity_coef=math.nan), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")

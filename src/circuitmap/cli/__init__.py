@@ -1,6 +1,10 @@
 """The ``circuitmap`` command line. Errors in the user's input print one line and exit with status 2; a job
 stopped with Ctrl-C or SIGTERM saves what it can resume from and exits with status 130.
 
+``main`` is the error boundary: besides circuitmap's own errors it turns what the system reports while
+reading and writing (a missing or unreadable file, a full disk, a read-only folder, a corrupt database or
+tensor file) into the same one line. Every text argument must be valid Unicode.
+
 Each command group is a module of this package with a ``register(commands)`` function; the modules parse
 arguments, call the library and print, and share only what this module defines: the model options, the
 options derived from settings dataclasses, ``positive_int`` and the signal handling of long jobs.
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -19,7 +24,9 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
-from typing import Any
+from typing import Any, NoReturn
+
+from safetensors import SafetensorError
 
 from circuitmap import __version__
 from circuitmap.config import field_docs
@@ -28,6 +35,7 @@ from circuitmap.features import FeatureStore
 from circuitmap.models import DEFAULT_MODEL, Model, load_model
 from circuitmap.server.launch import DEFAULT_HOST, DEFAULT_PORT
 from circuitmap.transcoders import Transcoders
+from circuitmap.validation import check_text
 
 COMMAND_GROUPS = ("model", "attribute", "demo", "serve", "features", "interventions", "train")
 """The modules of this package that register commands, in the order ``--help`` lists them."""
@@ -40,6 +48,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the one-line form of every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"circuitmap: error: {message} (see {self.prog} --help)\n")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
@@ -181,7 +204,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (each group's module registers its own)."""
-    parser = argparse.ArgumentParser(prog="circuitmap", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="circuitmap", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"circuitmap {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
@@ -192,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for name, value in vars(args).items():
+            for text in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(text, str):
+                    check_text(f"the argument {name.replace('_', '-')}", text, empty=True)
         return args.run(args)
     except Interrupted as error:
         print(f"circuitmap: {error}", file=sys.stderr)
@@ -202,3 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("circuitmap: interrupted", file=sys.stderr)
         return 130
+    except (OSError, sqlite3.Error, SafetensorError, UnicodeError) as error:
+        print(f"circuitmap: error: {_system_failure(error)}", file=sys.stderr)
+        return 2
+
+
+def _system_failure(error: Exception) -> str:
+    """What the system reported, in one line: the reason and the file it concerns."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror.lower()}{where}"
+    if isinstance(error, sqlite3.Error):
+        return f"the feature database cannot be used: {error}"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if not isinstance(error, SafetensorError) else f"a safetensors file cannot be read: {text}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import resource
 
+from circuitmap.atomic import check_writable
 from circuitmap.attribution import AttributionConfig, Direction, estimate_attribution
 from circuitmap.cli import (
     DEFAULT_PROMPT,
@@ -63,6 +64,7 @@ def _attribute(args: argparse.Namespace) -> int:
     folder = GraphFolder(args.out)
     if folder.path.exists() and not folder.path.is_dir():
         raise CircuitmapError(f"--out {folder.path} exists and is not a folder")
+    check_writable(folder.path, "the graph folder")
     targets = [*args.target, *(tuple(pair) for pair in args.logit_diff), *map(_direction, args.direction)]
     model = load_model_from_args(args)
     transcoders = load_transcoders(args.transcoders)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from circuitmap.atomic import check_writable
 from circuitmap.cache import default_database_path, ensure_quick_transcoders
 from circuitmap.cli import (
     DEFAULT_PROMPT,
@@ -40,6 +41,8 @@ def register(commands) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    graph_folder = Path(args.out) / prompt_slug(args.prompt)
+    check_writable(graph_folder, "the graph folder")
     model = load_model_from_args(args)
     with stop_on_signals() as stop:
         folder = ensure_quick_transcoders(model, args.model, stop=stop)
@@ -50,7 +53,6 @@ def _demo(args: argparse.Namespace) -> int:
             f"{folder} --corpus YOUR_TEXTS` (about an hour per million tokens on two CPU cores)",
             file=sys.stderr,
         )
-    graph_folder = Path(args.out) / prompt_slug(args.prompt)
     with feature_database(args.features, transcoders) as store, stop_on_signals() as stop:
         computed = compute_graph_folder(
             model, transcoders, args.prompt, graph_folder, features=store, check_memory=True, stop=stop

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from circuitmap.atomic import check_writable
 from circuitmap.cache import default_database_path
 from circuitmap.cli import (
     add_model_args,
@@ -23,6 +24,7 @@ from circuitmap.features import BuildConfig, FeatureStore, build_features
 from circuitmap.features.llm_labels import build_prompt, label_features
 from circuitmap.features.neuronpedia import export_neuronpedia
 from circuitmap.transcoders import load_transcoders
+from circuitmap.validation import check_number
 
 
 def register(commands) -> None:
@@ -42,6 +44,9 @@ def register(commands) -> None:
     add_settings(build, BuildConfig)
     build.add_argument(
         "--checkpoint-minutes", type=float, default=5.0, help="how often progress is saved (default 5)"
+    )
+    build.add_argument(
+        "--rebuild", action="store_true", help="build from scratch, replacing the database (finished or not)"
     )
     build.set_defaults(run=_build)
 
@@ -126,11 +131,13 @@ def _selection(args: argparse.Namespace, store: FeatureStore) -> list[tuple[int,
 def _build(args: argparse.Namespace) -> int:
     config = BuildConfig().with_changes(**settings_from(args, BuildConfig))
     config.check()
-    if args.checkpoint_minutes <= 0:
-        raise CircuitmapError(f"--checkpoint-minutes must be positive, got {args.checkpoint_minutes}")
+    check_number("--checkpoint-minutes", args.checkpoint_minutes, low=0, low_open=True)
+    if args.db:
+        check_writable(args.db, "the feature database")
     model = load_model_from_args(args)
     transcoders = load_transcoders(args.transcoders, device=model.device)
     path = Path(args.db) if args.db else default_database_path(transcoders)
+    check_writable(path, "the feature database")
     print(f"feature database: {path}", file=sys.stderr)
     with stop_on_signals() as stop:
         report = build_features(
@@ -143,9 +150,10 @@ def _build(args: argparse.Namespace) -> int:
             transcoders_name=str(args.transcoders),
             checkpoint_seconds=args.checkpoint_minutes * 60,
             stop=stop,
+            rebuild=args.rebuild,
         )
     if report.already_complete:
-        print(f"{path} is already complete ({report.tokens:,} tokens); delete it to rebuild")
+        print(f"{path} is already complete ({report.tokens:,} tokens); pass --rebuild to build it again")
         return 0
     print(
         f"built {path}: {report.tokens:,} tokens in {report.contexts:,} contexts, "
@@ -174,6 +182,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_writable(args.out, "the export")
     with FeatureStore(args.db) as store:
         report = export_neuronpedia(
             store,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from circuitmap.atomic import check_writable
 from circuitmap.cache import quick_transcoders_folder
 from circuitmap.cli import add_model_args, load_model_from_args, positive_int
 from circuitmap.errors import CircuitmapError
@@ -181,6 +182,8 @@ def _transcoders_source(args: argparse.Namespace) -> str:
 
 
 def _intervene(args: argparse.Namespace) -> int:
+    if args.json:
+        check_writable(args.json, "the JSON file")
     groups = {}
     prompt = args.prompt
     if args.graph:
@@ -224,6 +227,11 @@ def _intervene(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    folder = Path(args.graph) if Path(args.graph).is_dir() else Path(args.graph).parent
+    plot = Path(args.plot) if args.plot else folder / "check.png"
+    check_writable(plot, "the plot")
+    if args.json:
+        check_writable(args.json, "the JSON file")
     graph, groups = _graph_and_supernodes(args.graph)
     groups.update(_supernodes(args.supernode))
     args.model = args.model or graph.model_name or DEFAULT_MODEL
@@ -239,9 +247,7 @@ def _check(args: argparse.Namespace) -> int:
         freeze_attention=not args.no_freeze_attention,
     )
     print(report.table())
-    folder = Path(args.graph) if Path(args.graph).is_dir() else Path(args.graph).parent
-    plot = report.save_plot(args.plot or folder / "check.png")
-    print(f"wrote {plot}")
+    print(f"wrote {report.save_plot(plot)}")
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_json(), indent=1, ensure_ascii=False))
         print(f"wrote {args.json}")

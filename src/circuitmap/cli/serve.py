@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from circuitmap.atomic import check_writable
 from circuitmap.attribution import AttributionConfig
 from circuitmap.cli import (
     add_explorer_options,
@@ -71,13 +72,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _export_html(args: argparse.Namespace) -> int:
     pruning = PruneConfig().with_changes(**settings_from(args, PruneConfig))
+    pruning.check()
+    out = Path(args.output)
+    if out.is_dir():
+        raise CircuitmapError(f"-o {out} is a folder: name the .html file to write")
+    check_writable(out, "the page")
     document = viewer_document(args.graph, pruning)
     if args.features:
         with FeatureStore(args.features) as store:
             add_feature_labels(document, store)
-    out = Path(args.output)
-    if out.is_dir():
-        raise CircuitmapError(f"-o {out} is a folder: name the .html file to write")
     path = export_html(document, out)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): open it in any browser, no server needed")
     return 0

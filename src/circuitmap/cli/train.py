@@ -7,11 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from circuitmap.atomic import check_writable
 from circuitmap.cache import activations_cache_dir
 from circuitmap.cli import (
     add_model_args,
     add_settings,
     load_model_from_args,
+    non_negative_int,
     positive_int,
     settings_from,
     stop_on_signals,
@@ -63,7 +65,10 @@ def register(commands) -> None:
         help="keep collected activations on disk and reuse them (default folder: the circuitmap cache)",
     )
     train.add_argument(
-        "--eval-tokens", type=int, default=16_384, help="held-out tokens measured at the end (0 to skip)"
+        "--eval-tokens",
+        type=non_negative_int,
+        default=16_384,
+        help="held-out tokens measured at the end (0 to skip)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
@@ -92,6 +97,7 @@ def _print_layers(fvu: list[float], l0: list[float], dead: list[float]) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     config = training_config(args.preset, world_size(), **settings_from(args, TrainConfig))
+    check_writable(args.out, "the run folder")
     args.device = process_device(args.device)
     model = load_model_from_args(args)
     if args.corpus:

@@ -118,20 +118,29 @@ def build_features(
     progress: bool = True,
     checkpoint_seconds: float = 300.0,
     stop: threading.Event | None = None,
+    rebuild: bool = False,
 ) -> BuildReport:
     """Build (or resume building) the feature database of ``transcoders`` at ``path`` from ``corpus``.
 
-    A finished database is left alone (``already_complete``). Setting ``stop`` ends the build at the next
-    batch boundary after saving a checkpoint, with ``Interrupted``; running again resumes it.
+    A finished database is left alone (``already_complete``) unless ``rebuild``, which also discards an
+    unfinished build of other settings. An unfinished build that has read nothing yet is started again with
+    the settings given. Setting ``stop`` ends the build at the next batch boundary after saving a
+    checkpoint, with ``Interrupted``; running again resumes it. Settings, the model's context and the corpus
+    (that it holds at least one context) are checked before anything is written.
     """
     config.check()
+    check_number("checkpoint_seconds", checkpoint_seconds, low=0)
     model.check_length(config.context_length, "a context (--context-length)")
     transcoders.check_model(model.n_layers, model.d_model)
     path = Path(path)
     started = time.perf_counter()
     corpus_spec = corpus if isinstance(corpus, list) else [corpus]
+    if next(_stream(model, corpus_spec, config, skip=0), None) is None:
+        raise CircuitmapError(
+            f"the corpus holds too little text for one context of {config.context_length} tokens"
+        )
     settings = json.dumps({**asdict(config), "corpus": [str(c) for c in corpus_spec]}, sort_keys=True)
-    meta = _open_or_create(path, model, transcoders, settings, model_name, transcoders_name, config)
+    meta = _open_or_create(path, model, transcoders, settings, model_name, transcoders_name, config, rebuild)
     if meta["status"] == "complete":
         return BuildReport(
             path,
@@ -207,22 +216,26 @@ def _open_or_create(
     model_name: str | None,
     transcoders_name: str | None,
     config: BuildConfig,
+    rebuild: bool,
 ) -> dict[str, str]:
-    """The database's metadata, creating the file (atomically, by renaming a finished one into place)."""
-    if path.exists():
+    """The database's metadata, creating the file (atomically, by renaming a finished one into place) when
+    there is none, when ``rebuild``, or when an unfinished build of other settings has read nothing."""
+    if path.exists() and not rebuild:
         connection = schema.connect(path, readonly=True)
         try:
             meta = schema.read_meta(connection, path)
         finally:
             connection.close()
         schema.check_transcoders(meta, transcoders, path)
-        if meta["status"] != "complete" and meta["settings"] != settings:
+        unfinished = meta["status"] != "complete"
+        if not (unfinished and meta["settings"] != settings):
+            return meta
+        if int(meta.get("contexts_done", "0") or 0) > 0:
             raise CircuitmapError(
                 f"{path}: an unfinished build with other settings "
                 f"({_difference(meta['settings'], settings)}); "
-                "resume it with its own settings or delete the file to start over"
+                "resume it with its own settings, or pass --rebuild to start over"
             )
-        return meta
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "status": "building",

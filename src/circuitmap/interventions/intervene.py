@@ -174,6 +174,8 @@ def intervene(
         )
         stack.enter_context(EditHandle(model, recorded))
         logits_after = model.logits(ids)[0, -1]
+    if not bool(torch.isfinite(logits_after).all()):
+        raise CircuitmapError("the edits make the model's output NaN or infinite: try a smaller value")
     return _result(
         model,
         ids,

@@ -43,8 +43,11 @@ def stop_ids(hf_model, tokenizer) -> frozenset[int]:
 def next_tokens(
     logits: torch.Tensor, greedy: bool, temperature: float, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """The next token of every row ``[B, 1]`` from last-position logits ``[B, vocab]``."""
+    """The next token of every row ``[B, 1]`` from last-position logits ``[B, vocab]``; a one-line error when
+    they are not finite (an edit or steering vector too large)."""
     logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise CircuitmapError("the model's output became NaN or infinite: an edit or vector too large?")
     if greedy:
         return logits.argmax(-1, keepdim=True)
     return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)

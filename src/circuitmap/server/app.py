@@ -24,6 +24,7 @@ bodies are capped; no CORS headers are ever sent, so other sites' pages cannot r
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import re
@@ -271,6 +272,7 @@ def create_app(
             StoreError: _store_error,
             CircuitmapError: _user_error,
             HTTPException: _http_error,
+            OSError: _system_error,
             Exception: _server_error,
         },
         lifespan=lifespan,
@@ -461,6 +463,12 @@ async def _user_error(request: Request, error: CircuitmapError) -> JSONResponse:
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     return _error(str(error.detail), error.status_code)
+
+
+async def _system_error(request: Request, error: OSError) -> JSONResponse:
+    """A file the server could not read or write: 507 for a full disk, else 500, with the system's reason."""
+    status = 507 if error.errno == errno.ENOSPC else 500
+    return _error(f"the server could not read or write a file: {error.strerror or error}", status)
 
 
 async def _server_error(request: Request, error: Exception) -> JSONResponse:

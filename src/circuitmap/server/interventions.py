@@ -103,9 +103,11 @@ def _edit(k: int, edit, node_types: dict[str, str]) -> FeatureEdit:
         raise StoreError(f"{where}: {len(nodes)} nodes; at most {MAX_IDS} are allowed")
     if not nodes:
         raise StoreError(f"{where}: the supernode has no nodes")
-    if len(set(nodes)) < len(nodes):
-        twice = next(node for node in nodes if nodes.count(node) > 1)
-        raise StoreError(f"{where}: node {twice!r} is listed twice")
+    seen: set[str] = set()
+    for node in nodes:
+        if node in seen:
+            raise StoreError(f"{where}: node {node!r} is listed twice")
+        seen.add(node)
     for node in nodes:
         kind = node_types.get(node)
         if kind is None:
@@ -185,8 +187,6 @@ def run_edits(engine: Engine, ids: torch.Tensor, request: InterventionRequest) -
         freeze_attention=constrained,
         top_k=TOP_TOKENS,
     )
-    if not bool(torch.isfinite(result.logits_after).all()):
-        raise StoreError("the edits make the model's output NaN or infinite: try a smaller value")
     n = request.max_new_tokens
     return {
         **result.as_json(),

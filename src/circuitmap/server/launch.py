@@ -11,6 +11,7 @@ from circuitmap.features import FeatureStore
 from circuitmap.server.app import LOCAL_HOSTS, check_bind, create_app, is_loopback
 from circuitmap.server.jobs import Engine
 from circuitmap.server.store import GraphStore
+from circuitmap.validation import check_number
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8041
@@ -62,6 +63,7 @@ def run_explorer(
     database to show (default: the engine's set's own, when built). ``host`` defaults to loopback; another
     address must be given explicitly, and the server then warns that anyone who can reach it can edit.
     """
+    check_number("the port", port, low=0, high=65535, whole=True)
     explicit = host is not None
     host = host or DEFAULT_HOST
     check_bind(host, explicit)

@@ -210,7 +210,11 @@ class GraphStore:
                 raise StoreError(f"a graph named {new_name!r} already exists", 409)
             source.rename(target)
             document["metadata"]["slug"] = new_name
-            write_graph_json(document, target / DOCUMENT_FILE)
+            try:
+                write_graph_json(document, target / DOCUMENT_FILE)
+            except OSError as error:
+                target.rename(source)
+                raise StoreError(f"graph {name!r} was not renamed: {error.strerror or error}", 507) from None
             self._forget(name)
             return new_name
 
@@ -297,7 +301,8 @@ def apply_state(document: dict, state: dict) -> None:
 
     ``state``: ``pinnedIds``, ``supernodes`` (``[label, id, …]``; members are pinned too), ``clickedId``
     ("" for none), ``labels`` (node id → label, written to the nodes' ``clerp``; a target's keeps the
-    ``Output "…" (p=…)`` form) and ``view`` (the explorer's thresholds and toggles).
+    ``Output "…" (p=…)`` form) and ``view`` (the explorer's thresholds and toggles). Only the fields the
+    state holds change: a state of labels alone keeps the saved pins, supernodes and selection.
     """
     if not isinstance(state, dict):
         raise StoreError("the state must be a JSON object")
@@ -318,11 +323,17 @@ def apply_state(document: dict, state: dict) -> None:
         check_text(f"the label of {identifier}", label, max_length=MAX_LABEL, empty=True)
     view = _view(state.get("view", {}))
 
-    members = [member for group in groups for member in group[1:]]
     q_params = document["qParams"]
-    q_params["pinnedIds"] = list(dict.fromkeys([*pinned, *members]))
-    q_params["supernodes"] = groups
-    q_params["clickedId"] = clicked
+    if "pinnedIds" in state or "supernodes" in state:
+        if "pinnedIds" not in state:
+            pinned = [i for i in q_params.get("pinnedIds", []) if i in nodes]
+        if "supernodes" not in state:
+            groups = q_params.get("supernodes", [])
+        members = [member for group in groups for member in group[1:]]
+        q_params["pinnedIds"] = list(dict.fromkeys([*pinned, *members]))
+        q_params["supernodes"] = groups
+    if "clickedId" in state:
+        q_params["clickedId"] = clicked
     if view:
         q_params["view"] = view
     for identifier, label in labels.items():

@@ -13,12 +13,15 @@ When training ends the folder is replaced by the transcoder set, the log and ``m
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,9 @@ from circuitmap.transcoders import Transcoders
 RUN_NAME = "training.json"
 LOG_NAME = "training_log.jsonl"
 METRICS_NAME = "metrics.json"
+LOCK_NAME = ".lock"
+STARTED_FILES = frozenset({RUN_NAME, LOG_NAME, LOCK_NAME, "activations"})
+"""What a run folder holds before its first checkpoint (the activation cache of a multi-pass run included)."""
 
 
 @dataclass
@@ -132,25 +138,78 @@ def _differences(old: dict, new: dict) -> list[str]:
     return changes
 
 
-def _check_folder(out: Path, run: dict, resume: bool) -> None:
-    """Refuse a run folder that does not fit: every process checks before any of them writes."""
-    checkpoint = out / CHECKPOINT_NAME
-    if resume:
-        if (out / METRICS_NAME).is_file():
-            raise CircuitmapError(f"nothing to resume: the run in {out} has finished")
-        if not (out / RUN_NAME).is_file():
-            raise CircuitmapError(f"nothing to resume: {out} holds no training run")
-        old = json.loads((out / RUN_NAME).read_text())
-        changes = _differences(old, run)
+@contextmanager
+def _claimed(out: Path, run: dict, resume: bool, group: ProcessGroup) -> Iterator[bool]:
+    """Hold the run folder for this run (a lock, so that two trainers never share one) and yield whether the
+    run resumes from its checkpoint. Refuse a folder that does not fit; a run that never reached its first
+    checkpoint (killed, or a full disk) starts again, with or without ``resume``. The main process decides
+    and prepares the folder; the others follow its verdict."""
+    verdict: str | bool = False
+    lock = None
+    if group.main:
+        try:
+            lock = _lock(out)
+            verdict = _prepare(out, run, resume)
+        except CircuitmapError as error:
+            verdict = str(error)
+    refused = group.max(torch.tensor([float(isinstance(verdict, str))]))
+    try:
+        if bool(refused[0]):
+            raise CircuitmapError(verdict if isinstance(verdict, str) else f"{out} cannot hold this run")
+        resumes = group.max(torch.tensor([float(verdict is True)]))
+        yield bool(resumes[0])
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock(out: Path):
+    """An exclusive lock on the run folder (created if needed), or a one-line error when another run
+    holds it."""
+    if out.exists() and not out.is_dir():
+        raise CircuitmapError(f"--out {out} is not an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / LOCK_NAME).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise CircuitmapError(f"another training run is using {out}") from None
+    return handle
+
+
+def _prepare(out: Path, run: dict, resume: bool) -> bool:
+    """Check the run folder (see ``_claimed``) and write the run's settings; True when it resumes."""
+    if (out / CHECKPOINT_NAME).is_file():
+        if not resume:
+            raise CircuitmapError(
+                f"--out {out} is not an empty folder (it holds an unfinished run: add --resume)"
+            )
+        changes = _differences(json.loads((out / RUN_NAME).read_text()), run)
         if changes:
             raise CircuitmapError(
                 f"cannot resume {out}: its run used other settings ({'; '.join(changes)}); "
                 "repeat the original settings or train into a new --out"
             )
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        hint = " (it holds an unfinished run: add --resume)" if checkpoint.exists() else ""
-        raise CircuitmapError(f"--out {out} is not an empty folder{hint}")
+        return True
+    if (out / METRICS_NAME).is_file():
+        raise CircuitmapError(
+            f"nothing to resume: the run in {out} has finished"
+            if resume
+            else f"--out {out} is not an empty folder (it holds a finished run)"
+        )
+    others = [entry.name for entry in out.iterdir() if entry.name not in STARTED_FILES]
+    if others or (resume and not (out / RUN_NAME).is_file()):
+        raise CircuitmapError(
+            f"nothing to resume: {out} holds no training run"
+            if resume
+            else f"--out {out} is not an empty folder"
+        )
+    if (out / RUN_NAME).is_file():
+        print(f"the run in {out} never reached a checkpoint: starting it again", file=sys.stderr)
+        (out / LOG_NAME).unlink(missing_ok=True)
+    (out / RUN_NAME).write_text(json.dumps(run, indent=2))
+    return False
 
 
 def _checkpoint_tensors(module, optimiser, standardiser: Standardiser, counters: _Counters) -> dict:
@@ -240,206 +299,201 @@ def train_transcoders(
         )
     out = Path(out)
     run = _run_description(model, contexts, config)
-    _check_folder(out, run, resume)
-    group.barrier()
-    if group.main and not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_NAME).write_text(json.dumps(run, indent=2))
-    group.barrier()
+    with _claimed(out, run, resume, group) as resume:
+        n_layers, d_model = model.n_layers, model.d_model
+        module = TrainableTranscoders(n_layers, d_model, config).to(model.device)
+        optimiser = torch.optim.Adam(module.parameters(), lr=config.lr)
+        counters = _Counters(n_layers, config.d_features)
+        step = tokens = 0
+        standardiser = None
+        last_saved_step = None
+        if resume:
+            tensors, meta = load_checkpoint(out)
+            standardiser = _restore(tensors, module, optimiser, counters)
+            step, tokens, counters.window_tokens = meta["step"], meta["tokens"], meta["window_tokens"]
+            last_saved_step = step
+            _notice(group, f"resuming {out} at step {step:,} ({tokens:,} tokens)")
+        trained = DistributedDataParallel(module) if group.world > 1 else module
 
-    n_layers, d_model = model.n_layers, model.d_model
-    module = TrainableTranscoders(n_layers, d_model, config).to(model.device)
-    optimiser = torch.optim.Adam(module.parameters(), lr=config.lr)
-    counters = _Counters(n_layers, config.d_features)
-    step = tokens = 0
-    standardiser = None
-    last_saved_step = None
-    if resume:
-        tensors, meta = load_checkpoint(out)
-        standardiser = _restore(tensors, module, optimiser, counters)
-        step, tokens, counters.window_tokens = meta["step"], meta["tokens"], meta["window_tokens"]
-        last_saved_step = step
-        _notice(group, f"resuming {out} at step {step:,} ({tokens:,} tokens)")
-    trained = DistributedDataParallel(module) if group.world > 1 else module
-
-    local_groups = list(range(group.rank, config.groups, group.world))
-    per_group = config.batch_size // config.groups
-    steps_per_chunk = (config.chunk_contexts // config.groups) * (config.context_length - 1) // per_group
-    total_steps = math.ceil(config.n_tokens / config.batch_size)
-    chunks_per_epoch = math.ceil(total_steps / config.epochs / steps_per_chunk)
-    if config.epochs > 1 and cache_dir is None:
-        cache_dir = out / "activations"
-    cache = None
-    if cache_dir is not None:
-        identity = {
-            **run["model"],
-            "source": contexts.description,
-            "context_length": config.context_length,
-            "chunk_contexts": config.chunk_contexts,
-            "groups": config.groups,
-            "model_batch_size": config.model_batch_size,
-        }
-        cache = ActivationCache(cache_dir, identity)
-    chunks = PairChunks(
-        model,
-        contexts,
-        chunk_contexts=config.chunk_contexts,
-        groups=config.groups,
-        local_groups=local_groups,
-        model_batch_size=config.model_batch_size,
-        cache=cache,
-    )
-
-    log = (out / LOG_NAME).open("a") if group.main else None
-    last_save = time.monotonic()
-    chunk_index, offset = divmod(step, steps_per_chunk)
-    bar = tqdm(
-        total=total_steps * config.batch_size,
-        initial=tokens,
-        desc="training",
-        unit="tok",
-        unit_scale=True,
-        disable=not (progress and group.main),
-    )
-
-    def checkpoint() -> None:
-        nonlocal last_save, last_saved_step
-        if group.main:
-            meta = {"run": run, "step": step, "tokens": tokens, "window_tokens": counters.window_tokens}
-            save_checkpoint(out, _checkpoint_tensors(module, optimiser, standardiser, counters), meta)
-        last_save, last_saved_step = time.monotonic(), step
-        group.barrier()
-
-    reported = None
-
-    def log_window(loss: float) -> dict:
-        """Metrics of the steps since the last report, to the bar and the log. The window then starts afresh,
-        unless fewer than ``log_every`` steps remain: the last report then covers a full window or more."""
-        metrics = counters.metrics(tokens, config.dead_tokens)
-        mean_fvu, mean_l0 = sum(metrics["fvu"]) / n_layers, sum(metrics["l0"]) / n_layers
-        bar.set_postfix(fvu=f"{mean_fvu:.3f}", l0=f"{mean_l0:.1f}")
-        if log is not None:
-            record = {
-                "step": step,
-                "tokens": tokens,
-                "seconds": round(time.monotonic() - started, 2),
-                "lr": learning_rate(step - 1, total_steps, config),
-                "loss": loss,
-                "mean_fvu": mean_fvu,
-                "mean_l0": mean_l0,
-                **metrics,
+        local_groups = list(range(group.rank, config.groups, group.world))
+        per_group = config.batch_size // config.groups
+        steps_per_chunk = (config.chunk_contexts // config.groups) * (config.context_length - 1) // per_group
+        total_steps = math.ceil(config.n_tokens / config.batch_size)
+        chunks_per_epoch = math.ceil(total_steps / config.epochs / steps_per_chunk)
+        if config.epochs > 1 and cache_dir is None:
+            cache_dir = out / "activations"
+        cache = None
+        if cache_dir is not None:
+            identity = {
+                **run["model"],
+                "source": contexts.description,
+                "context_length": config.context_length,
+                "chunk_contexts": config.chunk_contexts,
+                "groups": config.groups,
+                "model_batch_size": config.model_batch_size,
             }
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if total_steps - step >= log_every:
-            counters.reset_window()
-        return metrics
-
-    exhausted = False
-    loss = math.nan
-    with bar:
-        while step < total_steps:
-            data_chunk = chunk_index % chunks_per_epoch if config.epochs > 1 else chunk_index
-            pairs = chunks.chunk(data_chunk)
-            available = min(len(p) for p in pairs) // per_group if pairs is not None else 0
-            steps_here = group.min_int(min(available, steps_per_chunk))
-            if steps_here == 0:
-                exhausted = True
-                break
-            if standardiser is None:
-                standardiser = _fit_standardiser(pairs, group, d_model)
-            batches = group_batches(
-                pairs, per_group, steps_here, chunk_index, config.seed, local_groups, start=offset
-            )
-            for batch in batches:
-                x, y = standardiser.apply(batch.to(model.device))
-                dead = None
-                if tokens >= config.dead_tokens:
-                    mask = (tokens - counters.last_active) >= config.dead_tokens
-                    dead = mask.to(model.device) if bool(mask.any()) else None
-                for parameter_group in optimiser.param_groups:
-                    parameter_group["lr"] = learning_rate(step, total_steps, config)
-                output = trained(x, y, dead, sparsity_coefficient(step, total_steps, config))
-                stats = torch.cat(
-                    [
-                        output.loss.detach().double().reshape(1) / group.world,
-                        output.squared_error.double(),
-                        output.target_energy.double(),
-                        output.active.double(),
-                        output.fired.double().flatten(),
-                    ]
-                ).cpu()
-                group.sum(stats)
-                loss = float(stats[0])
-                if not math.isfinite(float(stats[0])):
-                    errors = stats[1 : 1 + n_layers]
-                    bad = [layer for layer in range(n_layers) if not math.isfinite(float(errors[layer]))]
-                    where = f"layer {bad[0]}" if bad else "the sparsity or auxiliary term"
-                    kept = (
-                        f"the last good checkpoint (step {last_saved_step:,}) is kept in {out}"
-                        if last_saved_step is not None
-                        else "no checkpoint had been written yet"
-                    )
-                    raise TrainingDiverged(
-                        f"training diverged at step {step:,}: the loss of {where} is not finite; {kept}; "
-                        "lower --lr and resume or restart"
-                    )
-                optimiser.zero_grad(set_to_none=True)
-                output.loss.backward()
-                torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-                optimiser.step()
-                module.normalise_decoder()
-                step += 1
-                tokens += config.batch_size
-                counters.window += stats[1 : 1 + 3 * n_layers].view(3, n_layers)
-                counters.window_tokens += config.batch_size
-                fired = stats[1 + 3 * n_layers :].view(n_layers, -1) > 0
-                counters.last_active[fired] = tokens
-                bar.update(config.batch_size)
-                if step % log_every == 0 or step == total_steps:
-                    reported = log_window(float(stats[0]))
-                stop_now = group.max(torch.tensor([float(stop is not None and stop.is_set())]))
-                if bool(stop_now[0]):
-                    checkpoint()
-                    raise Interrupted(
-                        f"interrupted at step {step:,} of {total_steps:,}; the checkpoint is saved: "
-                        "run the same command with --resume to continue"
-                    )
-                if step >= total_steps:
-                    break
-                if time.monotonic() - last_save >= checkpoint_seconds:
-                    checkpoint()
-            offset = 0
-            chunk_index += 1
-        if counters.window_tokens:
-            reported = log_window(loss)
-    if log is not None:
-        log.close()
-    if step == 0:
-        raise CircuitmapError("the text source is too small to fill a single training batch")
-    if exhausted:
-        _notice(
-            group,
-            f"the text ran out after {tokens:,} of the {total_steps * config.batch_size:,} requested tokens; "
-            "the set is trained on what exists",
+            cache = ActivationCache(cache_dir, identity)
+        chunks = PairChunks(
+            model,
+            contexts,
+            chunk_contexts=config.chunk_contexts,
+            groups=config.groups,
+            local_groups=local_groups,
+            model_batch_size=config.model_batch_size,
+            cache=cache,
         )
-    if reported is None:
-        last = (out / LOG_NAME).read_text().splitlines()[-1]
-        reported = {name: json.loads(last)[name] for name in ("fvu", "l0", "dead_fraction")}
-    transcoders = module.to_transcoders(standardiser, model_name=model.name)
-    result = TrainResult(
-        transcoders=transcoders,
-        tokens=tokens,
-        steps=step,
-        next_chunk=(min(chunk_index, chunks_per_epoch - 1) if config.epochs > 1 else chunk_index) + 1,
-        seconds=time.monotonic() - started,
-        config=config.to_dict(),
-        **reported,
-    )
-    if group.main:
-        _finish_folder(out, transcoders, result.summary())
-    group.barrier()
-    return result
+
+        log = (out / LOG_NAME).open("a") if group.main else None
+        last_save = time.monotonic()
+        chunk_index, offset = divmod(step, steps_per_chunk)
+        bar = tqdm(
+            total=total_steps * config.batch_size,
+            initial=tokens,
+            desc="training",
+            unit="tok",
+            unit_scale=True,
+            disable=not (progress and group.main),
+        )
+
+        def checkpoint() -> None:
+            nonlocal last_save, last_saved_step
+            if group.main:
+                meta = {"run": run, "step": step, "tokens": tokens, "window_tokens": counters.window_tokens}
+                save_checkpoint(out, _checkpoint_tensors(module, optimiser, standardiser, counters), meta)
+            last_save, last_saved_step = time.monotonic(), step
+            group.barrier()
+
+        reported = None
+
+        def log_window(loss: float) -> dict:
+            """Metrics of the steps since the last report, to the bar and the log. The window then starts
+            afresh, unless fewer than ``log_every`` steps remain: the last report then covers a full window or
+            more."""
+            metrics = counters.metrics(tokens, config.dead_tokens)
+            mean_fvu, mean_l0 = sum(metrics["fvu"]) / n_layers, sum(metrics["l0"]) / n_layers
+            bar.set_postfix(fvu=f"{mean_fvu:.3f}", l0=f"{mean_l0:.1f}")
+            if log is not None:
+                record = {
+                    "step": step,
+                    "tokens": tokens,
+                    "seconds": round(time.monotonic() - started, 2),
+                    "lr": learning_rate(step - 1, total_steps, config),
+                    "loss": loss,
+                    "mean_fvu": mean_fvu,
+                    "mean_l0": mean_l0,
+                    **metrics,
+                }
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if total_steps - step >= log_every:
+                counters.reset_window()
+            return metrics
+
+        exhausted = False
+        loss = math.nan
+        with bar:
+            while step < total_steps:
+                data_chunk = chunk_index % chunks_per_epoch if config.epochs > 1 else chunk_index
+                pairs = chunks.chunk(data_chunk)
+                available = min(len(p) for p in pairs) // per_group if pairs is not None else 0
+                steps_here = group.min_int(min(available, steps_per_chunk))
+                if steps_here == 0:
+                    exhausted = True
+                    break
+                if standardiser is None:
+                    standardiser = _fit_standardiser(pairs, group, d_model)
+                batches = group_batches(
+                    pairs, per_group, steps_here, chunk_index, config.seed, local_groups, start=offset
+                )
+                for batch in batches:
+                    x, y = standardiser.apply(batch.to(model.device))
+                    dead = None
+                    if tokens >= config.dead_tokens:
+                        mask = (tokens - counters.last_active) >= config.dead_tokens
+                        dead = mask.to(model.device) if bool(mask.any()) else None
+                    for parameter_group in optimiser.param_groups:
+                        parameter_group["lr"] = learning_rate(step, total_steps, config)
+                    output = trained(x, y, dead, sparsity_coefficient(step, total_steps, config))
+                    stats = torch.cat(
+                        [
+                            output.loss.detach().double().reshape(1) / group.world,
+                            output.squared_error.double(),
+                            output.target_energy.double(),
+                            output.active.double(),
+                            output.fired.double().flatten(),
+                        ]
+                    ).cpu()
+                    group.sum(stats)
+                    loss = float(stats[0])
+                    if not math.isfinite(float(stats[0])):
+                        errors = stats[1 : 1 + n_layers]
+                        bad = [layer for layer in range(n_layers) if not math.isfinite(float(errors[layer]))]
+                        where = f"layer {bad[0]}" if bad else "the sparsity or auxiliary term"
+                        kept = (
+                            f"the last good checkpoint (step {last_saved_step:,}) is kept in {out}"
+                            if last_saved_step is not None
+                            else "no checkpoint had been written yet"
+                        )
+                        raise TrainingDiverged(
+                            f"training diverged at step {step:,}: the loss of {where} is not finite; {kept}; "
+                            "lower --lr and resume or restart"
+                        )
+                    optimiser.zero_grad(set_to_none=True)
+                    output.loss.backward()
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                    optimiser.step()
+                    module.normalise_decoder()
+                    step += 1
+                    tokens += config.batch_size
+                    counters.window += stats[1 : 1 + 3 * n_layers].view(3, n_layers)
+                    counters.window_tokens += config.batch_size
+                    fired = stats[1 + 3 * n_layers :].view(n_layers, -1) > 0
+                    counters.last_active[fired] = tokens
+                    bar.update(config.batch_size)
+                    if step % log_every == 0 or step == total_steps:
+                        reported = log_window(float(stats[0]))
+                    stop_now = group.max(torch.tensor([float(stop is not None and stop.is_set())]))
+                    if bool(stop_now[0]):
+                        checkpoint()
+                        raise Interrupted(
+                            f"interrupted at step {step:,} of {total_steps:,}; the checkpoint is saved: "
+                            "run the same command with --resume to continue"
+                        )
+                    if step >= total_steps:
+                        break
+                    if time.monotonic() - last_save >= checkpoint_seconds:
+                        checkpoint()
+                offset = 0
+                chunk_index += 1
+            if counters.window_tokens:
+                reported = log_window(loss)
+        if log is not None:
+            log.close()
+        if step == 0:
+            raise CircuitmapError("the text source is too small to fill a single training batch")
+        if exhausted:
+            _notice(
+                group,
+                f"the text ran out after {tokens:,} of the {total_steps * config.batch_size:,} requested "
+                "tokens; the set is trained on what exists",
+            )
+        if reported is None:
+            last = (out / LOG_NAME).read_text().splitlines()[-1]
+            reported = {name: json.loads(last)[name] for name in ("fvu", "l0", "dead_fraction")}
+        transcoders = module.to_transcoders(standardiser, model_name=model.name)
+        result = TrainResult(
+            transcoders=transcoders,
+            tokens=tokens,
+            steps=step,
+            next_chunk=(min(chunk_index, chunks_per_epoch - 1) if config.epochs > 1 else chunk_index) + 1,
+            seconds=time.monotonic() - started,
+            config=config.to_dict(),
+            **reported,
+        )
+        if group.main:
+            _finish_folder(out, transcoders, result.summary())
+        group.barrier()
+        return result
 
 
 def evaluate_heldout(
