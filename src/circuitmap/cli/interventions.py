@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from circuitmap.atomic import check_writable
+from circuitmap.atomic import atomic_write, check_writable
 from circuitmap.cache import quick_transcoders_folder
 from circuitmap.cli import add_model_args, load_model_from_args, positive_int
 from circuitmap.errors import CircuitmapError
@@ -221,8 +221,7 @@ def _intervene(args: argparse.Namespace) -> int:
         print(f"edited:   {result.prompt}{edited}")
         document.update(continuation_before=original, continuation_after=edited)
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=1, ensure_ascii=False))
-        print(f"wrote {args.json}")
+        _write_json(args.json, document)
     return 0
 
 
@@ -249,6 +248,12 @@ def _check(args: argparse.Namespace) -> int:
     print(report.table())
     print(f"wrote {report.save_plot(plot)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_json(), indent=1, ensure_ascii=False))
-        print(f"wrote {args.json}")
+        _write_json(args.json, report.as_json())
     return 0
+
+
+def _write_json(path: str, document: dict) -> None:
+    """``document`` as strict JSON in the file ``path``, written whole or not at all."""
+    text = json.dumps(document, indent=1, ensure_ascii=False, allow_nan=False)
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    print(f"wrote {path}")

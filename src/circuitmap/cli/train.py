@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from circuitmap.atomic import check_writable
+from circuitmap.atomic import check_writable, remove_stale
 from circuitmap.cache import activations_cache_dir
 from circuitmap.cli import (
     add_model_args,
@@ -29,6 +29,7 @@ from circuitmap.training import (
     training_config,
 )
 from circuitmap.training.distributed import is_main_process, process_device, world_size
+from circuitmap.training.trainer import METRICS_NAME
 from circuitmap.transcoders import load_transcoders
 
 TRAIN_FLAGS = {"d_features": ["--d-features"], "k": ["--k", "-k"], "n_tokens": ["--tokens"]}
@@ -97,6 +98,10 @@ def _print_layers(fvu: list[float], l0: list[float], dead: list[float]) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     config = training_config(args.preset, world_size(), **settings_from(args, TrainConfig))
+    if args.resume and (Path(args.out) / METRICS_NAME).is_file():
+        remove_stale(Path(args.out).parent)
+        print(f"the run in {args.out} has finished: nothing to resume")
+        return 0
     check_writable(args.out, "the run folder")
     args.device = process_device(args.device)
     model = load_model_from_args(args)

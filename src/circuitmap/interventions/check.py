@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from circuitmap.atomic import atomic_write
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.ids import index_by_id
@@ -94,8 +95,8 @@ class CheckReport:
             "prompt": self.prompt,
             "target": self.target,
             "transcoders_fingerprint": self.transcoders_fingerprint,
-            "sign_agreement": self.sign_agreement,
-            "rank_correlation": self.rank_correlation,
+            "sign_agreement": _finite_or_none(self.sign_agreement),
+            "rank_correlation": _finite_or_none(self.rank_correlation),
             "rows": [vars(row) for row in self.rows],
         }
 
@@ -129,10 +130,16 @@ class CheckReport:
             fontsize=9,
         )
         figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
-        plt.close(figure)
+        try:
+            atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
+        finally:
+            plt.close(figure)
         return path
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A statistic as JSON can hold it: undefined (NaN) becomes null."""
+    return value if math.isfinite(value) else None
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from circuitmap.atomic import replace_folder
+from circuitmap.atomic import remove_stale, replace_folder
 from circuitmap.errors import CircuitmapError, Interrupted, TrainingDiverged
 from circuitmap.models import Model
 from circuitmap.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -179,7 +179,10 @@ def _lock(out: Path):
 
 
 def _prepare(out: Path, run: dict, resume: bool) -> bool:
-    """Check the run folder (see ``_claimed``) and write the run's settings; True when it resumes."""
+    """Check the run folder (see ``_claimed``) and write the run's settings; True when it resumes. What
+    killed writes left in and beside the folder goes first."""
+    remove_stale(out)
+    remove_stale(out.parent)
     if (out / CHECKPOINT_NAME).is_file():
         if not resume:
             raise CircuitmapError(
