@@ -359,6 +359,9 @@ def test_resuming_with_other_settings_is_refused_once_something_was_read(parts, 
 def test_an_empty_or_missing_corpus_is_refused_before_anything_is_written(parts, tmp_path):
     model, transcoders = parts
     (tmp_path / "empty.txt").write_text("")
+    long_contexts = BuildConfig(**{**CONFIG.__dict__, "context_length": 65})
+    with pytest.raises(CircuitmapError, match="a context .* has 65 tokens but the model's context is 64"):
+        build_features(model, transcoders, tmp_path / "empty.txt", tmp_path / "db.sqlite", long_contexts)
     for corpus, message in [
         (tmp_path / "empty.txt", "too little text for one context"),
         (tmp_path / "typo.txt", "typo.txt"),

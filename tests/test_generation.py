@@ -96,3 +96,13 @@ def test_bad_settings(settings, message):
     model = tiny_model("llama", torch.float64)
     with pytest.raises(CircuitmapError, match=message):
         generate_ids(model.hf_model, model.encode(PROMPT), **settings)
+
+
+def test_the_model_context_bounds_prompts_and_continuations():
+    model = tiny_model("llama", torch.float64)
+    assert model.context_length == 64
+    with pytest.raises(CircuitmapError, match="the prompt has 65 tokens but the model.s context is 64"):
+        model.top_next_tokens("x" * 65)
+    with pytest.raises(CircuitmapError, match="the prompt with its continuation has 73 tokens"):
+        model.generate("x" * 9, 64)
+    assert len(model.generate("x" * 9, 55)) > 0

@@ -317,3 +317,21 @@ def test_bad_tokenizer_files(tmp_path):
         load_llama2c(tmp_path / "tiny.bin", tokenizer=tmp_path / "cut.bin")
     with pytest.raises(ModelLoadError, match=r"nothing\.bin: tokenizer file not found"):
         load_llama2c(tmp_path / "tiny.bin", tokenizer=tmp_path / "nothing.bin")
+
+
+@needs_stories
+def test_token_strings_keep_their_spaces(stories):
+    """SentencePiece drops a token's leading space when it is decoded alone: the text of each token of a
+    sequence is read in context, and vocabulary entries as they read after another token."""
+    from circuitmap.models import Model
+
+    model = Model(*stories, name="stories260K")
+    ids = model.encode("Tim threw the ball and Sam caught it")
+    strings = model.token_strings(ids)
+    assert "".join(strings[1:]).strip() == "Tim threw the ball and Sam caught it"
+    assert [s for s in strings if s.strip() in ("Tim", "the", "it")] == [" Tim", " the", " it"]
+    vocabulary = model.vocabulary()
+    little = model.tokenizer("little", add_special_tokens=False).input_ids
+    assert len(little) == 1 and model.tokenizer.decode(little) == "little", "alone, the space is lost"
+    assert vocabulary[little[0]] == " little" == model.token_text(little[0])
+    assert len(vocabulary) == model.d_vocab

@@ -504,3 +504,45 @@ def test_export_html_command(graphs, tmp_path, capsys):
 def test_store_refuses_a_missing_folder(tmp_path):
     with pytest.raises(CircuitmapError, match="does not exist"):
         GraphStore(tmp_path / "nope")
+
+
+def test_a_state_of_labels_alone_keeps_the_saved_pins_and_supernodes(client, graphs):
+    document = client.get("/api/graphs/cat").json()
+    features, first = _state(document)
+    group = ["pair", features[1], features[2]]
+    assert (
+        client.put("/api/graphs/cat/state", json={"supernodes": [group], "clickedId": first}).status_code
+        == 200
+    )
+    assert client.put("/api/graphs/cat/state", json={"labels": {first: "cat-ish"}}).status_code == 200
+    q_params = json.loads((graphs / "cat" / "graph.json").read_text())["qParams"]
+    assert q_params["supernodes"] == [group] and q_params["pinnedIds"] == group[1:]
+    assert q_params["clickedId"] == first
+
+
+def test_a_rename_that_cannot_rewrite_the_document_is_undone(client, graphs, monkeypatch):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("circuitmap.server.store.write_graph_json", full_disk)
+    response = client.post("/api/graphs/cat/rename", json={"name": "kitten"})
+    assert response.status_code == 507 and "was not renamed" in response.json()["detail"]
+    assert (graphs / "cat" / "graph.json").is_file() and not (graphs / "kitten").exists()
+    monkeypatch.setattr("circuitmap.atomic.os.replace", full_disk)
+    saved = client.put("/api/graphs/cat/state", json={"clickedId": ""})
+    assert saved.status_code == 507 and "No space left" in saved.json()["detail"]
+
+
+def test_a_document_beside_another_graph_gives_no_exact_scores(client, graphs, computed):
+    graph, document = computed
+    other = json.loads(json.dumps(document))
+    other["metadata"]["info"]["graph_id"] = "0" * 32
+    (graphs / "cat" / "graph.json").write_text(json.dumps(other))
+    listed = client.get("/api/graphs").json()["graphs"][0]
+    assert listed["exact_scores"] is False and listed["graph_id"] == "0" * 32
+    response = client.post("/api/graphs/cat/scores", json={"pinnedIds": []})
+    assert response.status_code == 409 and "come from different graphs" in response.json()["detail"]
+    (graphs / "cat" / "graph.json").write_text(json.dumps(document))
+    assert client.post("/api/graphs/cat/scores", json={"pinnedIds": []}).status_code == 200

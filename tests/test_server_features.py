@@ -280,6 +280,16 @@ def test_served_documents_carry_feature_labels(client, graphs, features):
     assert again[labelled[0]["node_id"]]["label_source"] == "manual"
 
 
+def test_a_document_of_another_set_is_served_unlabelled_and_refused_by_the_library(client, graphs, features):
+    on_disk = json.loads((graphs / "cat" / "graph.json").read_text())
+    on_disk["metadata"]["info"]["transcoders_fingerprint"] = "f" * 64
+    write_graph_json(on_disk, graphs / "cat" / "graph.json")
+    served = client.get("/api/graphs/cat").json()
+    assert not any(node.get("label_source") for node in feature_nodes(served))
+    with pytest.raises(CircuitmapError, match="another transcoder set .* than the feature database"):
+        add_feature_labels(on_disk, features)
+
+
 def test_a_document_with_a_malformed_feature_id_is_served_as_stored(client, graphs):
     odd = {
         "metadata": {},

@@ -117,6 +117,10 @@ def test_without_the_full_graph_the_prompt_text_is_used(client, engine, computed
     [
         (lambda meta: meta.update(prompt_tokens=["x", *meta["prompt_tokens"][1:]]), "another tokenizer"),
         (lambda meta: meta.update(model="another-model"), "computed with model 'another-model'"),
+        (
+            lambda meta: meta["info"].update(transcoders_fingerprint="f" * 64),
+            "made with another transcoder set (fingerprint ffffffffffff)",
+        ),
     ],
 )
 def test_a_graph_of_another_model_is_refused(client, computed, graphs, change, message):

@@ -391,6 +391,8 @@ def test_two_trainers_never_share_a_run_folder(tmp_path):
 
 def test_non_finite_settings_are_refused_before_anything_is_written(tmp_path):
     model = tiny_model("llama")
+    with pytest.raises(CircuitmapError, match="a training context .* has 65 tokens but the model.s context"):
+        train_transcoders(model, corpus(model), SMALL.with_changes(context_length=65), tmp_path / "x")
     with pytest.raises(CircuitmapError, match="sparsity_coef must be a finite number"):
         train_transcoders(model, corpus(model), SMALL.with_changes(sparsity_coef=math.nan), tmp_path / "x")
     assert not (tmp_path / "x").exists()
