@@ -127,4 +127,4 @@ def test_intervene_bad_input_is_one_line(setup, capsys, extra, message):
 def test_check_refuses_a_missing_graph(setup, tmp_path, capsys):
     folder, _, _ = setup
     assert main(["check", str(tmp_path / "none"), *_common(folder)]) == 2
-    assert "graph file not found" in capsys.readouterr().err
+    assert "no graph at" in capsys.readouterr().err

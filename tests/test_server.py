@@ -407,12 +407,19 @@ def test_bad_jobs_are_refused(graphs, engine, body, message):
         assert response.status_code == 400 and message in response.json()["detail"]
 
 
-def test_a_failed_job_says_why(graphs, engine):
+def test_a_failed_job_says_why(graphs, engine, monkeypatch):
     with TestClient(create_app(graphs, engine), base_url="http://localhost") as client:
         job = _wait(client, client.post("/api/jobs", json={"prompt": "€uro"}).json()["id"])
         assert job["state"] in ("done", "failed")
-        too_long = _wait(client, client.post("/api/jobs", json={"prompt": "word " * 200}).json()["id"])
-        assert too_long["state"] == "failed" and too_long["error"]
+        too_long = client.post("/api/jobs", json={"prompt": "word " * 200})
+        assert too_long.status_code == 400 and "the model's context is 64" in too_long.json()["detail"]
+
+        def failing(*args, **kwargs):
+            raise CircuitmapError("no transcoder feature is active on this prompt")
+
+        monkeypatch.setattr("circuitmap.pipeline.attribute", failing)
+        failed = _wait(client, client.post("/api/jobs", json={"prompt": "A cat"}).json()["id"])
+        assert failed["state"] == "failed" and "no transcoder feature is active" in failed["error"]
 
 
 def test_cancel_stops_a_running_job_and_writes_nothing(graphs, engine, monkeypatch):

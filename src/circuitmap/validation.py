@@ -57,6 +57,15 @@ def check_number(
     return value
 
 
+SEED_LOW, SEED_HIGH = -(2**63), 2**63 - 1
+"""The seeds random generators take (64-bit signed integers)."""
+
+
+def check_seed(what: str, seed: object) -> int:
+    """``seed`` if it is a whole number a random generator takes; a one-line error otherwise."""
+    return int(check_number(what, seed, low=SEED_LOW, high=SEED_HIGH, whole=True))
+
+
 def _span(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     """The allowed range in words: "at least 1", "positive", "in (0, 1]"."""
     if high is None:

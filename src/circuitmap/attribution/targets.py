@@ -129,6 +129,8 @@ def resolve_targets(
                     f"direction {spec.name!r} has {vector.numel()} entries; "
                     f"the model's width is {model.d_model}"
                 )
+            if not bool(torch.isfinite(vector).all()):
+                raise CircuitmapError(f"direction {spec.name!r} has NaN or infinite entries")
             resolved.append(Target(spec.name, vector, "resid_final", weight, float("nan")))
         elif isinstance(spec, tuple):
             if len(spec) != 2:

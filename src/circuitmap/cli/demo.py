@@ -19,6 +19,7 @@ from circuitmap.cli import (
 from circuitmap.graphs.export import prompt_slug
 from circuitmap.pipeline import compute_graph_folder
 from circuitmap.server import Engine, run_explorer
+from circuitmap.server.launch import check_port
 from circuitmap.transcoders import load_transcoders
 
 
@@ -43,7 +44,10 @@ def register(commands) -> None:
 def _demo(args: argparse.Namespace) -> int:
     graph_folder = Path(args.out) / prompt_slug(args.prompt)
     check_writable(graph_folder, "the graph folder")
+    if not args.no_serve:
+        check_port(args.port)
     model = load_model_from_args(args)
+    model.encode(args.prompt)
     with stop_on_signals() as stop:
         folder = ensure_quick_transcoders(model, args.model, stop=stop)
     transcoders = load_transcoders(folder)

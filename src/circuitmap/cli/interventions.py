@@ -159,6 +159,8 @@ def _vector_edit(args: argparse.Namespace) -> ResidualEdit:
 def _graph_and_supernodes(path: str) -> tuple[Graph, dict[str, Supernode]]:
     """A graph (a graph folder, or a graph file) and the supernodes saved with it, their feature members."""
     path = Path(path)
+    if not path.exists():
+        raise CircuitmapError(f"no graph at {path}")
     if not path.is_dir():
         return load_graph(path), {}
     folder = GraphFolder(path)

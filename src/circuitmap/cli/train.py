@@ -31,6 +31,7 @@ from circuitmap.training import (
 from circuitmap.training.distributed import is_main_process, process_device, world_size
 from circuitmap.training.trainer import METRICS_NAME
 from circuitmap.transcoders import load_transcoders
+from circuitmap.validation import check_number
 
 TRAIN_FLAGS = {"d_features": ["--d-features"], "k": ["--k", "-k"], "n_tokens": ["--tokens"]}
 """Options of the training settings named otherwise than their fields."""
@@ -98,6 +99,7 @@ def _print_layers(fvu: list[float], l0: list[float], dead: list[float]) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     config = training_config(args.preset, world_size(), **settings_from(args, TrainConfig))
+    check_number("--checkpoint-every", args.checkpoint_every, low=0)
     if args.resume and (Path(args.out) / METRICS_NAME).is_file():
         remove_stale(Path(args.out).parent)
         print(f"the run in {args.out} has finished: nothing to resume")

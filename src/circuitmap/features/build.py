@@ -40,7 +40,7 @@ from circuitmap.models import Model
 from circuitmap.training.activations import pack_contexts
 from circuitmap.training.corpus import iter_documents
 from circuitmap.transcoders import Transcoders
-from circuitmap.validation import check_number
+from circuitmap.validation import check_number, check_seed
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class BuildConfig(Settings):
             check_number(name, getattr(self, name), low=1, whole=True)
         check_number("context_length", self.context_length, low=2, whole=True)
         check_number("before", self.before, low=0, whole=True)
-        check_number("seed", self.seed, whole=True)
+        check_seed("seed", self.seed)
         if self.window > self.context_length:
             raise CircuitmapError(
                 f"the window ({self.window}) cannot be longer than a context ({self.context_length})"
@@ -299,7 +299,7 @@ def _process(
     config: BuildConfig,
 ) -> None:
     """Run one batch and fold every layer's activations into the running statistics."""
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + int(ids[0]))
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + int(ids[0])) % 2**63)
     with torch.inference_mode():
         cache = model.activations(batch, points=["mlp_in"])
         for layer, statistics in enumerate(state):

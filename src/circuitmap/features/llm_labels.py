@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from circuitmap import __version__
 from circuitmap.errors import CircuitmapError
 from circuitmap.features.store import Example, FeatureDashboard, FeatureStore, Label, now, write_labels
+from circuitmap.validation import check_number
 
 MAX_LABEL_CHARS = 80
 PROMPT_CONTEXTS = 8
@@ -89,6 +90,10 @@ class ChatEndpoint:
             )
         if not self.model.strip():
             raise CircuitmapError("name the LLM model to ask for labels")
+        check_number("the timeout", self.timeout, low=0, low_open=True)
+        check_number("the number of retries", self.retries, low=0, whole=True)
+        check_number("the backoff", self.backoff, low=0)
+        check_number("the temperature", self.temperature, low=0, high=2)
 
     def complete(self, messages: list[dict], report: LabelReport | None = None) -> str:
         """The text of the model's reply to ``messages`` (retrying transient failures)."""

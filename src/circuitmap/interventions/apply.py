@@ -227,6 +227,13 @@ def prepare_edits(
     transcoders.check_model(model.n_layers, model.d_model)
     transcoders.to(device=model.device, dtype=model.dtype)
     features = resolve_feature_edits(edits, transcoders.n_layers, transcoders.d_features, n_tokens)
+    largest = torch.finfo(model.dtype).max
+    for edit in features:
+        if abs(edit.value) > largest:
+            raise CircuitmapError(
+                f"the value {edit.value:g} of the edit of feature {edit.source} is beyond what "
+                f"{str(model.dtype).removeprefix('torch.')} holds"
+            )
     return features, residual
 
 

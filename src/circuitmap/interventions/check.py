@@ -260,7 +260,8 @@ def check_graph(
             members.append(node)
         groups.append((group.name, "supernode", members))
     if not groups:
-        raise CircuitmapError("nothing to check: the graph has no feature nodes and no supernodes were given")
+        reason = "no features were asked for" if n_features == 0 else "the graph has no feature nodes"
+        raise CircuitmapError(f"nothing to check: {reason} and no supernodes were given")
     _check_match(graph, model, transcoders, [node for _, _, members in groups for node in members])
     unembedding = model.unembedding.detach().double().cpu()
     effects = GraphEffects(graph)

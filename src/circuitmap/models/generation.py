@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from circuitmap.errors import CircuitmapError
+from circuitmap.validation import check_number, check_seed
 
 PositionCallback = Callable[[int], None]
 
@@ -25,7 +26,7 @@ def sampling_generator(device: torch.device, seed: int | None) -> torch.Generato
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(check_seed("the seed", seed))
     return generator
 
 
@@ -75,8 +76,8 @@ def generate_ids(
     """
     if max_new_tokens < 1:
         raise CircuitmapError("max_new_tokens must be at least 1")
-    if not greedy and not temperature > 0:
-        raise CircuitmapError("temperature must be positive when sampling")
+    if not greedy:
+        check_number("the temperature", temperature, low=0, low_open=True)
     cache = None
 
     def forward(tokens: torch.Tensor, start: int):

@@ -163,7 +163,7 @@ def create_app(
         return JSONResponse({"revision": revision})
 
     async def rename(request: Request) -> JSONResponse:
-        body = await _json_object(request)
+        body = await _json_object(request, {"name"})
         name = await run_in_threadpool(store.rename, request.path_params["name"], body.get("name"))
         return JSONResponse({"name": name})
 
@@ -172,7 +172,7 @@ def create_app(
         return Response(status_code=204)
 
     async def scores(request: Request) -> JSONResponse:
-        body = await _json_object(request)
+        body = await _json_object(request, {"pinnedIds", "supernodes"})
         result = await run_in_threadpool(
             store.scores, request.path_params["name"], body.get("pinnedIds", []), body.get("supernodes", [])
         )
@@ -184,7 +184,7 @@ def create_app(
         return jobs
 
     async def submit(request: Request) -> JSONResponse:
-        body = await _json_object(request)
+        body = await _json_object(request, {"prompt", "name"})
         job = needs_engine().submit(body.get("prompt"), body.get("name"))
         return JSONResponse({"id": job.id}, status_code=202)
 
@@ -225,7 +225,7 @@ def create_app(
     async def set_feature_label(request: Request) -> JSONResponse:
         database = needs_features()
         layer, feature = _feature_key(request)
-        body = await _json_object(request)
+        body = await _json_object(request, {"text", "author"})
         text, author = _label_fields(body)
         saved = await run_in_threadpool(lambda: database.set_label(layer, feature, text, author=author))
         history = await run_in_threadpool(database.label_history, layer, feature)
@@ -428,8 +428,8 @@ def _host_name(netloc: str) -> str:
     return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
 
 
-async def _json_object(request: Request) -> dict:
-    """The request body as a JSON object, or a 400/413 error."""
+async def _json_object(request: Request, fields: set[str] | None = None) -> dict:
+    """The request body as a JSON object (holding only ``fields``, when given), or a 400/413 error."""
     try:
         body = await request.body()
     except BodyTooLarge as error:
@@ -440,6 +440,9 @@ async def _json_object(request: Request) -> dict:
         raise StoreError("the request body is not valid JSON") from None
     if not isinstance(value, dict):
         raise StoreError("the request body must be a JSON object")
+    unknown = set(value) - fields if fields is not None else set()
+    if unknown:
+        raise StoreError(f"unknown fields: {', '.join(sorted(unknown))}")
     return value
 
 

@@ -24,6 +24,7 @@ from circuitmap.interventions.edits import OPERATIONS
 from circuitmap.interventions.intervene import MODES
 from circuitmap.server.jobs import Engine
 from circuitmap.server.store import MAX_IDS, MAX_LABEL, GraphStore
+from circuitmap.validation import check_text
 
 MAX_EDITS = 64
 DEFAULT_NEW_TOKENS = 20
@@ -119,8 +120,8 @@ def _edit(k: int, edit, node_types: dict[str, str]) -> FeatureEdit:
         raise StoreError(f"{where}: unknown operation {str(operation)[:40]!r}; use {', '.join(OPERATIONS)}")
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(_float(value)):
         raise StoreError(f"{where}: the value must be a finite number")
-    if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > MAX_LABEL):
-        raise StoreError(f"{where}: the name must be a non-empty string of at most {MAX_LABEL} characters")
+    if name is not None:
+        check_text(f"{where}: the name", name, max_length=MAX_LABEL)
     target = nodes[0] if name is None and len(nodes) == 1 else Supernode(name or "supernode", nodes)
     return FeatureEdit(target, operation, float(value))
 

@@ -103,6 +103,7 @@ class Jobs:
     def submit(self, prompt: str, name: str | None = None) -> Job:
         """Queue the graph of ``prompt``, to be saved as ``name`` (default: made from the prompt)."""
         check_text("the prompt", prompt, max_length=MAX_PROMPT)
+        self.engine.model.encode(prompt)
         name = check_name(name) if name else prompt_slug(prompt)
         with self._lock:
             job = Job(id=str(next(self._numbers)), prompt=prompt, name=name)

@@ -47,6 +47,11 @@ def allowed_hosts(host: str, extra: list[str]) -> frozenset[str] | None:
     return frozenset(names)
 
 
+def check_port(port: object) -> int:
+    """``port`` if a server can listen on it (0 picks a free one); a one-line error otherwise."""
+    return int(check_number("the port", port, low=0, high=65535, whole=True))
+
+
 def run_explorer(
     graphs: str | Path,
     engine: Engine | None = None,
@@ -63,7 +68,7 @@ def run_explorer(
     database to show (default: the engine's set's own, when built). ``host`` defaults to loopback; another
     address must be given explicitly, and the server then warns that anyone who can reach it can edit.
     """
-    check_number("the port", port, low=0, high=65535, whole=True)
+    check_port(port)
     explicit = host is not None
     host = host or DEFAULT_HOST
     check_bind(host, explicit)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from circuitmap.config import Settings
 from circuitmap.errors import CircuitmapError
-from circuitmap.validation import check_number
+from circuitmap.validation import check_number, check_seed
 
 KINDS = ("plt", "skip-plt", "clt")
 ACTIVATIONS = ("topk", "jumprelu", "relu")
@@ -99,7 +99,7 @@ class TrainConfig(Settings):
             check_number(name, getattr(self, name), low=1, whole=True)
         check_number("context_length", self.context_length, low=3, whole=True)
         check_number("warmup_steps", self.warmup_steps, low=0, whole=True)
-        check_number("seed", self.seed, whole=True)
+        check_seed("seed", self.seed)
         for name in ("lr", "jumprelu_bandwidth", "init_threshold", "tanh_scale", "max_grad_norm"):
             check_number(name, getattr(self, name), low=0, low_open=True)
         for name in ("aux_coef", "sparsity_coef"):

@@ -46,6 +46,7 @@ from circuitmap.training.distributed import ProcessGroup
 from circuitmap.training.evaluate import evaluate_transcoders
 from circuitmap.training.trainable import Standardiser, TrainableTranscoders
 from circuitmap.transcoders import Transcoders
+from circuitmap.validation import check_number
 
 RUN_NAME = "training.json"
 LOG_NAME = "training_log.jsonl"
@@ -147,11 +148,16 @@ def _claimed(out: Path, run: dict, resume: bool, group: ProcessGroup) -> Iterato
     verdict: str | bool = False
     lock = None
     if group.main:
+        created = not out.exists()
         try:
             lock = _lock(out)
             verdict = _prepare(out, run, resume)
         except CircuitmapError as error:
             verdict = str(error)
+            if created and lock is not None:
+                lock.close()
+                lock = None
+                shutil.rmtree(out, ignore_errors=True)
     refused = group.max(torch.tensor([float(isinstance(verdict, str))]))
     try:
         if bool(refused[0]):
@@ -161,6 +167,16 @@ def _claimed(out: Path, run: dict, resume: bool, group: ProcessGroup) -> Iterato
     finally:
         if lock is not None:
             lock.close()
+
+
+def _check_source(contexts: CorpusContexts | SampledContexts, config: TrainConfig) -> None:
+    """A one-line error, before anything is written, for a corpus that cannot fill one batch (its first
+    chunk is read now and kept for the run)."""
+    if not isinstance(contexts, CorpusContexts):
+        return
+    first = contexts.chunk(0, config.chunk_contexts)
+    if first is None or len(first) * (config.context_length - 1) < config.batch_size:
+        raise CircuitmapError("the text source is too small to fill a single training batch")
 
 
 def _lock(out: Path):
@@ -293,7 +309,10 @@ def train_transcoders(
     checkpoint is written and ``Interrupted`` raised; ``resume=True`` continues from there. In a distributed
     run the first process to see its event set stops them all."""
     config.check()
+    check_number("checkpoint_seconds", checkpoint_seconds, low=0)
+    check_number("log_every", log_every, low=1, whole=True)
     model.check_length(config.context_length, "a training context (--context-length)")
+    _check_source(contexts, config)
     started = time.monotonic()
     group = ProcessGroup.from_environment(model.device)
     if config.groups % group.world:
