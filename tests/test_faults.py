@@ -212,3 +212,49 @@ def test_pages_plots_and_reports_are_whole_or_absent(parts, tmp_path):
     assert run(check, tmp_path).code == 0
     assert json.loads((tmp_path / "check.json").read_text())["rows"]
     assert (graph / "check.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_labels_exports_and_reports_are_whole_or_absent(parts, tmp_path):
+    import gzip
+
+    from circuitmap import BuildConfig, build_features, load_model
+
+    db = tmp_path / "features.sqlite"
+    config = BuildConfig(tokens=2000, context_length=32, batch_size=8, top=8, samples=10, window=16, before=8)
+    build_features(
+        load_model(parts["model"]),
+        load_transcoders(parts["transcoders"]),
+        parts["corpus"],
+        db,
+        config,
+        progress=False,
+    )
+    label = ["features", "label", str(db), "0", "1", "a new label"]
+    killed = run(label, tmp_path, kind="kill", at=1)
+    assert killed.code == KILLED
+    with FeatureStore(db) as store:
+        assert store.label(0, 1) is None or store.label(0, 1).source != "manual"
+    assert run(label, tmp_path).code == 0
+    with FeatureStore(db) as store:
+        assert store.label(0, 1).text == "a new label"
+
+    out = tmp_path / "export"
+    export = ["features", "export", str(db), str(out), "--layer", "0", "--layer", "1", "--no-progress"]
+    calls = run(export, tmp_path).calls
+    shutil.rmtree(out)
+    replaces = [n for n, name in enumerate(calls, start=1) if name == "replace"]
+    killed = run(export, tmp_path, kind="kill", at=replaces[len(replaces) // 2])
+    assert killed.code == KILLED
+    for path in out.rglob("*.jsonl.gz"):
+        gzip.decompress(path.read_bytes())
+    assert run(export, tmp_path).code == 0
+    assert len(list(out.rglob("*.jsonl.gz"))) == len(replaces) and _hidden(out) == []
+
+    report = tmp_path / "reports" / "edit.json"
+    intervene = ["intervene", "--model", str(parts["model"]), "--transcoders", str(parts["transcoders"])]
+    intervene += ["--prompt", PROMPTS[0], "--scale", "0_1_*=0", "--json", str(report)]
+    calls = run(intervene, tmp_path).calls
+    report.unlink()
+    killed = run(intervene, tmp_path, kind="kill", at=calls.index("replace") + 1)
+    assert killed.code == KILLED and not report.exists()
+    assert run(intervene, tmp_path).code == 0 and json.loads(report.read_text())["edits"]

@@ -1,8 +1,8 @@
 """Faults injected into a command-line run in a child process: killed outright, or out of disk space.
 
 A run counts the calls of the functions that make files appear or go (``os.replace``, ``os.rename``,
-``circuitmap.atomic._exchange``, ``shutil.rmtree``), ``os.fsync``, and the feature build's database
-transactions (a checkpoint of its running state, the final write of the dashboards). With a fault at
+``circuitmap.atomic._exchange``, ``shutil.rmtree``), ``os.fsync``, and the feature database's
+transactions (a build's checkpoints and final write of the dashboards, label edits). With a fault at
 call ``n`` it either ends the process there with ``os._exit`` (no clean-up code runs, as after SIGKILL or
 a power cut) or makes that call fail with ENOSPC, as a full disk does. Without a fault it only reports
 the calls it made.
@@ -23,6 +23,7 @@ POINTS = {
     "shutil": ("rmtree",),
     "circuitmap.atomic": ("_exchange",),
     "circuitmap.features.build": ("_checkpoint", "_finish"),
+    "circuitmap.features.store": ("write_labels",),
 }
 KILLED = 137
 
