@@ -8,7 +8,15 @@ import torch
 from helpers.models import FAMILIES, tiny_model
 
 from circuitmap.errors import CircuitmapError
-from circuitmap.models.generation import generate_ids, sampling_generator, stop_ids
+from circuitmap.models.generation import (
+    bfloat16_unembedding,
+    draw,
+    generate_ids,
+    next_tokens,
+    preallocated_cache,
+    sampling_generator,
+    stop_ids,
+)
 
 PROMPT = "The cat sat on"
 
@@ -106,3 +114,47 @@ def test_the_model_context_bounds_prompts_and_continuations():
     with pytest.raises(CircuitmapError, match="the prompt with its continuation has 73 tokens"):
         model.generate("x" * 9, 64)
     assert len(model.generate("x" * 9, 55)) > 0
+
+
+def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.zeros(1, 1000)  # not a multiple of the block: the last block is padded
+    probs[0, [3, 511, 512, 999]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    drawn = draw(probs.expand(40_000, -1), generator)[:, 0]
+    counts = torch.bincount(drawn, minlength=1000).double() / len(drawn)
+    assert set(drawn.unique().tolist()) == {3, 511, 512, 999}
+    torch.testing.assert_close(
+        counts[[3, 511, 512, 999]], probs[0, [3, 511, 512, 999]].double(), atol=0.01, rtol=0
+    )
+    scaled = draw(probs.expand(8, -1) * 7.0, torch.Generator().manual_seed(1))
+    assert torch.equal(scaled, draw(probs.expand(8, -1), torch.Generator().manual_seed(1))), (
+        "masses need no norm"
+    )
+
+
+def test_draw_refuses_probabilities_that_are_not_finite():
+    with pytest.raises(CircuitmapError, match="NaN or infinite"):
+        next_tokens(torch.tensor([[0.0, float("inf"), 1.0]]), False, 1.0, torch.Generator().manual_seed(0))
+    with pytest.raises(CircuitmapError, match="NaN or infinite"):
+        next_tokens(torch.tensor([[0.0, float("nan")]]), True, 1.0, None)
+
+
+def test_bfloat16_unembedding_changes_only_the_logits_and_is_undone():
+    model = tiny_model("llama")
+    ids = model.encode(PROMPT)
+    original = model.hf_model.get_output_embeddings()
+    with torch.no_grad():
+        expected = model.hf_model(input_ids=ids).logits
+        with bfloat16_unembedding(model.hf_model):
+            fast = model.hf_model(input_ids=ids).logits
+    assert model.hf_model.get_output_embeddings() is original
+    torch.testing.assert_close(fast.float(), expected, rtol=0.02, atol=0.05)
+
+
+def test_a_preallocated_cache_continues_exactly_as_a_growing_one():
+    model = tiny_model("llama", torch.float64)
+    ids = model.encode(PROMPT).expand(3, -1)
+    grown = generate_ids(model.hf_model, ids, 9)
+    cache = preallocated_cache(model.hf_model, ids.shape[1] + 9)
+    assert cache is not None
+    assert torch.equal(generate_ids(model.hf_model, ids, 9, cache=cache), grown)

@@ -20,6 +20,7 @@ from circuitmap import CircuitmapError, load_model
 from circuitmap.attribution import attribute
 from circuitmap.graphs import NodeKind
 from circuitmap.interventions import FeatureEdit, ResidualEdit, Supernode, generate_with, intervene
+from circuitmap.models.generation import next_tokens
 
 PROMPT = "The cat sat on"
 
@@ -190,8 +191,7 @@ def brute_force_generation(model, transcoders, edits, n, sample_seed=None, tempe
         if generator is None:
             new.append(int(logits.argmax()))
         else:
-            probs = (logits / temperature).softmax(-1)
-            new.append(int(torch.multinomial(probs, 1, generator=generator)))
+            new.append(int(next_tokens(logits[None], False, temperature, generator)))
     return model.decode_after(ids, new)
 
 

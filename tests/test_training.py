@@ -221,6 +221,9 @@ def test_pairs_captured_while_sampling_are_the_models_pairs_on_that_text():
     expected = torch.stack([inputs, outputs], dim=1).permute(2, 0, 1, 3)
     assert pairs.shape == expected.shape and pairs.dtype == torch.bfloat16
     torch.testing.assert_close(pairs.float(), expected, rtol=0.02, atol=0.02)
+    written = []
+    sample_contexts(model, 3, 12, seed=4, batch_size=2, with_pairs=True, progress=written.append)
+    assert written == [2] * 11 + [1] * 11, "every sampled token is reported, batch by batch"
 
 
 def test_training_on_sampled_text(tmp_path):
@@ -266,7 +269,7 @@ def test_activation_cache_is_reused_and_a_full_disk_leaves_nothing_behind(tmp_pa
     monkeypatch.setattr(np, "save", disk_full)
     store = ActivationCache(tmp_path / "full", {"model": "x"})
     with pytest.raises(CircuitmapError, match="No space left on device"):
-        store.store(0, 0, torch.zeros(3, 2, 2, 4, dtype=torch.bfloat16))
+        store.store(0, 0, torch.zeros(1, 4, dtype=torch.long), torch.zeros(3, 2, 2, 4, dtype=torch.bfloat16))
     assert [p.name for p in store.folder.iterdir()] == ["identity.json"]
     assert store.load(0, 0) is None
 
@@ -301,6 +304,8 @@ def test_pairs_come_back_from_the_cache_unchanged(tmp_path):
     inputs, outputs = collect_pairs(model, corpus(model).group(0, 4, 1, 2))
     expected = torch.stack([inputs, outputs], dim=1).permute(2, 0, 1, 3).to(torch.bfloat16)
     assert torch.equal(fresh[1], expected)
+    assert torch.equal(cache.load_contexts(0, 1), corpus(model).group(0, 4, 1, 2))
+    assert cache.load_contexts(1, 0) is None
 
 
 def test_bad_text_sources(tmp_path, capsys):

@@ -69,13 +69,15 @@ def circuitmap_attention(
     """Eager scaled dot-product attention whose softmax pattern can be recorded and replayed as a constant."""
     if getattr(module, "sinks", None) is not None:
         raise CircuitmapError("attention sinks are not supported by circuitmap's attention function")
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
+    batch, heads, length, width = query.shape
+    kv_heads = key.shape[1]
+    n_rep = heads // kv_heads
+    # Grouped-query attention without copying keys and values: the n_rep query heads that share a key head
+    # are stacked along the sequence axis, so one batched product serves them all.
+    grouped_query = query.reshape(batch, kv_heads, n_rep * length, width)
     if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        scaling = width**-0.5
+    scores = torch.matmul(grouped_query, key.transpose(2, 3)).view(batch, heads, length, -1) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
@@ -86,7 +88,9 @@ def circuitmap_attention(
         pattern = _apply_attention_control(control, pattern)
     if dropout and module.training:
         pattern = nn.functional.dropout(pattern, p=dropout)
-    output = torch.matmul(pattern, value).transpose(1, 2).contiguous()
+    grouped_pattern = pattern.reshape(batch, kv_heads, n_rep * length, -1)
+    output = torch.matmul(grouped_pattern, value).view(batch, heads, length, width)
+    output = output.transpose(1, 2).contiguous()
     return output, pattern
 
 

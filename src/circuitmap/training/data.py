@@ -22,12 +22,20 @@ import torch
 from circuitmap.atomic import atomic_write
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
-from circuitmap.models.generation import generate_ids, sampling_generator
+from circuitmap.models.generation import (
+    bfloat16_unembedding,
+    generate_ids,
+    preallocated_cache,
+    sampling_generator,
+)
 from circuitmap.training.activations import collect_pairs, pack_contexts
 from circuitmap.training.corpus import iter_documents
 
 PAIR_DTYPE = torch.bfloat16
-CACHE_FORMAT = 1
+Progress = Callable[[int], None]
+CACHE_FORMAT = 2
+SAMPLER_VERSION = 2
+"""Bumped whenever the sampler writes other text for the same seed (it is part of the source's identity)."""
 
 
 def derived_seed(*parts: int) -> int:
@@ -105,26 +113,31 @@ class SampledContexts:
     """Contexts the model writes itself from its beginning-of-text token: the default with no corpus."""
 
     def __init__(
-        self, model: Model, context_length: int, seed: int, batch_size: int = 64, temperature: float = 1.0
+        self, model: Model, context_length: int, seed: int, batch_size: int = 256, temperature: float = 1.0
     ):
         self.model = model
         self.context_length = context_length
         self.seed = seed
         self.batch_size = batch_size
         self.temperature = temperature
-        self.description = f"sampled:seed={seed}:temperature={temperature}"
+        self.description = f"sampled:v{SAMPLER_VERSION}:seed={seed}:temperature={temperature}"
 
-    def _sample(self, index: int, size: int, group: int, groups: int, with_pairs: bool):
+    def _sample(self, index: int, size: int, group: int, groups: int, with_pairs: bool, progress=None):
         seed = derived_seed(self.seed, index, group)
         length, batch, temperature = self.context_length, self.batch_size, self.temperature
-        return sample_contexts(self.model, size // groups, length, seed, batch, temperature, with_pairs)
+        return sample_contexts(
+            self.model, size // groups, length, seed, batch, temperature, with_pairs, progress=progress
+        )
 
     def group(self, index: int, size: int, group: int, groups: int) -> torch.Tensor:
         return self._sample(index, size, group, groups, with_pairs=False)
 
-    def group_pairs(self, index: int, size: int, group: int, groups: int) -> torch.Tensor:
-        """The pairs of a group, captured while sampling it (the same contexts as ``group`` gives)."""
-        return self._sample(index, size, group, groups, with_pairs=True)[1]
+    def group_pairs(
+        self, index: int, size: int, group: int, groups: int, progress: Progress | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contexts of a group and their pairs, captured while sampling them (the contexts are those
+        ``group`` gives)."""
+        return self._sample(index, size, group, groups, with_pairs=True, progress=progress)
 
     def heldout(self, first_chunk: int, chunk_contexts: int, count: int) -> Iterator[torch.Tensor]:
         """``count`` contexts sampled with a seed no training chunk uses."""
@@ -142,8 +155,12 @@ def sample_contexts(
     batch_size: int = 64,
     temperature: float = 1.0,
     with_pairs: bool = False,
+    *,
+    progress: Progress | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``count`` contexts ``[count, length]``: BOS (or EOS) then tokens sampled one at a time with a KV cache.
+    """``count`` contexts ``[count, length]``: BOS (or EOS) then tokens sampled one at a time with a KV cache,
+    ``batch_size`` contexts side by side (wide batches keep the matrix products efficient; the logits are
+    computed with ``bfloat16_unembedding``). ``progress(n)`` is told of every ``n`` tokens written.
 
     With ``with_pairs`` the MLP pairs of every position but the first are captured while sampling (the
     forward passes that choose the tokens are the ones that read them), saving a second pass over the text;
@@ -156,14 +173,14 @@ def sample_contexts(
     if start is None:
         raise CircuitmapError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
     generator = sampling_generator(model.device, seed)
-    all_ids, all_pairs = [], []
+    n_layers, d_model = model.n_layers, model.d_model
+    contexts = torch.empty(count, length, dtype=torch.long)
+    pairs = torch.empty(count if with_pairs else 0, length - 1, n_layers, 2, d_model, dtype=PAIR_DTYPE)
     for first in range(0, count, batch_size):
-        starts = torch.full((min(batch_size, count - first), 1), start, dtype=torch.long, device=model.device)
-        ids, pairs = _sample_batch(model, starts, length, temperature, generator, with_pairs)
-        all_ids.append(ids)
-        all_pairs.append(pairs)
-    contexts = torch.cat(all_ids)
-    return (contexts, torch.cat(all_pairs)) if with_pairs else contexts
+        rows = slice(first, min(first + batch_size, count))
+        starts = torch.full((rows.stop - first, 1), start, dtype=torch.long, device=model.device)
+        contexts[rows] = _sample_batch(model, starts, length, temperature, generator, pairs[rows], progress)
+    return (contexts, pairs.flatten(0, 1)) if with_pairs else contexts
 
 
 def _sample_batch(
@@ -172,18 +189,26 @@ def _sample_batch(
     length: int,
     temperature: float,
     generator: torch.Generator,
-    with_pairs: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Contexts ``[n, length]`` continuing ``starts`` ``[n, 1]``, and with ``with_pairs`` the MLP pairs of
-    every position but the first, read from the forward passes that choose the tokens."""
-    pairs = []
+    pairs: torch.Tensor,
+    progress: Progress | None,
+) -> torch.Tensor:
+    """Contexts ``[n, length]`` continuing ``starts`` ``[n, 1]``. When ``pairs`` ``[n, length − 1, L, 2, d]``
+    is not empty it is filled with the MLP pairs of every position but the first, read from the forward
+    passes that choose the tokens."""
+    with_pairs = len(pairs) > 0
 
-    def keep_pairs(position: int) -> None:
-        if position > 0:
-            step = [torch.cat([cache["mlp_in", i], cache["mlp_out", i]], 1) for i in range(model.n_layers)]
-            pairs.append(torch.stack(step, dim=1).to(PAIR_DTYPE).cpu())
+    def after_forward(position: int) -> None:
+        if with_pairs and position > 0:
+            for layer in range(model.n_layers):
+                pairs[:, position - 1, layer, 0] = cache["mlp_in", layer][:, -1]
+                pairs[:, position - 1, layer, 1] = cache["mlp_out", layer][:, -1]
+        if progress is not None and position < length - 1:
+            progress(len(starts))
 
-    with model.capturing(["mlp_in", "mlp_out"] if with_pairs else []) as cache:
+    with (
+        model.capturing(["mlp_in", "mlp_out"] if with_pairs else []) as cache,
+        bfloat16_unembedding(model.hf_model),
+    ):
         new = generate_ids(
             model.hf_model,
             starts,
@@ -192,14 +217,15 @@ def _sample_batch(
             temperature=temperature,
             generator=generator,
             feed_last=with_pairs,
-            after_forward=keep_pairs if with_pairs else None,
+            after_forward=after_forward,
+            cache=preallocated_cache(model.hf_model, length),
         )
-    ids = torch.cat([starts, new], dim=1).cpu()
-    return ids, torch.stack(pairs, dim=1).flatten(0, 1) if with_pairs else None
+    return torch.cat([starts, new], dim=1).cpu()
 
 
 class ActivationCache:
-    """Shards of pairs on disk, one ``.npy`` file per (chunk, group), read back memory-mapped.
+    """Shards of pairs on disk, one ``.npy`` file per (chunk, group), read back memory-mapped, each beside the
+    token ids of its contexts (written first, so that a shard's pairs never exist without them).
 
     A shard is written to a temporary name and renamed into place, so an interrupted or failed write (a full
     disk) never leaves a file that looks complete. The folder is keyed by everything that decides the
@@ -221,10 +247,12 @@ class ActivationCache:
                 f"cannot create the activation cache {self.folder}: {error.strerror}"
             ) from None
 
-    def _path(self, chunk: int, group: int) -> Path:
-        return self.folder / f"chunk{chunk:06d}_group{group:04d}.npy"
+    def _path(self, chunk: int, group: int, role: str = "pairs") -> Path:
+        suffix = "" if role == "pairs" else f"_{role}"
+        return self.folder / f"chunk{chunk:06d}_group{group:04d}{suffix}.npy"
 
     def load(self, chunk: int, group: int) -> torch.Tensor | None:
+        """Pairs ``[tokens, L, 2, d]`` of a shard, or None when it is not cached."""
         path = self._path(chunk, group)
         if not path.exists():
             return None
@@ -233,15 +261,24 @@ class ActivationCache:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(array).view(PAIR_DTYPE)
 
-    def store(self, chunk: int, group: int, pairs: torch.Tensor) -> None:
-        array = pairs.view(torch.int16).numpy()
+    def load_contexts(self, chunk: int, group: int) -> torch.Tensor | None:
+        """Token ids ``[contexts, T]`` of a cached shard, or None when it is not cached."""
+        if not self._path(chunk, group).exists():
+            return None
+        return torch.from_numpy(np.load(self._path(chunk, group, "contexts")).astype(np.int64))
 
+    def store(self, chunk: int, group: int, contexts: torch.Tensor, pairs: torch.Tensor) -> None:
+        """Keep a shard: the token ids of its contexts, then their pairs."""
+        self._write(self._path(chunk, group, "contexts"), contexts.numpy().astype(np.int32))
+        self._write(self._path(chunk, group), pairs.view(torch.int16).numpy())
+
+    def _write(self, path: Path, array: np.ndarray) -> None:
         def write(temporary: Path) -> None:
             with temporary.open("wb") as handle:
                 np.save(handle, array, allow_pickle=False)
 
         try:
-            atomic_write(self._path(chunk, group), write)
+            atomic_write(path, write)
         except OSError as error:
             reason = error.strerror or str(error)
             raise CircuitmapError(f"cannot write the activation cache in {self.folder}: {reason}") from None
@@ -274,6 +311,7 @@ class PairChunks:
         local_groups: list[int],
         model_batch_size: int,
         cache: ActivationCache | None = None,
+        progress: Progress | None = None,
     ):
         self.model = model
         self.contexts = contexts
@@ -282,12 +320,17 @@ class PairChunks:
         self.local_groups = local_groups
         self.model_batch_size = model_batch_size
         self.cache = cache
+        self.progress = progress
+        """Told of every ``n`` tokens the model reads or writes while collecting."""
 
     def _collect(self, contexts: torch.Tensor) -> torch.Tensor:
         parts = []
         for first in range(0, len(contexts), self.model_batch_size):
-            inputs, outputs = collect_pairs(self.model, contexts[first : first + self.model_batch_size])
+            batch = contexts[first : first + self.model_batch_size]
+            inputs, outputs = collect_pairs(self.model, batch)
             parts.append(torch.stack([inputs, outputs], dim=1).permute(2, 0, 1, 3).to(PAIR_DTYPE).cpu())
+            if self.progress is not None:
+                self.progress(batch[:, 1:].numel())
         return torch.cat(parts)
 
     def group_pairs(self, chunk: int, group: int) -> torch.Tensor | None:
@@ -297,14 +340,16 @@ class PairChunks:
             if cached is not None:
                 return cached
         if isinstance(self.contexts, SampledContexts):
-            pairs = self.contexts.group_pairs(chunk, self.chunk_contexts, group, self.groups)
+            contexts, pairs = self.contexts.group_pairs(
+                chunk, self.chunk_contexts, group, self.groups, self.progress
+            )
         else:
             contexts = self.contexts.group(chunk, self.chunk_contexts, group, self.groups)
             if contexts is None:
                 return None
             pairs = self._collect(contexts)
         if self.cache is not None:
-            self.cache.store(chunk, group, pairs)
+            self.cache.store(chunk, group, contexts, pairs)
         return pairs
 
     def chunk(self, index: int) -> list[torch.Tensor] | None:

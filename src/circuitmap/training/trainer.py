@@ -355,6 +355,28 @@ def train_transcoders(
                 "model_batch_size": config.model_batch_size,
             }
             cache = ActivationCache(cache_dir, identity)
+        log = (out / LOG_NAME).open("a") if group.main else None
+        last_save = time.monotonic()
+        chunk_index, offset = divmod(step, steps_per_chunk)
+        contexts_per_chunk = len(local_groups) * (config.chunk_contexts // config.groups)
+        chunk_tokens = contexts_per_chunk * (config.context_length - 1)
+        chunks_to_read = chunks_per_epoch if config.epochs > 1 else math.ceil(total_steps / steps_per_chunk)
+        text_bar = tqdm(
+            total=chunks_to_read * chunk_tokens,
+            initial=min(chunk_index, chunks_to_read) * chunk_tokens,
+            desc="sampling text" if isinstance(contexts, SampledContexts) else "reading text",
+            unit="tok",
+            unit_scale=True,
+            disable=not (progress and group.main),
+        )
+        bar = tqdm(
+            total=total_steps * config.batch_size,
+            initial=tokens,
+            desc="training",
+            unit="tok",
+            unit_scale=True,
+            disable=not (progress and group.main),
+        )
         chunks = PairChunks(
             model,
             contexts,
@@ -363,18 +385,7 @@ def train_transcoders(
             local_groups=local_groups,
             model_batch_size=config.model_batch_size,
             cache=cache,
-        )
-
-        log = (out / LOG_NAME).open("a") if group.main else None
-        last_save = time.monotonic()
-        chunk_index, offset = divmod(step, steps_per_chunk)
-        bar = tqdm(
-            total=total_steps * config.batch_size,
-            initial=tokens,
-            desc="training",
-            unit="tok",
-            unit_scale=True,
-            disable=not (progress and group.main),
+            progress=text_bar.update,
         )
 
         def checkpoint() -> None:
@@ -413,7 +424,7 @@ def train_transcoders(
 
         exhausted = False
         loss = math.nan
-        with bar:
+        with text_bar, bar:
             while step < total_steps:
                 data_chunk = chunk_index % chunks_per_epoch if config.epochs > 1 else chunk_index
                 pairs = chunks.chunk(data_chunk)
