@@ -25,7 +25,15 @@ from circuitmap.errors import Interrupted
 from circuitmap.features import BuildConfig, FeatureStore, build_features, logit_lens
 from circuitmap.features import build as build_module
 from circuitmap.features.bookkeeping import HISTOGRAM_BINS, LayerStatistics, histogram_edges
-from circuitmap.features.labels import label_from_evidence
+from circuitmap.features.build import build_features_from_activations
+from circuitmap.features.labels import (
+    TokenSpace,
+    concept_name,
+    label_from_evidence,
+    label_support,
+    model_namer,
+    name_concepts,
+)
 from circuitmap.features.schema import SCHEMA_VERSION
 from circuitmap.training.activations import pack_contexts
 from circuitmap.training.corpus import iter_documents
@@ -232,6 +240,25 @@ def test_a_stopped_build_resumes_to_the_same_database(parts, built, tmp_path, mo
     assert dump(resumed) == dump(path)
 
 
+def test_a_build_from_precomputed_inputs_equals_the_build_that_runs_the_model(parts, built, tmp_path):
+    model, transcoders = parts
+    path, corpus, _ = built
+    _, contexts = corpus_activations(model, transcoders, corpus, CONFIG)
+    cache = model.activations(contexts, points=["mlp_in"])
+    inputs = torch.stack([cache["mlp_in", layer][:, 1:] for layer in range(model.n_layers)], dim=2)
+    shards = [(contexts[:5], inputs[:5]), (contexts[5:], inputs[5:])]  # shards need not match batches
+    again = tmp_path / "from-inputs.sqlite"
+    report = build_features_from_activations(
+        model, transcoders, shards, again, CONFIG, "the corpus", progress=False
+    )
+    assert report.contexts == len(contexts)
+    assert dump(again) == dump(path)
+    with pytest.raises(CircuitmapError, match="activations are of 7-token contexts"):
+        build_features_from_activations(
+            model, transcoders, [(contexts[:, :7], inputs[:, :6])], again, CONFIG, "x", progress=False
+        )
+
+
 KILLED_BUILD = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -402,6 +429,88 @@ def test_automatic_labels_read_the_evidence():
     mixed = label_from_evidence(["a", "b", "c", "d", "e"], [None] * 5, ["z"])
     assert mixed.evidence["kind"] == "mixed" and mixed.confidence == 0.2 and mixed.text.count(" / ") == 2
     assert label_from_evidence(["\n"] * 3, [None] * 3, ["x"]).text == "'\\n'"
+
+
+COUNTRIES = [" Spain", " France", " Portugal", " Germany"]
+
+
+def concept_space() -> TokenSpace:
+    """Four country tokens sharing one strong direction, among 300 tokens of random directions."""
+    generator = torch.Generator().manual_seed(0)
+    strings = [*COUNTRIES, " the", " ran", " blue", " 7"] + [f"filler{i}" for i in range(292)]
+    vectors = torch.randn(300, 64, generator=generator)
+    vectors[:4] = vectors[:4] * 0.3 + torch.randn(64, generator=generator)
+    return TokenSpace(strings, vectors)
+
+
+def test_peak_tokens_that_belong_together_make_a_concept_label():
+    space = concept_space()
+    peaks = [" Spain"] * 4 + [" France"] * 3 + [" Portugal"] * 2 + [" Germany"] + [" the", " ran"]
+    label = label_from_evidence(peaks, [None] * 12, [" x"], space)
+    assert label.evidence["kind"] == "input concept"
+    assert label.text == "Spain, France, Portugal, …" and label.confidence == round(10 / 12, 4)
+    assert label_support(label, peaks, [None] * 12) == 10 / 12
+    plain = label_from_evidence(peaks, [None] * 12, [" x"])
+    assert (plain.text, plain.confidence) == ("Spain", round(4 / 12, 4)), "without embeddings: the token"
+    dominant = label_from_evidence([" Spain"] * 7 + [" France"] * 3, [None] * 10, [" x"], space)
+    assert (dominant.text, dominant.evidence["kind"]) == ("Spain", "input"), (
+        "a token covering half stays the label"
+    )
+    unrelated = label_from_evidence(
+        [" the"] * 2 + [" ran"] * 2 + [" blue"] * 2 + [" 7"], [None] * 7, ["x"], space
+    )
+    assert unrelated.evidence["kind"] == "mixed", "tokens far apart never form a concept"
+    says = label_from_evidence(
+        [" of", " to", " in", " at", " by", " on"],
+        [" Spain", " France", " Portugal", " Spain", None, " the"],
+        COUNTRIES,
+        space,
+    )
+    assert (says.text, says.evidence["kind"], says.confidence) == (
+        "says Spain, France, Portugal",
+        "output concept",
+        round(4 / 6, 4),
+    )
+
+
+def test_concepts_are_named_once_per_group_and_a_failed_name_keeps_the_list():
+    space = concept_space()
+    peaks = [" Spain", " France", " Portugal", " Spain", " ran"]
+    labels = {
+        0: label_from_evidence(peaks, [None] * 5, ["x"], space),
+        1: label_from_evidence(list(reversed(peaks)), [None] * 5, ["x"], space),
+        2: label_from_evidence([" ran"] * 5, [None] * 5, ["x"], space),
+    }
+    asked = []
+
+    def namer(groups):
+        asked.append(groups)
+        return ["countries" for _ in groups]
+
+    named = name_concepts(labels, namer)
+    assert len(asked) == 1 and len(asked[0]) == 1, "one request, one group"
+    assert named[0].text == "countries: Spain, France, Portugal" and named[0].evidence["name"] == "countries"
+    assert named[2] == labels[2]
+    assert name_concepts(labels, lambda groups: [None] * len(groups))[0] == labels[0]
+
+
+@pytest.mark.parametrize(
+    ("continuation", "name"),
+    [
+        (" countries.\nS", "countries"),
+        (" days of the week", "days of the week"),
+        (" 123 things", None),
+        ("\n", None),
+    ],
+)
+def test_concept_names_are_short_and_made_of_words(continuation, name):
+    assert concept_name(continuation) == name
+
+
+def test_the_model_names_concepts_in_one_batched_pass_per_prompt_length():
+    model = tiny_model("llama")
+    names = model_namer(model, max_new_tokens=3)([["a", "b"], ["c", "d"], ["abc", "de", "f"]])
+    assert len(names) == 3 and all(name is None or isinstance(name, str) for name in names)
 
 
 def test_manual_labels_take_precedence_and_keep_their_history(built, tmp_path):

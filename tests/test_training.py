@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,9 +21,12 @@ from safetensors.torch import load_file
 from circuitmap import CircuitmapError, attribute, load_transcoders
 from circuitmap.cli import main
 from circuitmap.errors import TrainingDiverged
+from circuitmap.features import FeatureStore
+from circuitmap.features import build as build_module
 from circuitmap.training import (
     ActivationCache,
     CorpusContexts,
+    FeatureDatabase,
     PairChunks,
     SampledContexts,
     TrainConfig,
@@ -533,3 +537,48 @@ def test_demo_trains_the_quick_set_once_then_reuses_it(model_folder, tmp_path, m
     assert list((tmp_path / "cache" / "transcoders").iterdir())[0].name.endswith("-quick")
     assert main([*argv, "--no-serve"]) == 0
     assert "training the quick set" not in capsys.readouterr().err
+
+
+def test_a_run_builds_its_feature_database_from_its_own_activations(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    config = SMALL.with_changes(n_tokens=1280, epochs=2)
+    runs = []
+    original = build_module._process
+
+    def no_model_pass(model_, transcoders, state, batch, inputs, ids, config_):
+        runs.append(inputs is None)
+        return original(model_, transcoders, state, batch, inputs, ids, config_)
+
+    monkeypatch.setattr(build_module, "_process", no_model_pass)
+    features = FeatureDatabase(lambda transcoders: tmp_path / f"{transcoders.fingerprint()[:8]}.sqlite", 600)
+    result = train_transcoders(
+        model, corpus(model), config, tmp_path / "run", progress=False, features=features
+    )
+    path = tmp_path / f"{result.transcoders.fingerprint()[:8]}.sqlite"
+    assert runs and not any(runs), "the dashboards come from the cached activations, not a model pass"
+    with FeatureStore(path) as store:
+        assert store.meta["fingerprint"] == result.transcoders.fingerprint()
+        assert "training text: test-documents" in store.meta["settings"]
+        active = [
+            (layer, feature)
+            for layer in range(model.n_layers)
+            for feature in range(config.d_features)
+            if store.get(layer, feature).top_examples
+        ]
+        assert active
+    # the dashboards agree with the model run on the stored contexts, to bfloat16 precision
+    layer, feature = active[0]
+    with FeatureStore(path) as store:
+        example = store.get(layer, feature).top_examples[0]
+    with sqlite3.connect(path) as connection:
+        (blob,) = connection.execute(
+            "SELECT tokens FROM contexts WHERE id = ?", (example.context,)
+        ).fetchone()
+    ids = torch.from_numpy(np.frombuffer(blob, dtype="<i4").astype(np.int64))[None]
+    acts = result.transcoders.encode(layer, model.activations(ids, points=["mlp_in"])["mlp_in", layer])
+    assert (
+        abs(float(acts[0, 1:, feature].max()) - example.max_activation)
+        <= 0.02 * example.max_activation + 1e-3
+    )
+    single = SMALL.with_changes(n_tokens=640)
+    train_transcoders(model, corpus(model), single, tmp_path / "one", progress=False, features=features)

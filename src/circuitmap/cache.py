@@ -65,6 +65,7 @@ def ensure_quick_transcoders(
     an interrupted attempt). Setting ``stop`` ends the training at a checkpoint with ``Interrupted``."""
     from circuitmap.training import SampledContexts, preset, train_transcoders
     from circuitmap.training.checkpoint import CHECKPOINT_NAME
+    from circuitmap.training.trainer import FeatureDatabase
 
     folder = quick_transcoders_folder(model_spec)
     if (folder / "config.yaml").is_file():
@@ -81,8 +82,17 @@ def ensure_quick_transcoders(
     config = preset(QUICK_PRESET)
     contexts = SampledContexts(model, config.context_length, config.seed)
     try:
+        features = FeatureDatabase(default_database_path)
         train_transcoders(
-            model, contexts, config, run, resume=resume, checkpoint_seconds=60, progress=progress, stop=stop
+            model,
+            contexts,
+            config,
+            run,
+            resume=resume,
+            checkpoint_seconds=60,
+            progress=progress,
+            stop=stop,
+            features=features,
         )
     except Interrupted:
         raise Interrupted(

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from circuitmap.atomic import check_writable, remove_stale
-from circuitmap.cache import activations_cache_dir
+from circuitmap.cache import activations_cache_dir, default_database_path
 from circuitmap.cli import (
     add_model_args,
     add_settings,
@@ -29,7 +29,7 @@ from circuitmap.training import (
     training_config,
 )
 from circuitmap.training.distributed import is_main_process, process_device, world_size
-from circuitmap.training.trainer import METRICS_NAME
+from circuitmap.training.trainer import METRICS_NAME, FeatureDatabase
 from circuitmap.transcoders import load_transcoders
 from circuitmap.validation import check_number
 
@@ -71,6 +71,18 @@ def register(commands) -> None:
         type=non_negative_int,
         default=16_384,
         help="held-out tokens measured at the end (0 to skip)",
+    )
+    train.add_argument(
+        "--features",
+        metavar="PATH",
+        help="where the set's feature database is built from the run's own activations at the end (default: "
+        "the circuitmap cache, where the explorer finds it; needs --epochs > 1 or --cache-activations)",
+    )
+    train.add_argument(
+        "--features-tokens",
+        type=non_negative_int,
+        default=FeatureDatabase.tokens,
+        help=f"training tokens the dashboards are built from ({FeatureDatabase.tokens:,}; 0: no database)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
@@ -117,6 +129,10 @@ def _train(args: argparse.Namespace) -> int:
     cache = None
     if args.cache_activations is not None:
         cache = args.cache_activations or activations_cache_dir()
+    features = None
+    if args.features_tokens:
+        path = Path(args.features) if args.features else default_database_path
+        features = FeatureDatabase(path, args.features_tokens)
     with stop_on_signals() as stop:
         result = train_transcoders(
             model,
@@ -128,6 +144,7 @@ def _train(args: argparse.Namespace) -> int:
             checkpoint_seconds=args.checkpoint_every,
             progress=not args.quiet,
             stop=stop,
+            features=features,
         )
     if not is_main_process():
         return 0

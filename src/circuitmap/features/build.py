@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from circuitmap.config import Settings
 from circuitmap.errors import CircuitmapError, Interrupted
 from circuitmap.features import schema
 from circuitmap.features.bookkeeping import LayerStatistics, histogram_edges
-from circuitmap.features.labels import automatic_labels
+from circuitmap.features.labels import TokenSpace, automatic_labels, model_namer, name_concepts
 from circuitmap.features.logit_lens import layer_input_lens, layer_output_lens
 from circuitmap.features.store import now, refresh_search_labels
 from circuitmap.models import Model
@@ -67,6 +67,8 @@ class BuildConfig(Settings):
     """Output and input tokens listed in each feature's lens."""
     seed: int = 0
     """Seed of the random sample of contexts."""
+    concept_names: bool = True
+    """Ask the model to name the concepts of concept labels (``countries: Spain, France, Portugal``)."""
 
     def with_changes(self, **changes) -> BuildConfig:
         """A copy with the given fields changed (``None`` keeps a field); a new ``window`` without a new
@@ -132,14 +134,122 @@ def build_features(
     check_number("checkpoint_seconds", checkpoint_seconds, low=0)
     model.check_length(config.context_length, "a context (--context-length)")
     transcoders.check_model(model.n_layers, model.d_model)
-    path = Path(path)
-    started = time.perf_counter()
     corpus_spec = corpus if isinstance(corpus, list) else [corpus]
     if next(_stream(model, corpus_spec, config, skip=0), None) is None:
         raise CircuitmapError(
             f"the corpus holds too little text for one context of {config.context_length} tokens"
         )
-    settings = json.dumps({**asdict(config), "corpus": [str(c) for c in corpus_spec]}, sort_keys=True)
+
+    def batches(skip: int) -> Iterator[Batch]:
+        contexts = _stream(model, corpus_spec, config, skip)
+        while (batch := _take(contexts, config.batch_size)) is not None:
+            yield batch, None
+
+    return _build(
+        model,
+        transcoders,
+        path,
+        config,
+        [str(c) for c in corpus_spec],
+        batches,
+        model_name=model_name,
+        transcoders_name=transcoders_name,
+        progress=progress,
+        checkpoint_seconds=checkpoint_seconds,
+        stop=stop,
+        rebuild=rebuild,
+    )
+
+
+def build_features_from_activations(
+    model: Model,
+    transcoders: Transcoders,
+    shards: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    path: str | Path,
+    config: BuildConfig,
+    description: str,
+    *,
+    model_name: str | None = None,
+    transcoders_name: str | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Build the feature database of ``transcoders`` from MLP inputs already computed, without running the
+    model: ``shards`` yields contexts ``[n, T]`` and their MLP inputs ``[n, T − 1, L, d]`` at every position
+    but the first (the layout a training run caches). ``description`` names the text in the database's
+    settings. The dashboards show activations computed from these inputs (a training cache holds them in
+    bfloat16, so values agree with the model's to about three digits). A finished database is rebuilt."""
+    config.check()
+    transcoders.check_model(model.n_layers, model.d_model)
+
+    def batches(skip: int) -> Iterator[Batch]:
+        """Batches of ``config.batch_size`` contexts whatever the shards' sizes (the random sample of
+        contexts depends on the batches)."""
+        held: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen = 0
+        for contexts, inputs in shards:
+            if contexts.shape[1] != config.context_length:
+                raise CircuitmapError(
+                    f"the activations are of {contexts.shape[1]}-token contexts, not {config.context_length}"
+                )
+            if seen + len(contexts) > skip:
+                start = max(0, skip - seen)
+                held.append((contexts[start:], inputs[start:]))
+            seen += len(contexts)
+            while sum(len(c) for c, _ in held) >= config.batch_size:
+                joined, inputs_joined = _joined(held)
+                yield joined[: config.batch_size], inputs_joined[: config.batch_size]
+                rest = joined[config.batch_size :], inputs_joined[config.batch_size :]
+                held = [rest] if len(rest[0]) else []
+        if held:
+            yield _joined(held)
+
+    return _build(
+        model,
+        transcoders,
+        path,
+        config,
+        [description],
+        batches,
+        model_name=model_name,
+        transcoders_name=transcoders_name,
+        progress=progress,
+        checkpoint_seconds=float("inf"),
+        stop=None,
+        rebuild=True,
+    )
+
+
+def _joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([c for c, _ in parts]), torch.cat([i for _, i in parts])
+
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+"""Contexts ``[n, T]`` and, when already computed, their MLP inputs ``[n, T − 1, L, d]`` (else None: the
+model is run)."""
+
+
+def _build(
+    model: Model,
+    transcoders: Transcoders,
+    path: str | Path,
+    config: BuildConfig,
+    sources: list[str],
+    batches: Callable[[int], Iterator[Batch]],
+    *,
+    model_name: str | None,
+    transcoders_name: str | None,
+    progress: bool,
+    checkpoint_seconds: float,
+    stop: threading.Event | None,
+    rebuild: bool,
+) -> BuildReport:
+    """The build loop of both entry points: ``batches(skip)`` yields the batches after the first ``skip``
+    contexts."""
+    path = Path(path)
+    started = time.perf_counter()
+    settings = json.dumps({**asdict(config), "corpus": sources}, sort_keys=True)
     meta = _open_or_create(path, model, transcoders, settings, model_name, transcoders_name, config, rebuild)
     if meta["status"] == "complete":
         return BuildReport(
@@ -156,7 +266,7 @@ def build_features(
     try:
         state = _load_state(connection, transcoders.n_layers, transcoders.d_features, config)
         contexts_done = int(meta["contexts_done"])
-        contexts = _stream(model, corpus_spec, config, skip=contexts_done)
+        source = batches(contexts_done)
         needed = math.ceil(config.tokens / (config.context_length - 1))
         bar = tqdm(
             total=needed * (config.context_length - 1),
@@ -178,12 +288,21 @@ def build_features(
                     raise Interrupted(
                         f"stopped after {tokens:,} tokens, saved in {path}; run the same command to resume"
                     )
-                batch = _take(contexts, min(config.batch_size, needed - contexts_done))
+                batch, inputs = next(source, (None, None))
                 if batch is None:
                     exhausted = True
                     break
+                batch = batch[: needed - contexts_done]
                 ids = torch.arange(contexts_done, contexts_done + len(batch))
-                _process(model, transcoders, state, batch, ids, config)
+                _process(
+                    model,
+                    transcoders,
+                    state,
+                    batch,
+                    None if inputs is None else inputs[: len(batch)],
+                    ids,
+                    config,
+                )
                 pending.extend(zip(ids.tolist(), batch, strict=True))
                 contexts_done += len(batch)
                 bar.update(len(batch) * (config.context_length - 1))
@@ -295,15 +414,21 @@ def _process(
     transcoders: Transcoders,
     state: list[LayerStatistics],
     batch: torch.Tensor,
+    inputs: torch.Tensor | None,
     ids: torch.Tensor,
     config: BuildConfig,
 ) -> None:
-    """Run one batch and fold every layer's activations into the running statistics."""
+    """Fold one batch's activations into every layer's running statistics, running the model for its MLP
+    inputs unless ``inputs`` ``[n, T − 1, L, d]`` holds them."""
     generator = torch.Generator().manual_seed((config.seed * 1_000_003 + int(ids[0])) % 2**63)
     with torch.inference_mode():
-        cache = model.activations(batch, points=["mlp_in"])
+        cache = None if inputs is not None else model.activations(batch, points=["mlp_in"])
         for layer, statistics in enumerate(state):
-            acts = transcoders.encode(layer, cache["mlp_in", layer]).to("cpu", torch.float32)
+            if inputs is None:
+                acts = transcoders.encode(layer, cache["mlp_in", layer]).to("cpu", torch.float32)
+            else:
+                encoded = transcoders.encode(layer, inputs[:, :, layer].to(model.device, model.dtype))
+                acts = torch.cat([encoded[:, :1] * 0, encoded], dim=1).to("cpu", torch.float32)
             acts[:, 0] = 0
             keys = torch.rand(len(batch), transcoders.d_features, generator=generator)
             statistics.update(acts, ids, keys, config.before)
@@ -361,6 +486,8 @@ def _finish(
     Returns the number of features with fewer than ``top`` contexts, and of features never active."""
     context_tokens = _all_contexts(connection, config.context_length)
     strings = model.vocabulary()
+    space = TokenSpace.of_model(model)
+    namer = model_namer(model) if config.concept_names else None
     short = dead = 0
     d_features = transcoders.d_features
     created = now()
@@ -378,7 +505,11 @@ def _finish(
             short += int((counts < config.top).sum())
             dead += int((counts == 0).sum())
             peaks = peak_tokens(top, context_tokens)
-            labels = automatic_labels(top, peaks, peak_tokens(top, context_tokens, 1), output[0], strings)
+            labels = automatic_labels(
+                top, peaks, peak_tokens(top, context_tokens, 1), output[0], strings, space
+            )
+            if namer is not None:
+                labels = name_concepts(labels, namer)
             connection.executemany(
                 "INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _feature_rows(layer, statistics, top, output, inputs, tokens),

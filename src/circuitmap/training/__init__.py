@@ -11,7 +11,7 @@ from circuitmap.training.data import (
     sample_contexts,
 )
 from circuitmap.training.evaluate import Evaluation, evaluate_corpus, evaluate_transcoders
-from circuitmap.training.trainer import TrainResult, evaluate_heldout, train_transcoders
+from circuitmap.training.trainer import FeatureDatabase, TrainResult, evaluate_heldout, train_transcoders
 
 __all__ = [
     "PRESETS",
@@ -21,6 +21,7 @@ __all__ = [
     "PairChunks",
     "SampledContexts",
     "TrainConfig",
+    "FeatureDatabase",
     "TrainResult",
     "collect_pairs",
     "corpus_files",

@@ -70,6 +70,9 @@ class TrainConfig(Settings):
     """Bandwidth of the straight-through estimator of JumpReLU thresholds."""
     init_threshold: float = 0.1
     """Initial JumpReLU threshold."""
+    skip_ridge: float = 1e-2
+    """skip-plt: the ridge penalty of the least-squares solution the skip paths start from (relative to the
+    mean input variance)."""
     seed: int = 0
     """Seed of the weights, the shuffles and sampled text."""
 
@@ -102,7 +105,7 @@ class TrainConfig(Settings):
         check_seed("seed", self.seed)
         for name in ("lr", "jumprelu_bandwidth", "init_threshold", "tanh_scale", "max_grad_norm"):
             check_number(name, getattr(self, name), low=0, low_open=True)
-        for name in ("aux_coef", "sparsity_coef"):
+        for name in ("aux_coef", "sparsity_coef", "skip_ridge"):
             check_number(name, getattr(self, name), low=0)
         for name in ("decay_fraction", "sparsity_warmup"):
             check_number(name, getattr(self, name), low=0, high=1)

@@ -20,7 +20,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +272,81 @@ def _fit_standardiser(pairs: list[torch.Tensor], group: ProcessGroup, d_model: i
     return Standardiser.from_sums(sums, squares, float(count), d_model)
 
 
+def _least_squares_skip(
+    chunks: PairChunks, indices: range, standardiser: Standardiser, group: ProcessGroup, ridge: float
+) -> torch.Tensor:
+    """The skip weights ``[L, d, d]`` that predict each layer's standardised MLP output best as a linear map
+    of its standardised input, over the pairs of chunks ``indices`` (ridge regression, the penalty ``ridge``
+    times the mean input variance). The sparse features then start from what a linear map cannot explain.
+    Every chunk is collected (and cached) here, before the first step."""
+    covariance = cross = None
+    count = torch.zeros(1, dtype=torch.float64)
+    for index in indices:
+        pairs = chunks.chunk(index)
+        if pairs is None:
+            break
+        for block in pairs:
+            for first in range(0, len(block), 4096):
+                x, y = standardiser.apply(block[first : first + 4096])
+                xx, xy = torch.bmm(x.transpose(1, 2), x).double(), torch.bmm(x.transpose(1, 2), y).double()
+                covariance = xx if covariance is None else covariance + xx
+                cross = xy if cross is None else cross + xy
+                count += x.shape[1]
+    group.sum(covariance), group.sum(cross), group.sum(count)
+    covariance, cross = covariance / count, cross / count
+    d_model = covariance.shape[-1]
+    penalty = ridge * covariance.diagonal(dim1=1, dim2=2).mean(-1)
+    regularised = covariance + penalty[:, None, None] * torch.eye(d_model, dtype=torch.float64)
+    return torch.linalg.solve(regularised, cross).transpose(1, 2).float()
+
+
+@dataclass(frozen=True)
+class FeatureDatabase:
+    """Where and how a training run builds its set's feature database from the activations it cached."""
+
+    path: Path | Callable[[Transcoders], Path]
+    """The database file, or a function of the trained set that names it."""
+    tokens: int = 65_536
+    """At most this many of the run's tokens are read."""
+
+    def build(
+        self,
+        model: Model,
+        transcoders: Transcoders,
+        shards: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        context_length: int,
+        description: str,
+        progress: bool,
+    ):
+        # imported here: the feature builder reads corpora with this package's text helpers
+        from circuitmap.features.build import BuildConfig, build_features_from_activations
+
+        path = self.path(transcoders) if callable(self.path) else self.path
+        config = BuildConfig(tokens=self.tokens, context_length=context_length)
+        config = config.with_changes(window=min(config.window, context_length))
+        report = build_features_from_activations(
+            model, transcoders, shards, path, config, f"training text: {description}", progress=progress
+        )
+        tqdm.write(
+            f"feature database: {report.path} ({report.tokens:,} tokens of the training text, "
+            f"{report.seconds:.0f} s)",
+            file=sys.stderr,
+        )
+        return report
+
+
+def _cached_inputs(
+    cache: ActivationCache, n_chunks: int, local_groups: list[int], config: TrainConfig
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Contexts and MLP inputs ``[n, T − 1, L, d]`` of the cached chunks, in the order they were read."""
+    for chunk in range(n_chunks):
+        for group in local_groups:
+            contexts, pairs = cache.load_contexts(chunk, group), cache.load(chunk, group)
+            if contexts is None or pairs is None:
+                return
+            yield contexts, pairs.view(len(contexts), config.context_length - 1, *pairs.shape[1:])[..., 0, :]
+
+
 def _notice(group: ProcessGroup, message: str) -> None:
     if group.main:
         tqdm.write(message, file=sys.stderr)
@@ -302,8 +377,12 @@ def train_transcoders(
     log_every: int = 10,
     progress: bool = True,
     stop: threading.Event | None = None,
+    features: FeatureDatabase | None = None,
 ) -> TrainResult:
     """Train a transcoder set on the pairs of ``contexts`` and save it (with its log) to ``out``.
+
+    With ``features`` the set's feature database is built at the end from the activations the run cached
+    (a run of several epochs, or one given ``cache_dir``), without running the model again.
 
     Setting ``stop`` (from a signal handler, another thread…) ends the run after the current step: a
     checkpoint is written and ``Interrupted`` raised; ``resume=True`` continues from there. In a distributed
@@ -435,6 +514,12 @@ def train_transcoders(
                     break
                 if standardiser is None:
                     standardiser = _fit_standardiser(pairs, group, d_model)
+                    if module.W_skip is not None:
+                        fitted = range(chunks_per_epoch if config.epochs > 1 else 1)
+                        _notice(group, "solving the linear skip paths by least squares")
+                        module.W_skip.data.copy_(
+                            _least_squares_skip(chunks, fitted, standardiser, group, config.skip_ridge)
+                        )
                 batches = group_batches(
                     pairs, per_group, steps_here, chunk_index, config.seed, local_groups, start=offset
                 )
@@ -514,6 +599,14 @@ def train_transcoders(
             last = (out / LOG_NAME).read_text().splitlines()[-1]
             reported = {name: json.loads(last)[name] for name in ("fvu", "l0", "dead_fraction")}
         transcoders = module.to_transcoders(standardiser, model_name=model.name)
+        if features is not None and group.main:
+            if cache is None:
+                _notice(group, "no feature database: the run kept no activations (one epoch, no cache_dir)")
+            else:
+                shards = _cached_inputs(cache, min(chunk_index, chunks_to_read), local_groups, config)
+                features.build(
+                    model, transcoders, shards, config.context_length, contexts.description, progress
+                )
         result = TrainResult(
             transcoders=transcoders,
             tokens=tokens,
