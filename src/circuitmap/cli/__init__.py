@@ -21,7 +21,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from typing import Any, NoReturn
@@ -155,7 +155,7 @@ def add_settings(
             dest=name,
             type=_scalar_type(hints[name]),
             choices=choices,
-            metavar=None if choices else options[0].lstrip("-").replace("-", "_").upper(),
+            metavar=None if choices else _metavar(hints[name], options[0]),
             help=docs.get(name, "").rstrip(".") + (f" (default: {default}{default_note})" if default else ""),
         )
 
@@ -172,11 +172,25 @@ def _shown(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:g}"
 
 
-def _scalar_type(hint: Any) -> type:
-    """``int`` for ``int | None``, and so on: the type an option parses."""
+def _metavar(hint: Any, flag: str) -> str:
+    return "yes|no" if _scalar_type(hint) is yes_no else flag.lstrip("-").replace("-", "_").upper()
+
+
+def _scalar_type(hint: Any) -> Callable[[str], Any]:
+    """``int`` for ``int | None``, and so on: the type an option parses (``yes_no`` for a bool)."""
     if isinstance(hint, types.UnionType):
-        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return yes_no if hint is bool else hint
+
+
+def yes_no(text: str) -> bool:
+    """A boolean option's value: yes/no, true/false, on/off or 1/0."""
+    value = text.strip().casefold()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
 @contextmanager

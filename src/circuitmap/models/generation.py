@@ -17,6 +17,7 @@ from torch import nn
 from transformers.cache_utils import Cache, StaticCache
 
 from circuitmap.errors import CircuitmapError
+from circuitmap.hardware import native_bfloat16
 from circuitmap.validation import check_number, check_seed
 
 PositionCallback = Callable[[int], None]
@@ -111,7 +112,7 @@ def bfloat16_unembedding(hf_model) -> Iterator[None]:
     if not isinstance(unembedding, nn.Linear) or weight is None or weight.dtype != torch.float32:
         yield
         return
-    if not _native_bfloat16(weight.device):
+    if not native_bfloat16(weight.device):
         yield
         return
     hf_model.set_output_embeddings(_BFloat16Linear(unembedding))
@@ -119,14 +120,6 @@ def bfloat16_unembedding(hf_model) -> Iterator[None]:
         yield
     finally:
         hf_model.set_output_embeddings(unembedding)
-
-
-def _native_bfloat16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 class _BFloat16Linear(nn.Module):

@@ -403,7 +403,9 @@ def train_transcoders(
     with _claimed(out, run, resume, group) as resume:
         n_layers, d_model = model.n_layers, model.d_model
         module = TrainableTranscoders(n_layers, d_model, config).to(model.device)
-        optimiser = torch.optim.Adam(module.parameters(), lr=config.lr)
+        optimiser = torch.optim.Adam(
+            module.parameters(), lr=config.lr, fused=model.device.type in ("cpu", "cuda")
+        )
         counters = _Counters(n_layers, config.d_features)
         step = tokens = 0
         standardiser = None
