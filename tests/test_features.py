@@ -33,8 +33,10 @@ from circuitmap.features.labels import (
     label_support,
     model_namer,
     name_concepts,
+    name_stored_concepts,
 )
 from circuitmap.features.schema import SCHEMA_VERSION
+from circuitmap.features.store import write_labels
 from circuitmap.training.activations import pack_contexts
 from circuitmap.training.corpus import iter_documents
 
@@ -490,8 +492,29 @@ def test_concepts_are_named_once_per_group_and_a_failed_name_keeps_the_list():
     named = name_concepts(labels, namer)
     assert len(asked) == 1 and len(asked[0]) == 1, "one request, one group"
     assert named[0].text == "countries: Spain, France, Portugal" and named[0].evidence["name"] == "countries"
-    assert named[2] == labels[2]
-    assert name_concepts(labels, lambda groups: [None] * len(groups))[0] == labels[0]
+    assert 2 not in named, "only concepts are named"
+    unnamed = name_concepts(labels, lambda groups: [None] * len(groups))[0]
+    assert unnamed.text == labels[0].text and unnamed.evidence["name"] is None
+    assert name_concepts(named, namer) == {} and len(asked) == 1, "a concept is named once"
+
+
+def test_graphs_name_their_concepts_once_and_keep_the_names(built, tmp_path):
+    path = tmp_path / "named.sqlite"
+    path.write_bytes(built[0].read_bytes())
+    space = concept_space()
+    concept = label_from_evidence([" Spain", " France", " Portugal", " Germany"], [None] * 4, ["x"], space)
+    write_labels(path, [(1, 3, concept)], 32)
+    asked = []
+
+    def namer(groups):
+        asked.extend(groups)
+        return ["countries"] * len(groups)
+
+    with FeatureStore(path) as store:
+        named = name_stored_concepts(store, [(1, 3), (0, 0)], namer)
+        assert list(named) == [(1, 3)] and store.label(1, 3).text.startswith("countries: Spain, France")
+        assert name_stored_concepts(store, [(1, 3)], namer) == {} and len(asked) == 1
+        assert store.search("countries")[0].feature == 3
 
 
 @pytest.mark.parametrize(

@@ -36,9 +36,10 @@ from circuitmap.training import (
     train_transcoders,
 )
 from circuitmap.training.data import derived_seed
+from circuitmap.training.distributed import ProcessGroup
 from circuitmap.training.sparse import encoder_pre_activations, select_encode, sparse_decode, stacked_indices
 from circuitmap.training.trainable import Standardiser, TrainableTranscoders
-from circuitmap.training.trainer import learning_rate
+from circuitmap.training.trainer import _fit_standardiser, _least_squares_skip, learning_rate
 
 TESTS = Path(__file__).parent
 DOCUMENTS = [f"The cat number {i} sat on the mat and looked at dog {i % 7}." for i in range(300)]
@@ -582,3 +583,44 @@ def test_a_run_builds_its_feature_database_from_its_own_activations(tmp_path, mo
     )
     single = SMALL.with_changes(n_tokens=640)
     train_transcoders(model, corpus(model), single, tmp_path / "one", progress=False, features=features)
+
+
+class _Chunks:
+    """Chunks of given pairs, as ``PairChunks.chunk`` hands them out."""
+
+    def __init__(self, pairs: list[torch.Tensor]):
+        self.pairs = pairs
+
+    def chunk(self, index: int) -> list[torch.Tensor] | None:
+        return [self.pairs[index]] if index < len(self.pairs) else None
+
+
+def test_the_skip_paths_start_from_the_least_squares_solution():
+    torch.manual_seed(0)
+    L, d, n = 2, 6, 3000
+    x = torch.randn(n, L, d) * torch.linspace(0.5, 2, d) + 1.0
+    maps = torch.randn(L, d, d)
+    y = torch.einsum("lod,nld->nlo", maps, x) + 0.1 * torch.randn(n, L, d)
+    pairs = torch.stack([x, y], dim=2).to(torch.bfloat16)
+    standardiser = _fit_standardiser([pairs], ProcessGroup.from_environment(torch.device("cpu")), d)
+    chunks = _Chunks([pairs[:1000], pairs[1000:2000], pairs[2000:]])
+    skip = _least_squares_skip(
+        chunks, range(5), standardiser, ProcessGroup.from_environment(torch.device("cpu")), 0.0
+    )
+    xs, ys = standardiser.apply(pairs)
+    for layer in range(L):
+        expected = torch.linalg.lstsq(xs[layer].double(), ys[layer].double()).solution.T
+        torch.testing.assert_close(skip[layer].double(), expected, rtol=1e-4, atol=1e-4)
+    ridged = _least_squares_skip(
+        chunks, range(3), standardiser, ProcessGroup.from_environment(torch.device("cpu")), 10.0
+    )
+    assert ridged.norm() < skip.norm(), "the ridge penalty shrinks the solution"
+
+
+def test_a_skip_run_begins_where_least_squares_ends(tmp_path):
+    model = tiny_model("llama")
+    config = SMALL.with_changes(kind="skip-plt", n_tokens=640, epochs=2, lr=1e-12, warmup_steps=1)
+    result = train_transcoders(model, corpus(model), config, tmp_path / "run", progress=False)
+    linear_only = SMALL.with_changes(kind="plt", n_tokens=640, epochs=2, lr=1e-12, warmup_steps=1)
+    sparse_only = train_transcoders(model, corpus(model), linear_only, tmp_path / "plain", progress=False)
+    assert sum(result.fvu) < 0.8 * sum(sparse_only.fvu), "with no learning, the solved skip already explains"

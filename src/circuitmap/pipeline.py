@@ -24,7 +24,8 @@ from circuitmap.attribution import AttributionConfig, attribute, check_fits, est
 from circuitmap.attribution.progress import Progress
 from circuitmap.attribution.targets import TargetSpec
 from circuitmap.features import FeatureStore, add_logit_lens
-from circuitmap.features.graph_labels import add_feature_labels
+from circuitmap.features.graph_labels import add_feature_labels, unlabelled_features
+from circuitmap.features.labels import model_namer, name_stored_concepts
 from circuitmap.graphs import Graph, NodeKind, node_influence
 from circuitmap.graphs.export import FEATURE_TYPES, graph_json
 from circuitmap.graphs.folder import GraphFolder
@@ -130,6 +131,8 @@ def compute_graph(
     document = graph_json(graph, pruning, slug=slug)
     add_logit_lens(document, model, transcoders, LENS_TOKENS)
     if features is not None:
+        nodes = [key for _, key in unlabelled_features(document)]
+        name_stored_concepts(features, nodes, model_namer(model))
         add_feature_labels(document, features)
     if callable(progress):
         progress(PRUNING_STAGE, 1, 1)

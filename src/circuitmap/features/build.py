@@ -67,8 +67,8 @@ class BuildConfig(Settings):
     """Output and input tokens listed in each feature's lens."""
     seed: int = 0
     """Seed of the random sample of contexts."""
-    concept_names: bool = True
-    """Ask the model to name the concepts of concept labels (``countries: Spain, France, Portugal``)."""
+    concept_names: bool = False
+    """Ask the model to name every concept label now (minutes per thousand; graphs name their own)."""
 
     def with_changes(self, **changes) -> BuildConfig:
         """A copy with the given fields changed (``None`` keeps a field); a new ``window`` without a new
@@ -509,7 +509,7 @@ def _finish(
                 top, peaks, peak_tokens(top, context_tokens, 1), output[0], strings, space
             )
             if namer is not None:
-                labels = name_concepts(labels, namer)
+                labels.update(name_concepts(labels, namer))
             connection.executemany(
                 "INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _feature_rows(layer, statistics, top, output, inputs, tokens),

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from circuitmap.features.store import Label
+from circuitmap.features.store import FeatureStore, Label, now, write_labels
 
 WEAK = 0.3
 """Below this share of the top contexts no reading is trusted: the label lists common peak tokens."""
@@ -41,6 +43,7 @@ pairs of SmolLM2-135M reach 0.29 at the 99th percentile and 0.47 at the 99.9th; 
 Monday/Friday 0.77, red/blue 0.75."""
 SHOWN_MEMBERS = 3
 """Members a concept label lists."""
+Key = TypeVar("Key", bound=Hashable)
 
 
 def token_key(text: str) -> str:
@@ -215,32 +218,46 @@ CONCEPT_PROMPT = (
 """How the model is asked to name a concept: two worked examples, then the concept's members."""
 
 
+def unnamed_concept(label: Label) -> bool:
+    """Whether ``label`` is an automatic concept label nobody has tried to name yet."""
+    evidence = label.evidence or {}
+    return label.source == "auto" and evidence.get("kind", "").endswith("concept") and "name" not in evidence
+
+
 def name_concepts(
-    labels: dict[int, Label], namer: Callable[[list[list[str]]], list[str | None]]
-) -> dict[int, Label]:
-    """Concept labels with a name in front (``countries: Spain, France, Portugal``), from ``namer``, which
-    names lists of member tokens (one call for all; ``None`` keeps a concept unnamed). Other labels pass
-    through."""
-    concepts = {
-        feature: label
-        for feature, label in labels.items()
-        if (label.evidence or {}).get("kind", "").endswith("concept")
-    }
-    keys = sorted({tuple(sorted(label.evidence["forms"])) for label in concepts.values()})
-    names = dict(zip(keys, namer([list(key) for key in keys]), strict=True))
-    named = dict(labels)
-    for feature, label in concepts.items():
+    labels: dict[Key, Label], namer: Callable[[list[list[str]]], list[str | None]]
+) -> dict[Key, Label]:
+    """The unnamed concept labels among ``labels``, named (``countries: Spain, France, Portugal``) by
+    ``namer``, which names lists of member tokens (one call for all). A concept the namer cannot name keeps
+    its text, its evidence noting the attempt (``"name": null``)."""
+    concepts = {key: label for key, label in labels.items() if unnamed_concept(label)}
+    groups = sorted({tuple(sorted(label.evidence["forms"])) for label in concepts.values()})
+    names = dict(zip(groups, namer([list(group) for group in groups]), strict=True)) if groups else {}
+    named = {}
+    for key, label in concepts.items():
         name = names[tuple(sorted(label.evidence["forms"]))]
-        if not name:
-            continue
-        prefix = "says " if label.text.startswith("says ") else ""
-        listed = label.text[len(prefix) :]
-        named[feature] = Label(
-            f"{prefix}{name}: {listed}",
-            label.source,
-            label.confidence,
-            evidence={**label.evidence, "name": name},
-        )
+        text = label.text
+        if name:
+            prefix = "says " if text.startswith("says ") else ""
+            text = f"{prefix}{name}: {text[len(prefix) :]}"
+        named[key] = Label(text, label.source, label.confidence, evidence={**label.evidence, "name": name})
+    return named
+
+
+def name_stored_concepts(
+    store: FeatureStore,
+    features: list[tuple[int, int]],
+    namer: Callable[[list[list[str]]], list[str | None]],
+) -> dict[tuple[int, int], Label]:
+    """Name the unnamed concept labels of ``features`` in ``store`` and keep the named labels there (each
+    concept is named once, when a graph first shows it; a database that cannot be written only warns);
+    returns them."""
+    named = name_concepts(store.labels_of(store.checked(features)), namer)
+    if named:
+        stamped = [
+            (layer, feature, replace(label, created=now())) for (layer, feature), label in named.items()
+        ]
+        write_labels(store.path, stamped, store.d_features)
     return named
 
 

@@ -124,12 +124,14 @@ class TrainConfig(Settings):
 
 PRESETS: dict[str, TrainConfig] = {
     "quick": TrainConfig(
+        kind="skip-plt",
         d_features=2048,
         k=64,
         n_tokens=129_024,
         epochs=2,
-        batch_size=1024,
-        lr=4e-3,
+        batch_size=256,
+        lr=3e-3,
+        warmup_steps=50,
         context_length=64,
         chunk_contexts=128,
     ),
