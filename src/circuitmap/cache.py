@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # the cache sits below models and transcoders, which use it
 
 QUICK_PRESET = "quick"
 QUICK_MINUTES = 15
-"""About how long the quick set takes to train on two CPU cores (measured; see the README's presets)."""
+"""About how long the quick set and its feature database take on two CPU cores (measured; see the README's
+presets)."""
 
 
 def cache_dir() -> Path:
