@@ -585,16 +585,6 @@ def test_a_run_builds_its_feature_database_from_its_own_activations(tmp_path, mo
     train_transcoders(model, corpus(model), single, tmp_path / "one", progress=False, features=features)
 
 
-class _Chunks:
-    """Chunks of given pairs, as ``PairChunks.chunk`` hands them out."""
-
-    def __init__(self, pairs: list[torch.Tensor]):
-        self.pairs = pairs
-
-    def chunk(self, index: int) -> list[torch.Tensor] | None:
-        return [self.pairs[index]] if index < len(self.pairs) else None
-
-
 def test_the_skip_paths_start_from_the_least_squares_solution():
     torch.manual_seed(0)
     L, d, n = 2, 6, 3000
@@ -602,18 +592,21 @@ def test_the_skip_paths_start_from_the_least_squares_solution():
     maps = torch.randn(L, d, d)
     y = torch.einsum("lod,nld->nlo", maps, x) + 0.1 * torch.randn(n, L, d)
     pairs = torch.stack([x, y], dim=2).to(torch.bfloat16)
-    standardiser = _fit_standardiser([pairs], ProcessGroup.from_environment(torch.device("cpu")), d)
-    chunks = _Chunks([pairs[:1000], pairs[1000:2000], pairs[2000:]])
-    skip = _least_squares_skip(
-        chunks, range(5), standardiser, ProcessGroup.from_environment(torch.device("cpu")), 0.0
-    )
+    one_process = ProcessGroup.from_environment(torch.device("cpu"))
+    standardiser = _fit_standardiser([pairs], one_process, d)
+    chunks = [
+        [pairs[:1000]],
+        [pairs[1000:2000]],
+        [pairs[2000:]],
+        None,
+        [pairs[:10]],
+    ]  # None: the text ran out
+    skip = _least_squares_skip(chunks, standardiser, one_process, 0.0)
     xs, ys = standardiser.apply(pairs)
     for layer in range(L):
         expected = torch.linalg.lstsq(xs[layer].double(), ys[layer].double()).solution.T
         torch.testing.assert_close(skip[layer].double(), expected, rtol=1e-4, atol=1e-4)
-    ridged = _least_squares_skip(
-        chunks, range(3), standardiser, ProcessGroup.from_environment(torch.device("cpu")), 10.0
-    )
+    ridged = _least_squares_skip(chunks[:3], standardiser, one_process, 10.0)
     assert ridged.norm() < skip.norm(), "the ridge penalty shrinks the solution"
 
 

@@ -428,7 +428,7 @@ def _process(
                 acts = transcoders.encode(layer, cache["mlp_in", layer]).to("cpu", torch.float32)
             else:
                 encoded = transcoders.encode(layer, inputs[:, :, layer].to(model.device, model.dtype))
-                acts = torch.cat([encoded[:, :1] * 0, encoded], dim=1).to("cpu", torch.float32)
+                acts = torch.nn.functional.pad(encoded, (0, 0, 1, 0)).to("cpu", torch.float32)  # position 0
             acts[:, 0] = 0
             keys = torch.rand(len(batch), transcoders.d_features, generator=generator)
             statistics.update(acts, ids, keys, config.before)

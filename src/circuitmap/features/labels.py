@@ -32,6 +32,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from circuitmap.features.store import FeatureStore, Label, now, write_labels
+from circuitmap.models.generation import generate_ids
 
 WEAK = 0.3
 """Below this share of the top contexts no reading is trusted: the label lists common peak tokens."""
@@ -276,7 +277,6 @@ def model_namer(
 ) -> Callable[[list[list[str]]], list[str | None]]:
     """A namer for ``name_concepts`` that asks ``model`` (greedy, ``CONCEPT_PROMPT``), prompts of equal length
     batched together; a prompt longer than the model's context gets no name."""
-    from circuitmap.models.generation import generate_ids
 
     def name(groups: list[list[str]]) -> list[str | None]:
         texts = [CONCEPT_PROMPT.format(members=", ".join(group)) for group in groups]

@@ -45,6 +45,9 @@ def stop_ids(hf_model, tokenizer) -> frozenset[int]:
     return frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
+NOT_FINITE = "the model's output became NaN or infinite: an edit or steering vector too large?"
+
+
 def next_tokens(
     logits: torch.Tensor, greedy: bool, temperature: float, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -59,9 +62,6 @@ def next_tokens(
     if temperature != 1:
         masses.div_(temperature)
     return draw(masses.sub_(masses.amax(-1, keepdim=True)).exp_(), generator)
-
-
-NOT_FINITE = "the model's output became NaN or infinite: an edit or steering vector too large?"
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 256) -> torch.Tensor:
@@ -109,10 +109,12 @@ def bfloat16_unembedding(hf_model) -> Iterator[None]:
     untouched; the logits come out in bfloat16. Elsewhere, or for other dtypes, nothing changes."""
     unembedding = hf_model.get_output_embeddings()
     weight = getattr(unembedding, "weight", None)
-    if not isinstance(unembedding, nn.Linear) or weight is None or weight.dtype != torch.float32:
-        yield
-        return
-    if not native_bfloat16(weight.device):
+    if not (
+        isinstance(unembedding, nn.Linear)
+        and weight is not None
+        and weight.dtype == torch.float32
+        and native_bfloat16(weight.device)
+    ):
         yield
         return
     hf_model.set_output_embeddings(_BFloat16Linear(unembedding))

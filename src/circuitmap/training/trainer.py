@@ -14,13 +14,14 @@ When training ends the folder is replaced by the transcoder set, the log and ``m
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import math
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,16 +274,18 @@ def _fit_standardiser(pairs: list[torch.Tensor], group: ProcessGroup, d_model: i
 
 
 def _least_squares_skip(
-    chunks: PairChunks, indices: range, standardiser: Standardiser, group: ProcessGroup, ridge: float
+    chunk_pairs: Iterable[list[torch.Tensor] | None],
+    standardiser: Standardiser,
+    group: ProcessGroup,
+    ridge: float,
 ) -> torch.Tensor:
     """The skip weights ``[L, d, d]`` that predict each layer's standardised MLP output best as a linear map
-    of its standardised input, over the pairs of chunks ``indices`` (ridge regression, the penalty ``ridge``
-    times the mean input variance). The sparse features then start from what a linear map cannot explain.
-    Every chunk is collected (and cached) here, before the first step."""
+    of its standardised input, over the pairs of ``chunk_pairs`` (each chunk's list of this process's
+    groups; a None ends them), by ridge regression, the penalty ``ridge`` times the mean input variance.
+    The sparse features then start from what a linear map cannot explain."""
     covariance = cross = None
     count = torch.zeros(1, dtype=torch.float64)
-    for index in indices:
-        pairs = chunks.chunk(index)
+    for pairs in chunk_pairs:
         if pairs is None:
             break
         for block in pairs:
@@ -517,10 +520,12 @@ def train_transcoders(
                 if standardiser is None:
                     standardiser = _fit_standardiser(pairs, group, d_model)
                     if module.W_skip is not None:
-                        fitted = range(chunks_per_epoch if config.epochs > 1 else 1)
+                        # a multi-pass run collects (and caches) its first pass now; this chunk is in hand
+                        later = range(1, chunks_per_epoch if config.epochs > 1 else 1)
+                        fitted = itertools.chain([pairs], (chunks.chunk(index) for index in later))
                         _notice(group, "solving the linear skip paths by least squares")
                         module.W_skip.data.copy_(
-                            _least_squares_skip(chunks, fitted, standardiser, group, config.skip_ridge)
+                            _least_squares_skip(fitted, standardiser, group, config.skip_ridge)
                         )
                 batches = group_batches(
                     pairs, per_group, steps_here, chunk_index, config.seed, local_groups, start=offset
