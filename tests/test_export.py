@@ -11,10 +11,10 @@ import pytest
 from helpers.graphs import random_graph
 
 from circuitmap.errors import CircuitmapError
-from circuitmap.graphs.export import cantor_pair, export_graph_json, graph_json, json_schema
+from circuitmap.graphs.export import cantor_pair, document_links, export_graph_json, graph_json, json_schema
 from circuitmap.graphs.graph import NodeKind
 from circuitmap.graphs.ids import node_ids
-from circuitmap.graphs.pruning import graph_scores, prune
+from circuitmap.graphs.pruning import PruneConfig, graph_scores, prune
 
 
 def validate(document: dict) -> None:
@@ -252,3 +252,55 @@ def test_schema_rejects_malformed_documents():
     broken["nodes"][-1]["clerp"] = "Austin"
     with pytest.raises(jsonschema.ValidationError):
         validate(broken)
+
+
+def test_a_document_lists_its_strongest_links_within_its_budget_and_serves_the_rest():
+    graph = random_graph(2, n_layers=5, n_positions=6)
+    whole = graph_json(graph)
+    budget = len(whole["links"]) // 3
+    light = graph_json(graph, PruneConfig(document_links=budget))
+    validate(light)
+    assert len(light["links"]) == budget and light["metadata"]["n_edges"]["exported"] == budget
+    assert light["metadata"]["n_edges"]["pruned"] == len(whole["links"])
+    assert "pruned" not in whole["metadata"]["n_edges"]
+    assert light["metadata"]["scores"] == whole["metadata"]["scores"]
+    assert light["nodes"] == whole["nodes"]
+    assert link_set(light) < link_set(whole)
+    kept = prune(graph)
+    ids = node_ids(graph)
+    index_of = {identifier: node for node, identifier in enumerate(ids)}
+    rows = graph.target_indices()
+    totals = np.bincount(rows, weights=np.abs(graph.weights).astype(np.float64), minlength=graph.n_nodes)
+
+    def score(link):
+        row, source = index_of[link["target"]], index_of[link["source"]]
+        edge = next(e for e in range(graph.indptr[row], graph.indptr[row + 1]) if graph.indices[e] == source)
+        return abs(float(graph.weights[edge])) / totals[row] * kept.influence[row]
+
+    left_out = link_set(whole) - link_set(light)
+    weakest_listed = min(score(link) for link in light["links"])
+    assert all(score({"source": s, "target": t}) <= weakest_listed for s, t, _ in left_out)
+    assert link_set({"links": document_links(graph, light)}) == link_set(whole)
+
+
+def test_served_links_keep_the_edges_of_nodes_held_beyond_pruning():
+    graph = random_graph(3, n_layers=4, n_positions=5)
+    kept = prune(graph, node_threshold=0.5)
+    ids = node_ids(graph)
+    outside = next(n for n in graph.nodes_of(NodeKind.FEATURE).tolist() if not kept.node_mask[n])
+    document = graph_json(graph, node_threshold=0.5, pinned=[ids[outside]], kept=kept)
+    assert link_set({"links": document_links(graph, document)}) == link_set(document)
+    unpruned = graph_json(graph, prune=False)
+    assert link_set({"links": document_links(graph, unpruned)}) == link_set(unpruned)
+    other = random_graph(4, n_layers=4, n_positions=5)
+    other_document = graph_json(other)
+    other_document["nodes"].append({"node_id": "9_9_9"})
+    with pytest.raises(CircuitmapError, match="not in the graph"):
+        document_links(graph, other_document)
+
+
+def test_a_link_budget_must_be_a_positive_integer():
+    graph = random_graph(0)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(CircuitmapError, match="document_links"):
+            graph_json(graph, PruneConfig(document_links=bad))

@@ -22,7 +22,8 @@ from circuitmap import (
 )
 from circuitmap.errors import CircuitmapError, Interrupted
 from circuitmap.features import FeatureStore, add_logit_lens
-from circuitmap.graphs import graph_json
+from circuitmap.graphs import graph_json, prune
+from circuitmap.graphs.grouping import group_features
 
 
 def _comparable(document: dict) -> dict:
@@ -51,6 +52,11 @@ def test_the_folder_holds_the_graph_and_its_labelled_document(engine, tmp_path):
     np.testing.assert_array_equal(folder.read_graph().weights, graph.weights)
     expected = add_logit_lens(graph_json(graph, pruning), engine.model, engine.transcoders)
     stored = folder.read_document()
+    labels = {node["node_id"]: node["clerp"] for node in stored["nodes"]}
+    grouping = group_features(graph, prune(graph, pruning), labels=labels)
+    assert grouping.groups and stored["qParams"]["supernodes"] == [g.as_supernode() for g in grouping.groups]
+    assert stored["qParams"]["pinnedIds"] == [m for g in grouping.groups for m in g.members]
+    stored["qParams"].update(pinnedIds=[], supernodes=[])
     labelled = [node for node in stored["nodes"] if node.get("label_source")]
     assert labelled and all(node["clerp"] for node in labelled)
     for node in stored["nodes"]:

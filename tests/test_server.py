@@ -318,6 +318,14 @@ def test_serve_reports_a_busy_port_and_half_given_engines(tmp_path, capsys):
     assert "--model and --transcoders go together" in capsys.readouterr().err
 
 
+def test_every_kept_link_is_served_on_request(client, computed):
+    graph, document = computed
+    served = client.get("/api/graphs/cat/links").json()["links"]
+    key = lambda link: (link["source"], link["target"], link["weight"])  # noqa: E731
+    assert sorted(map(key, served)) == sorted(map(key, document["links"]))
+    assert client.get("/api/graphs/nothing/links").status_code == 404
+
+
 def test_scores_are_exact_with_the_full_graph(client, computed, graphs):
     graph, document = computed
     features, _ = _state(document)

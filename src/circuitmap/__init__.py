@@ -3,9 +3,10 @@ language models.
 
 Load a model (``load_model``) and a transcoder set (``load_transcoders``, or train one with
 ``circuitmap.training``); compute the attribution graph that explains a prediction (``attribute``), prune
-and score it (``prune``, ``graph_scores``), write it as a graph folder for the explorer
-(``compute_graph_folder``); read what features mean (``build_features``, ``FeatureStore``); and test what a
-graph claims by editing features (``intervene``, ``generate_with``, ``check_graph``, ``patch_edits``).
+and score it (``prune``, ``graph_scores``), group its features into named supernodes (``group_features``),
+write it as a graph folder for the explorer (``compute_graph_folder``) and compare two of them
+(``compare_graphs``); read what features mean (``build_features``, ``FeatureStore``); and test what a graph
+claims by editing features (``intervene``, ``generate_with``, ``check_graph``, ``patch_edits``).
 """
 
 __version__ = "0.1.0"
@@ -17,8 +18,10 @@ from circuitmap.graphs import (
     Graph,
     GraphFolder,
     PruneConfig,
+    compare_graphs,
     export_graph_json,
     graph_scores,
+    group_features,
     load_graph,
     prune,
     subgraph_scores,
@@ -70,11 +73,13 @@ __all__ = [
     "attribute",
     "build_features",
     "check_graph",
+    "compare_graphs",
     "compute_graph",
     "compute_graph_folder",
     "export_graph_json",
     "generate_with",
     "graph_scores",
+    "group_features",
     "intervene",
     "load_graph",
     "load_model",

@@ -6,7 +6,9 @@
    (``PruneConfig``);
 3. give each kept feature its logit lens (the tokens its decoder promotes and suppresses);
 4. label the feature nodes from a feature database, when one is given;
-5. write the graph folder (``graph.safetensors`` and ``graph.json``) as one unit.
+5. group the kept features into named supernodes (``circuitmap.group_features``), saved in the document
+   as ordinary supernodes that the user can edit, split or merge;
+6. write the graph folder (``graph.safetensors`` and ``graph.json``) as one unit.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from circuitmap.features.labels import model_namer, name_stored_concepts
 from circuitmap.graphs import Graph, NodeKind, node_influence
 from circuitmap.graphs.export import FEATURE_TYPES, graph_json
 from circuitmap.graphs.folder import GraphFolder
+from circuitmap.graphs.grouping import group_features, with_groups
 from circuitmap.graphs.ids import feature_id
-from circuitmap.graphs.pruning import PruneConfig
+from circuitmap.graphs.pruning import PruneConfig, prune
 from circuitmap.models import Model
 from circuitmap.transcoders import Transcoders
 
@@ -69,7 +72,7 @@ class ComputedGraph:
             f"{kinds[NodeKind.TOKEN]:,} tokens, {kinds[NodeKind.TARGET]:,} targets; {graph.n_edges:,} edges",
             f"pruned ({metadata['node_threshold']} / {metadata['edge_threshold']}): "
             f"{metadata['n_nodes']['exported']:,} nodes ({kept_features:,} features), "
-            f"{metadata['n_edges']['exported']:,} edges",
+            f"{metadata['n_edges'].get('pruned', metadata['n_edges']['exported']):,} edges",
             f"replacement score: {_score(full['replacement'])} full, {_score(kept['replacement'])} pruned; "
             f"completeness: {_score(full['completeness'])} full, {_score(kept['completeness'])} pruned",
             "most influential features:",
@@ -107,14 +110,16 @@ def compute_graph(
     targets: Sequence[TargetSpec] | TargetSpec | None = None,
     features: FeatureStore | None = None,
     slug: str | None = None,
+    groups: bool = True,
     check_memory: bool = False,
     progress: Progress = True,
     stop: threading.Event | None = None,
 ) -> ComputedGraph:
-    """Steps 1–4 of the module docstring: the graph of ``prompt`` and its labelled viewer document.
+    """Steps 1–5 of the module docstring: the graph of ``prompt`` and its labelled viewer document.
 
     ``features``: the feature database whose labels name the feature nodes (its set must be
-    ``transcoders``). ``slug`` names the document (default: made from the prompt). ``check_memory``: refuse
+    ``transcoders``). ``slug`` names the document (default: made from the prompt). ``groups``: add the
+    automatic supernodes. ``check_memory``: refuse
     a run whose estimated peak memory exceeds the free memory. ``progress`` and ``stop`` are ``attribute``'s;
     a progress callback also hears of the stage after attribution.
     """
@@ -128,12 +133,16 @@ def compute_graph(
     started = time.perf_counter()
     if callable(progress):
         progress(PRUNING_STAGE, 0, 1)
-    document = graph_json(graph, pruning, slug=slug)
+    kept = prune(graph, pruning)
+    document = graph_json(graph, pruning, slug=slug, kept=kept)
     add_logit_lens(document, model, transcoders, LENS_TOKENS)
     if features is not None:
         nodes = [key for _, key in unlabelled_features(document)]
         name_stored_concepts(features, nodes, model_namer(model))
         add_feature_labels(document, features)
+    if groups:
+        labels = {node["node_id"]: node["clerp"] for node in document["nodes"]}
+        with_groups(document, group_features(graph, kept, labels=labels))
     if callable(progress):
         progress(PRUNING_STAGE, 1, 1)
     seconds = {"attribution": float(graph.info["seconds"]), "pruning": time.perf_counter() - started}
@@ -150,6 +159,7 @@ def compute_graph_folder(
     *,
     targets: Sequence[TargetSpec] | TargetSpec | None = None,
     features: FeatureStore | None = None,
+    groups: bool = True,
     check_memory: bool = False,
     progress: Progress = True,
     stop: threading.Event | None = None,
@@ -163,6 +173,7 @@ def compute_graph_folder(
         pruning,
         targets=targets,
         features=features,
+        groups=groups,
         check_memory=check_memory,
         progress=progress,
         stop=stop,

@@ -102,8 +102,16 @@ def node_position(page, node_id: str) -> dict:
     return page.evaluate("id => window.circuitmapExplorer.nodeScreenPosition(id)", node_id)
 
 
+def show_full_graph(page) -> None:
+    """Switch to the full graph's canvas if the page opened on the grouped view."""
+    if page.get_by_test_id("graph-canvas").is_hidden():
+        page.get_by_test_id("mode-full").click()
+        expect(page.get_by_test_id("graph-canvas")).to_be_visible()
+
+
 def click_node(page, node_id: str) -> None:
-    """Click a node on the canvas with the real mouse and wait for the panel to show it."""
+    """Click a node on the full graph's canvas with the real mouse and wait for the panel to show it."""
+    show_full_graph(page)
     at = node_position(page, node_id)
     page.mouse.click(at["x"], at["y"])
     expect(page.get_by_test_id("node-id")).to_have_text(node_id)

@@ -1,7 +1,9 @@
-"""Graphs for the tests: a consistent random graph, and a graph folder as ``attribute --out`` writes it."""
+"""Graphs for the tests: a consistent random graph, variants of it (behind a longer prompt, edited), and a
+graph folder as ``attribute --out`` writes it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,48 @@ def random_graph(
         labels={0: "first feature"},
         info={"max_feature_nodes": 100, "notes": ["random"]},
     )
+
+
+def with_first_tokens(graph: Graph, token_strings: list[str], prompt: str) -> Graph:
+    """``graph`` behind a longer prompt: ``token_strings`` go before its tokens (made-up token ids, no edges)
+    and every other node moves right by as many positions with its edges, so each node keeps its influence and
+    its position counted from the end."""
+    count = len(token_strings)
+    first_token = int(graph.nodes_of(NodeKind.TOKEN)[0])
+    moved = np.arange(graph.n_nodes) + np.where(np.arange(graph.n_nodes) >= first_token, count, 0)
+    token_ids = [1000 + k for k in range(count)]
+
+    def inserted(array: np.ndarray, values) -> np.ndarray:
+        return np.insert(array, first_token, np.asarray(values, dtype=array.dtype))
+
+    row_lengths = inserted(np.diff(graph.indptr), [0] * count)
+    return replace(
+        graph,
+        prompt=prompt,
+        tokens=token_ids + list(graph.tokens),
+        token_strings=list(token_strings) + list(graph.token_strings),
+        kind=inserted(graph.kind, [NodeKind.TOKEN] * count),
+        layer=inserted(graph.layer, [-1] * count),
+        position=inserted(graph.position + count, list(range(count))),
+        index=inserted(graph.index, token_ids),
+        activation=inserted(graph.activation, [0.0] * count),
+        value=inserted(graph.value, [np.nan] * count),
+        constant=inserted(graph.constant, [0.0] * count),
+        target_weight=inserted(graph.target_weight, [0.0] * count),
+        indptr=np.concatenate([[0], np.cumsum(row_lengths)]).astype(graph.indptr.dtype),
+        indices=moved[graph.indices].astype(graph.indices.dtype),
+        labels={int(moved[node]): label for node, label in graph.labels.items()},
+    )
+
+
+def edited_graph(graph: Graph, renamed: int, new_index: int, boosted: int, factor: float) -> Graph:
+    """``graph`` with feature node ``renamed`` given another feature index (one feature disappears, another
+    appears) and the edges out of node ``boosted`` scaled by ``factor`` (influences change)."""
+    index = graph.index.copy()
+    index[renamed] = new_index
+    weights = graph.weights.copy()
+    weights[graph.indices == boosted] *= factor
+    return replace(graph, index=index, weights=weights)
 
 
 def write_graph_folder(root: Path, document: dict, graph: Graph | None = None, name: str = "cat") -> Path:

@@ -17,6 +17,7 @@ from circuitmap.cli import (
     positive_int,
     settings_from,
     stop_on_signals,
+    yes_no,
 )
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs import GraphFolder, PruneConfig
@@ -47,7 +48,14 @@ def register(commands) -> None:
     add_settings(
         parser, AttributionConfig, ["max_n_logits", "desired_logit_prob", "max_feature_nodes", "batch_size"]
     )
-    add_settings(parser, PruneConfig, ["node_threshold", "edge_threshold"])
+    add_settings(parser, PruneConfig, ["node_threshold", "edge_threshold", "document_links"])
+    parser.add_argument(
+        "--groups",
+        type=yes_no,
+        default=True,
+        metavar="yes|no",
+        help="group the kept features into named supernodes (default: yes)",
+    )
     parser.add_argument("--top", type=positive_int, default=10, help="how many influential features to list")
     parser.add_argument("--out", required=True, help="graph folder to write (graph.safetensors, graph.json)")
     add_feature_database_option(parser, "whose labels name the feature nodes")
@@ -84,6 +92,7 @@ def _attribute(args: argparse.Namespace) -> int:
             pruning,
             targets=targets or None,
             features=store,
+            groups=args.groups,
             check_memory=not args.force,
             stop=stop,
         )

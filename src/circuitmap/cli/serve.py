@@ -41,7 +41,10 @@ def register(commands) -> None:
     export.add_argument("graph", help="graph folder, graph.json, or graph.safetensors")
     export.add_argument("-o", "--output", required=True, help="the .html file to write")
     add_settings(
-        export, PruneConfig, ["node_threshold", "edge_threshold"], default_note=", for a .safetensors graph"
+        export,
+        PruneConfig,
+        ["node_threshold", "edge_threshold", "document_links"],
+        default_note=", for a .safetensors graph",
     )
     add_feature_database_option(export, "whose labels name unlabelled feature nodes")
     export.set_defaults(run=_export_html)

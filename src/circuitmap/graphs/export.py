@@ -6,13 +6,17 @@ The document has four parts; ``graph.schema.json`` beside this module is its JSO
   it as a model id), ``prompt``, ``prompt_tokens``, ``node_threshold`` (the viewers' default for their node
   slider), ``schema_version`` 1, and circuitmap's additions: ``edge_threshold``, ``pruned``, ``model``,
   ``transcoders``, ``scores`` (replacement and completeness of the ``full`` graph and of the ``exported``
-  part), ``n_nodes`` and ``n_edges`` (``full`` and ``exported``), and ``info`` (a copy of ``graph.info``).
+  part), ``n_nodes`` and ``n_edges`` (``full`` and ``exported``; ``n_edges`` also has ``pruned`` when the
+  pruned graph has more edges than the document lists: see ``links``), and ``info`` (a copy of
+  ``graph.info``).
 - ``qParams``: the saved viewer state: ``pinnedIds``, ``supernodes`` (``[label, id, …]`` lists), ``linkType``
   "both", ``clickedId`` (the selected node, "" for none), ``sg_pos`` "", and circuitmap's optional ``view``
   (the explorer's ``nodeThreshold``, ``edgeThreshold``, ``showErrors``, ``showPositive``, ``showNegative``).
 - ``nodes``: one object per exported node, in graph order (fields below).
 - ``links``: ``{source, target, weight}`` per exported edge: ``weight`` is ``A[target, source]``, the direct
-  effect of the source node on the target's input.
+  effect of the source node on the target's input. A pruned document lists at most
+  ``PruneConfig.document_links`` of the kept edges, those with the most influence-weighted flow, so that it
+  opens fast; the scores are those of all kept edges, and the explorer serves the others on request.
 
 Node fields, following circuit-tracer's schema-version-1 export, which Neuronpedia decodes:
 
@@ -145,11 +149,13 @@ def graph_json(
     pinned: Sequence[str] = (),
     supernodes: Sequence[Sequence[str]] = (),
     labels: Mapping[str, str] | None = None,
+    kept: pruning.PruneResult | None = None,
 ) -> dict:
     """The viewer document of ``graph`` as a dict (see the module docstring for every field).
 
     ``prune``: export the nodes and edges kept by ``pruning.prune`` with ``config`` (default
-    ``PruneConfig()``; ``node_threshold`` and ``edge_threshold`` override it), or the whole graph.
+    ``PruneConfig()``; ``node_threshold`` and ``edge_threshold`` override it), or the whole graph; ``kept``:
+    that pruning's result when the caller already has it.
     ``pinned``: node ids to pin. ``supernodes``: groups given as ``[label, id, …]``. ``labels``: clerps by
     node id, overriding ``graph.labels``.
     """
@@ -171,7 +177,7 @@ def graph_json(
     _checked_ids("labels", list(labels), index_of)
 
     if prune:
-        kept = pruning.prune(graph, config)
+        kept = kept or pruning.prune(graph, config)
         node_mask, edge_mask, influence = kept.node_mask, kept.edge_mask, kept.influence
         node_mask, edge_mask = _with_forced(graph, node_mask, edge_mask, [index_of[i] for i in pinned_ids])
     else:
@@ -188,6 +194,11 @@ def graph_json(
     top_target = int(targets[np.argmax(graph.target_weight[targets])]) if len(targets) else -1
     magnitudes = np.abs(graph.weights).astype(np.float64)
     input_totals = np.bincount(rows, weights=magnitudes, minlength=graph.n_nodes)
+    kept_edges = len(edges)
+    if prune and kept_edges > config.document_links:
+        flow = magnitudes[edges] / input_totals[rows[edges]]
+        strongest = np.argsort(-(flow * influence[rows[edges]]), kind="stable")[: config.document_links]
+        edges = np.sort(edges[strongest])
     nodes = [
         _node_json(graph, node, ids[node], labels, shares[node], node == top_target)
         | _additions(graph, node, input_totals[node])
@@ -212,7 +223,8 @@ def graph_json(
         "transcoders": graph.transcoders_name,
         "scores": {"full": full_scores.as_json(), "exported": exported_scores.as_json()},
         "n_nodes": {"full": graph.n_nodes, "exported": len(nodes)},
-        "n_edges": {"full": graph.n_edges, "exported": len(links)},
+        "n_edges": {"full": graph.n_edges, "exported": len(links)}
+        | ({"pruned": kept_edges} if kept_edges > len(links) else {}),
         "info": graph.info,
     }
     q_params = {
@@ -223,6 +235,38 @@ def graph_json(
         "sg_pos": "",
     }
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
+
+
+def document_links(graph: Graph, document: dict) -> list[dict]:
+    """Every kept edge among a viewer document's nodes, in the ``links`` form, including those a pruned
+    document leaves out for size: the edges ``graph_json`` kept for the document's thresholds (and, for
+    nodes the document holds beyond pruning, their edges to other nodes of the document)."""
+    ids = node_ids(graph)
+    index_of = {identifier: node for node, identifier in enumerate(ids)}
+    unknown = [node["node_id"] for node in document["nodes"] if node["node_id"] not in index_of]
+    if unknown:
+        raise GraphExportError(f"the document's node {unknown[0]!r} is not in the graph")
+    in_document = np.zeros(graph.n_nodes, dtype=bool)
+    in_document[[index_of[node["node_id"]] for node in document["nodes"]]] = True
+    rows = graph.target_indices()
+    metadata = document["metadata"]
+    if metadata.get("pruned", True):
+        config = pruning.PruneConfig(
+            node_threshold=metadata["node_threshold"], edge_threshold=metadata["edge_threshold"]
+        )
+        kept = pruning.prune(graph, config)
+        extra = np.flatnonzero(in_document & ~kept.node_mask).tolist()
+        _, edge_mask = _with_forced(graph, kept.node_mask, kept.edge_mask, extra)
+        edge_mask &= in_document[rows] & in_document[graph.indices]
+    else:
+        edge_mask = in_document[rows] & in_document[graph.indices]
+    edges = np.flatnonzero(edge_mask)
+    return [
+        {"source": ids[source], "target": ids[target], "weight": float(weight)}
+        for source, target, weight in zip(
+            graph.indices[edges].tolist(), rows[edges].tolist(), graph.weights[edges].tolist(), strict=True
+        )
+    ]
 
 
 def cantor_pair(layer: int, index: int) -> int:

@@ -68,15 +68,7 @@ class GraphFolder:
         when the folder has no document. Malformed entries are skipped."""
         if not self.has_document():
             return []
-        q_params = self.read_document().get("qParams")
-        saved = q_params.get("supernodes") if isinstance(q_params, dict) else None
-        if not isinstance(saved, list):
-            return []
-        return [
-            (group[0], [str(member) for member in group[1:]])
-            for group in saved
-            if isinstance(group, list) and len(group) >= 2 and isinstance(group[0], str)
-        ]
+        return document_supernodes(self.read_document())
 
     def write(self, graph: Graph, document: dict) -> None:
         """Write the full graph and the document as one unit, replacing what the folder held."""
@@ -88,6 +80,20 @@ class GraphFolder:
             write_graph_json(document, staging / DOCUMENT_FILE)
 
         replace_folder(self.path, fill)
+
+
+def document_supernodes(document: dict) -> list[tuple[str, list[str]]]:
+    """The supernodes saved in a viewer document (``qParams.supernodes``) as ``(name, member ids)``.
+    Malformed entries are skipped."""
+    q_params = document.get("qParams")
+    saved = q_params.get("supernodes") if isinstance(q_params, dict) else None
+    if not isinstance(saved, list):
+        return []
+    return [
+        (group[0], [str(member) for member in group[1:]])
+        for group in saved
+        if isinstance(group, list) and len(group) >= 2 and isinstance(group[0], str)
+    ]
 
 
 def graph_id(info: object) -> str | None:

@@ -66,11 +66,15 @@ class PruneConfig(Settings):
     """Share of the feature and error nodes' influence on the targets the kept ones carry, in (0, 1]."""
     edge_threshold: float = 0.98
     """Share of the influence-weighted flow among the kept nodes that the kept edges carry, in (0, 1]."""
+    document_links: int = 40_000
+    """Links a viewer document lists at most: the kept edges with the most influence-weighted flow (the
+    explorer fetches the others when asked); scores are always those of every kept edge."""
 
     def check(self) -> None:
-        """Thresholds are cumulative fractions: in (0, 1]."""
+        """Thresholds are cumulative fractions: in (0, 1]; the link budget is a positive integer."""
         check_number("node_threshold", self.node_threshold, low=0, high=1, low_open=True)
         check_number("edge_threshold", self.edge_threshold, low=0, high=1, low_open=True)
+        check_number("document_links", self.document_links, low=1, whole=True)
 
 
 @dataclass

@@ -1,11 +1,15 @@
 """The explorer's web app: the page, its assets from the package, and a JSON API over a graph folder.
 
-Routes: ``/`` (graph list) and ``/graph/<name>`` (graph view) return the page; ``/static/<asset>`` serves the
-package's own files only (a fixed list read at start-up, never a path from the request). The API:
+Routes: ``/`` (graph list) and ``/graph/<name>`` (graph view) return the page, ``/compare/<a>/<b>`` the page
+that shows two graphs side by side; ``/static/<asset>`` serves the package's own files only (a fixed list read
+at start-up, never a path from the request). The API:
 
 - ``GET /api/config``; ``GET /api/graphs``; ``GET /api/graphs/<name>`` (the document, revision in ``ETag``);
   ``PUT /api/graphs/<name>/state``; ``POST /api/graphs/<name>/rename``; ``DELETE /api/graphs/<name>``;
-  ``POST /api/graphs/<name>/scores`` (exact subgraph scores from the full graph);
+  ``POST /api/graphs/<name>/scores`` (exact subgraph scores from the full graph); ``GET
+  /api/graphs/<name>/links`` (every kept link of the document, those it leaves out for size included);
+- ``GET /api/compare/<a>/<b>``: graphs ``a`` and ``b`` compared (``graphs.compare``): the features and
+  supernodes they share, those only one of them has, and their influence in each; both need their full graph;
 - with an engine (a model and transcoders): ``POST /api/jobs``, ``GET /api/jobs``, ``GET /api/jobs/<id>``,
   ``DELETE /api/jobs/<id>`` (cancel), and ``POST /api/graphs/<name>/intervene`` (edit the graph's feature
   nodes and compare the next tokens and greedy continuations, ``server.interventions``). Graphs carry their
@@ -47,6 +51,8 @@ from circuitmap.errors import CircuitmapError, StoreError
 from circuitmap.features.graph_labels import add_feature_labels, unlabelled_features
 from circuitmap.features.schema import check_transcoders
 from circuitmap.features.store import FeatureStore, current_label
+from circuitmap.graphs.compare import LoadedGraph, compare_loaded
+from circuitmap.graphs.folder import DOCUMENT_FILE
 from circuitmap.server.interventions import run_on_graph
 from circuitmap.server.jobs import Engine, Jobs
 from circuitmap.server.store import GraphStore
@@ -60,6 +66,7 @@ ASSET_TYPES = {
     ".css": "text/css; charset=utf-8",
 }
 PAGE = "index.html"
+COMPARE_PAGE = "compare.html"
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -119,8 +126,11 @@ def create_app(
         check_transcoders(features.meta, engine.transcoders, features.path)
     jobs = Jobs(engine, store, features) if engine is not None else None
     assets = package_assets()
-    if PAGE not in assets:
-        raise CircuitmapError(f"the package has no explorer page ({PAGE}): the installation is incomplete")
+    for name in (PAGE, COMPARE_PAGE):
+        if name not in assets:
+            raise CircuitmapError(
+                f"the package has no explorer page ({name}): the installation is incomplete"
+            )
 
     def page(request: Request) -> Response:
         return _asset_response(assets, PAGE)
@@ -171,12 +181,24 @@ def create_app(
         await run_in_threadpool(store.delete, request.path_params["name"])
         return Response(status_code=204)
 
+    async def links(request: Request) -> JSONResponse:
+        return JSONResponse({"links": await run_in_threadpool(store.links, request.path_params["name"])})
+
     async def scores(request: Request) -> JSONResponse:
         body = await _json_object(request, {"pinnedIds", "supernodes"})
         result = await run_in_threadpool(
             store.scores, request.path_params["name"], body.get("pinnedIds", []), body.get("supernodes", [])
         )
         return JSONResponse({**result.as_json(), "exact": True})
+
+    def compare_page(request: Request) -> Response:
+        return _asset_response(assets, COMPARE_PAGE)
+
+    async def compare(request: Request) -> JSONResponse:
+        first = await run_in_threadpool(loaded_graph, store, request.path_params["a"], features)
+        second = await run_in_threadpool(loaded_graph, store, request.path_params["b"], features)
+        comparison = await run_in_threadpool(compare_loaded, first, second)
+        return JSONResponse(comparison.as_json(), headers={"Cache-Control": "no-store"})
 
     def needs_engine() -> Jobs:
         if jobs is None:
@@ -241,6 +263,7 @@ def create_app(
     routes = [
         Route("/", page),
         Route("/graph/{name}", page),
+        Route("/compare/{a}/{b}", compare_page),
         Route("/static/{asset}", asset),
         Route("/favicon.ico", lambda request: Response(status_code=204)),
         Route("/api/config", config),
@@ -249,8 +272,10 @@ def create_app(
         Route("/api/graphs/{name}", delete, methods=["DELETE"]),
         Route("/api/graphs/{name}/state", save_state, methods=["PUT"]),
         Route("/api/graphs/{name}/rename", rename, methods=["POST"]),
+        Route("/api/graphs/{name}/links", links, methods=["GET"]),
         Route("/api/graphs/{name}/scores", scores, methods=["POST"]),
         Route("/api/graphs/{name}/intervene", intervene, methods=["POST"]),
+        Route("/api/compare/{a}/{b}", compare, methods=["GET"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
@@ -296,6 +321,20 @@ def labelled_document(data: bytes, features: FeatureStore) -> bytes:
     except CircuitmapError:
         return data
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def loaded_graph(store: GraphStore, name: str, features: FeatureStore | None) -> LoadedGraph:
+    """Graph ``name`` as a comparison reads it: its full graph (404 without one) and its document, with the
+    labels of ``features`` for its unlabelled feature nodes when given."""
+    graph = store.full_graph(name)
+    data, _ = store.read(name)
+    if features is not None:
+        data = labelled_document(data, features)
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise StoreError(f"graph {name!r} has an unreadable {DOCUMENT_FILE}: {error}", 500) from None
+    return LoadedGraph(name, graph, document)
 
 
 def _features_summary(features: FeatureStore | None) -> dict | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from circuitmap.atomic import remove_stale
 from circuitmap.errors import CircuitmapError, StoreError
-from circuitmap.graphs.export import FEATURE_TYPES, write_graph_json
+from circuitmap.graphs.export import FEATURE_TYPES, document_links, write_graph_json
 from circuitmap.graphs.files import load_graph, read_graph_info
 from circuitmap.graphs.folder import DOCUMENT_FILE, GRAPH_FILE, GraphFolder, check_pair, graph_id
 from circuitmap.graphs.graph import Graph, NodeKind
@@ -258,6 +258,15 @@ class GraphStore:
             return subgraph_scores(graph, members)
         except CircuitmapError as error:
             raise StoreError(str(error)) from None
+
+    def links(self, name: str) -> list[dict]:
+        """Every kept link of the document, those it leaves out for size included (``document_links``)."""
+        graph = self.full_graph(name)
+        document, _ = self.document(name)
+        try:
+            return document_links(graph, document)
+        except CircuitmapError as error:
+            raise StoreError(str(error), 409) from None
 
     def full_graph(self, name: str) -> Graph:
         """The full graph of ``name`` (404 without one; 409 when the document was made from another graph),

@@ -1,7 +1,9 @@
 "use strict";
-// The link graph on two stacked canvases: a base canvas with every shown link and node, redrawn only when
-// the view or the filters change, and an overlay with the header bands, highlights and rings, redrawn on
-// hover and selection. Positions run across (one column per prompt token), layers up.
+// The link graph on two stacked canvases: a base canvas with the shown nodes, the labels of the most
+// influential features and the shown links (only the strong ones when links are many, so that the drawing
+// never turns into a solid fan), redrawn only when the view or the filters change, and an overlay with the
+// header bands, highlights, rings and every shown link of the hovered and selected nodes, redrawn on hover
+// and selection. Positions run across (one column per prompt token), layers up.
 (function (cm) {
   const { KIND } = cm;
   const EDGE_RGB = { positive: "37, 99, 235", negative: "224, 82, 33" };
@@ -20,9 +22,16 @@
   const CHEAP_LINKS = 4000;
   const SETTLE_MS = 140;
   const MIN_GLYPH_PX = 2;
+  const ALL_LINKS_UP_TO = 3000;
+  const BASE_BUCKET = 2;
+  const LABELS = 40;
+  const LABEL_CHARS = 24;
+  const LABEL_ROOM_PX = 56;
+  const MANY_PINS = 100;
 
   class GraphCanvas {
-    // Builds both canvases inside `container`; `handlers` get onHover(i, clientX, clientY) and onSelect(i).
+    // Builds both canvases inside `container`; `handlers` get onHover(i, clientX, clientY) and onSelect(i),
+    // and `labelOf(i)` gives the label drawn beside a feature ("" for none).
     constructor(container, graph, handlers) {
       this.container = container;
       this.graph = graph;
@@ -67,19 +76,29 @@
       return bucket;
     }
 
-    // The links to draw, split once into (width bucket, sign) batches, each drawn as one path.
+    // The shown links; those the base draws (all of them up to ALL_LINKS_UP_TO, else the strong ones)
+    // split once into (width bucket, sign) batches, each drawn as one path.
     setLinks(linkIndices) {
+      const drawn =
+        linkIndices.length <= ALL_LINKS_UP_TO ? linkIndices : linkIndices.filter((e) => this.bucket[e] >= BASE_BUCKET);
       const counts = new Int32Array(BUCKET_WIDTHS.length * 2);
       const batchOf = (e) => this.bucket[e] * 2 + (this.graph.weight[e] >= 0 ? 1 : 0);
-      for (const e of linkIndices) counts[batchOf(e)]++;
+      for (const e of drawn) counts[batchOf(e)]++;
       this.batches = Array.from(counts, (count) => ({ links: new Int32Array(count), size: 0 }));
-      for (const e of linkIndices) {
+      for (const e of drawn) {
         const batch = this.batches[batchOf(e)];
         batch.links[batch.size++] = e;
       }
       this.shownLinks = new Uint8Array(this.graph.m);
       for (const e of linkIndices) this.shownLinks[e] = 1;
-      this.shownCount = linkIndices.length;
+      this.shownCount = drawn.length;
+      this.thinned = drawn.length < linkIndices.length;
+    }
+
+    // The graph's links were replaced (all of them fetched): new widths; the caller sets visibility again.
+    linksChanged() {
+      this.bucket = this.linkBuckets();
+      this.setLinks(new Int32Array(0));
     }
 
     // Apply new filters: which nodes and links are shown.
@@ -249,6 +268,7 @@
       }
       this.drawLinkBatches(ctx, sx, sy);
       this.drawNodes(ctx, sx, sy);
+      this.drawLabels(ctx, sx, sy);
       this.base.style.transform = "";
       this.drawnView = Object.assign({}, this.view);
       this.lastBaseMs = performance.now() - start;
@@ -321,6 +341,46 @@
       });
     }
 
+    // Beside the LABELS most influential shown features that have a label, that label, where the node's
+    // slot leaves room for it at this zoom and it overlaps neither another label nor the canvas edge.
+    drawLabels(ctx, sx, sy) {
+      const labelOf = this.handlers.labelOf;
+      if (!labelOf) return;
+      const g = this.graph;
+      const candidates = [];
+      for (let i = 0; i < g.n; i++) {
+        if (this.nodeVisible[i] && g.kind[i] === KIND.FEATURE) candidates.push(i);
+      }
+      candidates.sort((a, b) => rank(g.influence[a]) - rank(g.influence[b]));
+      ctx.font = "10px system-ui, sans-serif";
+      ctx.textBaseline = "middle";
+      ctx.lineJoin = "round";
+      const taken = [];
+      let drawn = 0;
+      for (const i of candidates) {
+        if (drawn >= LABELS) break;
+        if (this.slot[i] * this.view.sx < LABEL_ROOM_PX) continue;
+        const label = labelOf(i);
+        if (!label) continue;
+        const text = label.length > LABEL_CHARS ? `${label.slice(0, LABEL_CHARS - 1)}\u2026` : label;
+        const x = sx[i] + this.radius(i) + 3;
+        const y = sy[i];
+        const box = { left: x, right: x + ctx.measureText(text).width, top: y - 6, bottom: y + 6 };
+        if (box.left < 0 || box.right > this.width || box.top < HEADER || box.bottom > this.height) continue;
+        if (taken.some((t) => box.left < t.right && t.left < box.right && box.top < t.bottom && t.top < box.bottom)) {
+          continue;
+        }
+        taken.push(box);
+        ctx.lineWidth = 3;
+        ctx.strokeStyle = "rgba(255, 255, 255, 0.9)";
+        ctx.strokeText(text, x, y);
+        ctx.fillStyle = "#1f2937";
+        ctx.fillText(text, x, y);
+        drawn++;
+      }
+      this.labelsDrawn = drawn;
+    }
+
     // The overlay: a veil and the selected node's links, the hovered node's links, rings, then the bands.
     drawOverlay() {
       const ctx = this.overlayCtx;
@@ -332,7 +392,10 @@
         this.drawNodeLinks(ctx, this.selected, 1);
       }
       if (this.hovered >= 0 && this.hovered !== this.selected) this.drawNodeLinks(ctx, this.hovered, 0.75);
-      for (const id of this.pinned) this.ring(ctx, this.graph.index.get(id), "#d97706", 2);
+      const many = this.pinned.size > MANY_PINS;
+      for (const id of this.pinned) {
+        this.ring(ctx, this.graph.index.get(id), many ? "rgba(217, 119, 6, 0.35)" : "#d97706", many ? 1 : 2);
+      }
       this.ring(ctx, this.selected, "#111827", 2.5);
       this.ring(ctx, this.hovered, "#111827", 1.25);
       this.drawBands(ctx);

@@ -48,7 +48,12 @@
       this.nodes = doc.nodes || [];
       this.n = this.nodes.length;
       this.readNodes();
-      this.readLinks(doc.links || []);
+      this.replaceLinks(doc.links || []);
+    }
+
+    // Read `links` (the document's, or every kept link fetched later) and what depends on them.
+    replaceLinks(links) {
+      this.readLinks(links);
       this.inputTotal = this.computeInputTotals();
       this.share = this.computeShares();
       this.targetWeight = this.computeTargetWeights();

@@ -10,10 +10,17 @@
   const KIND_FILLS = ["#0f766e", "#9ca3af", "#475569", "#7c3aed"];
 
   class SubgraphView {
-    // `handlers.onNodeClick(item, event)` is called when a drawn item is clicked.
-    constructor(svg, handlers) {
+    // `handlers.onNodeClick(item, event)` is called when a drawn item is clicked. `options`: `maxLinks`,
+    // the most links drawn (the strongest by |summed weight|; every link by default), and `labelLength`,
+    // the characters of a label shown under its item, and `slotWidth` and `rowHeight`, the room given to
+    // each item.
+    constructor(svg, handlers, options = {}) {
       this.svg = svg;
       this.handlers = handlers;
+      this.maxLinks = options.maxLinks || Infinity;
+      this.labelLength = options.labelLength || 20;
+      this.slotWidth = options.slotWidth || SLOT_WIDTH;
+      this.rowHeight = options.rowHeight || ROW_HEIGHT;
     }
 
     // Draw `items` ({key, label, ids, isSuper}); `checked` holds the checked keys, `selectedId` the
@@ -26,12 +33,12 @@
         return;
       }
       // At least the drawing's own size, so that a few nodes are not blown up to fill it.
-      const right = Math.max(...placed.map((p) => p.x)) + SLOT_WIDTH / 2 + MARGIN;
+      const right = Math.max(...placed.map((p) => p.x)) + this.slotWidth / 2 + MARGIN;
       const bottom = Math.max(...placed.map((p) => p.y)) + MARGIN + 20;
       const width = Math.max(right, this.svg.clientWidth);
       const height = Math.max(bottom, this.svg.clientHeight);
       this.svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-      const edges = summedEdges(graph, placed);
+      const edges = strongestEdges(summedEdges(graph, placed), this.maxLinks);
       const strongest = Math.max(...edges.map((edge) => Math.abs(edge.weight)), 1e-30);
       for (const edge of edges) this.svg.appendChild(this.edgeElement(edge, strongest));
       for (const p of placed) {
@@ -65,11 +72,11 @@
       for (const column of columns) {
         columnLeft.set(column, left);
         const crowd = Math.max(...rows.map((row) => cellCounts.get(`${row}:${column}`) || 0));
-        left += crowd * SLOT_WIDTH;
+        left += crowd * this.slotWidth;
       }
       for (const p of placed) {
-        p.x = columnLeft.get(p.column) + (slotOf.get(p) + 0.5) * SLOT_WIDTH;
-        p.y = MARGIN + rows.indexOf(p.row) * ROW_HEIGHT + 12;
+        p.x = columnLeft.get(p.column) + (slotOf.get(p) + 0.5) * this.slotWidth;
+        p.y = MARGIN + rows.indexOf(p.row) * this.rowHeight + 12;
       }
       return placed;
     }
@@ -101,7 +108,7 @@
       const text = document.createElementNS(SVG, "text");
       text.setAttribute("y", "24");
       text.setAttribute("text-anchor", "middle");
-      text.textContent = shorten(p.item.label, 20);
+      text.textContent = shorten(p.item.label, this.labelLength);
       group.appendChild(text);
       const title = document.createElementNS(SVG, "title");
       title.textContent = p.item.isSuper ? `${p.item.label} (${p.members.length} nodes)` : p.item.label;
@@ -133,6 +140,13 @@
       const input = placed[to].members.reduce((sum, i) => sum + graph.inputTotal[i], 0);
       return { from: placed[from], to: placed[to], weight, share: input > 0 ? weight / input : null };
     });
+  }
+
+  // The `limit` edges of largest |weight|, drawn weakest first (so the strongest lie on top).
+  function strongestEdges(edges, limit) {
+    if (edges.length <= limit) return edges;
+    const ranked = edges.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
+    return ranked.slice(0, limit).reverse();
   }
 
   // SVG shape of a single node of `kind`, centred on the origin.

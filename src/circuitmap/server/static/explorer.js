@@ -6,6 +6,9 @@
   const { $, el, formatNumber, formatCounts, formatScores, api } = cm.ui;
   const { showMessage, hideMessage, ask, setUpDialog, showView, showHomeLink } = cm.ui;
   const EDGE_ROWS = 30;
+  const GROUPED_LINKS = 60;
+  const GROUPED_TARGETS = 3;
+  const EXPANDED_MEMBERS = 10;
   const HASH_DELAY_MS = 150;
   const SCORE_DELAY_MS = 200;
   const DOCUMENT_EDGES = "on the document's edges";
@@ -38,6 +41,9 @@
       this.browsedFeature = null;
       this.shownSupernode = null;
       this.featureNodes = null;
+      this.mode = "full";
+      this.expanded = new Set();
+      this.allLinks = false;
     }
 
     get served() {
@@ -55,10 +61,16 @@
       this.canvas = new cm.GraphCanvas($("graph-canvas"), this.graph, {
         onHover: (i, x, y) => this.showTooltip(i, x, y),
         onSelect: (i) => this.select(i),
+        labelOf: (i) => this.labelOf(i),
       });
       this.subgraph = new cm.SubgraphView($("subgraph-svg"), {
         onNodeClick: (item, event) => this.onSubgraphClick(item, event),
       });
+      this.grouped = new cm.SubgraphView(
+        $("grouped-svg"),
+        { onNodeClick: (item) => this.onGroupedClick(item) },
+        { maxLinks: GROUPED_LINKS, labelLength: 24, slotWidth: 150, rowHeight: 46 },
+      );
       $("graph-empty").hidden = this.graph.n > 0;
       this.setUpFeatures();
       this.interventions = new cm.InterventionPanel($("intervention"), {
@@ -67,6 +79,7 @@
         graphName: this.name,
       });
       this.applyState();
+      this.setMode(this.state.supernodes.length ? "grouped" : "full");
       this.canvas.drawNow();
       this.recordFirstPaint();
       this.wireControls();
@@ -242,10 +255,13 @@
       const visible = this.graph.visibleNodes(this.state.view);
       const links = this.graph.visibleLinks(this.state.view, visible);
       this.canvas.setVisibility(visible, links);
+      if (this.mode !== "full") return;
       const count = (value) => value.toLocaleString("en-US");
       const shown = visible.reduce((sum, v) => sum + v, 0);
+      const thinned = this.canvas.thinned ? " (the strong ones drawn: hover or select a node for all of its)" : "";
       $("shown-counts").textContent =
-        `${count(shown)} of ${count(this.graph.n)} nodes, ${count(links.length)} of ${count(this.graph.m)} links`;
+        `${count(shown)} of ${count(this.graph.n)} nodes, ${count(links.length)} of ${count(this.graph.m)} links` +
+        thinned;
     }
 
     // Event wiring for sliders, toggles, buttons, the label box, keys, hash changes and saving.
@@ -265,6 +281,9 @@
         $(id).addEventListener("change", onFilter);
       }
       $("fit-button").addEventListener("click", () => this.canvas.fit());
+      $("mode-grouped").addEventListener("click", () => this.setMode("grouped"));
+      $("mode-full").addEventListener("click", () => this.setMode("full"));
+      $("all-links-button").addEventListener("click", () => this.loadAllLinks());
       $("pin-button").addEventListener("click", () => this.togglePin(this.state.clicked));
       $("node-label").addEventListener("input", () => this.editLabel($("node-label").value));
       $("group-button").addEventListener("click", () => this.group());
@@ -531,7 +550,118 @@
       if (this.saving || value !== this.savedLabel(i)) this.state.labels[id] = value;
       this.tipNode = -1;
       this.renderSubgraph();
+      this.canvas.requestDraw(true);
       this.stateChanged();
+    }
+
+    // ------------------------------------------------------------ grouped view and full view
+
+    // Show the grouped view (supernodes, tokens and targets, the strongest summed links) or the full graph
+    // on the canvas; the full view's filters apply to it alone.
+    setMode(mode) {
+      this.mode = mode;
+      const grouped = mode === "grouped";
+      $("grouped-view").hidden = !grouped;
+      $("graph-canvas").hidden = grouped;
+      $("full-controls").hidden = grouped;
+      $("fit-button").hidden = grouped;
+      $("mode-grouped").setAttribute("aria-pressed", String(grouped));
+      $("mode-full").setAttribute("aria-pressed", String(!grouped));
+      this.updateAllLinksButton();
+      if (grouped) this.renderGrouped();
+      else {
+        this.canvas.onResize();
+        this.canvas.requestDraw(true);
+        this.applyView();
+      }
+    }
+
+    // The grouped view's items: each supernode as one box, or once expanded its EXPANDED_MEMBERS first
+    // (most influential) members and a box for the rest; then every token and the GROUPED_TARGETS heaviest
+    // targets.
+    groupedItems() {
+      const items = [];
+      const add = (label, ids) => {
+        const key = ids.join(",");
+        if (!this.expanded.has(key)) {
+          items.push({ key: `super:${key}`, label, ids, isSuper: true });
+          return;
+        }
+        for (const id of ids.slice(0, EXPANDED_MEMBERS)) {
+          const i = this.graph.index.get(id);
+          items.push({ key: id, label: this.displayName(i), ids: [id], isSuper: false, group: key });
+        }
+        if (ids.length > EXPANDED_MEMBERS) add(`${label} (rest)`, ids.slice(EXPANDED_MEMBERS));
+      };
+      for (const group of this.state.supernodes) add(group[0], group.slice(1));
+      const g = this.graph;
+      const targets = [];
+      for (let i = 0; i < g.n; i++) if (g.kind[i] === KIND.TARGET) targets.push(i);
+      targets.sort((a, b) => g.targetWeight[b] - g.targetWeight[a]);
+      const tokens = [];
+      for (let i = 0; i < g.n; i++) if (g.kind[i] === KIND.TOKEN) tokens.push(i);
+      for (const i of [...tokens, ...targets.slice(0, GROUPED_TARGETS)]) {
+        items.push({ key: g.ids[i], label: this.displayName(i), ids: [g.ids[i]], isSuper: false });
+      }
+      return items;
+    }
+
+    // Draw the grouped view and say what it shows.
+    renderGrouped() {
+      if (this.mode !== "grouped") return;
+      const items = this.groupedItems();
+      this.grouped.render(this.graph, items, new Set(), this.state.clicked);
+      const groups = items.filter((item) => item.isSuper).length;
+      const members = new Set(this.state.supernodes.flatMap((group) => group.slice(1))).size;
+      const features = this.graph.kind.reduce((sum, kind) => sum + (kind === KIND.FEATURE ? 1 : 0), 0);
+      const open = this.expanded.size ? `, ${this.expanded.size} expanded (click a member to select it)` : "";
+      $("shown-counts").textContent =
+        `${groups} supernodes holding ${members} of ${features} features${open}; ` +
+        `the ${GROUPED_LINKS} strongest summed links`;
+    }
+
+    // A click in the grouped view: a supernode opens into its members (and a saved one shows in the
+    // panel); a member or token or target is selected; a selected member's click closes its box again.
+    onGroupedClick(item) {
+      if (item.isSuper) {
+        this.expanded.add(item.ids.join(","));
+        const saved = this.subgraphItems().find((other) => other.isSuper && other.ids.join(",") === item.ids.join(","));
+        if (saved) this.showSupernode(saved);
+        else this.renderGrouped();
+        return;
+      }
+      if (item.group && item.ids[0] === this.state.clicked) {
+        this.expanded.delete(item.group);
+        this.renderGrouped();
+        return;
+      }
+      this.select(this.graph.index.get(item.ids[0]));
+    }
+
+    // The "All links" button: shown on a served graph whose document lists fewer links than it kept.
+    updateAllLinksButton() {
+      const counts = this.graph.metadata.n_edges || {};
+      const more = this.served && !this.allLinks && counts.pruned > counts.exported;
+      $("all-links-button").hidden = !more;
+      if (more) $("all-links-button").textContent = `All ${Number(counts.pruned).toLocaleString("en-US")} links`;
+    }
+
+    // Fetch every kept link (the document lists the strongest only) and show them.
+    async loadAllLinks() {
+      $("all-links-button").disabled = true;
+      try {
+        const { data } = await api("GET", `/api/graphs/${encodeURIComponent(this.name)}/links`);
+        this.graph.replaceLinks(data.links);
+        this.allLinks = true;
+        this.canvas.linksChanged();
+        this.applyView();
+        this.renderSubgraph();
+        this.updateAllLinksButton();
+      } catch (error) {
+        this.notify(`Could not load all links: ${error.message}`, "error");
+      } finally {
+        $("all-links-button").disabled = false;
+      }
     }
 
     // ------------------------------------------------------------ node panel
@@ -836,6 +966,7 @@
       $("ungroup-button").disabled = supers === 0;
       $("rename-button").disabled = supers !== 1;
       $("unpin-button").disabled = checked.length === 0;
+      this.renderGrouped();
     }
 
     // One row of the pinned list: checkbox, label (selects a node), and a supernode's members.
