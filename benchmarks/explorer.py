@@ -1,6 +1,11 @@
-"""Explorer responsiveness on a large synthetic graph, in headless Chromium.
+"""Explorer responsiveness on a large synthetic graph, or on a real graph folder, in headless Chromium.
 
 usage: python benchmarks/explorer.py [--nodes 5000] [--links 100000] [--runs 5] [--keep PAGE.html]
+       python benchmarks/explorer.py --graph GRAPH_FOLDER [--runs 5]
+
+With --graph, the folder (as `circuitmap attribute --out` writes it) is served by the explorer and its page
+opened once per run: the size of the document the page loads first, and first paint and first frame of the
+view it opens on (the grouped view when the graph has supernodes), medians over runs.
 
 Builds a schema-valid synthetic viewer document (30 layers, 20 positions, log-normal influence, links from
 lower layers at the same or earlier positions), writes it as the one-file exported page, and opens it in
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.browser import (  # noqa: E402  (the tests folder holds the shared browser helpers)
     CHROMIUM,
     VIEWPORT,
+    Served,
     launch_chromium,
     measure_page,
     pick_nodes,
@@ -44,6 +50,7 @@ def main() -> None:
     parser.add_argument("--links", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep", type=Path, help="also write the exported page to this file")
+    parser.add_argument("--graph", type=Path, help="measure this graph folder's page instead")
     args = parser.parse_args()
     if not CHROMIUM.exists():
         sys.exit(f"{CHROMIUM} is absent: install Debian's chromium package")
@@ -51,6 +58,9 @@ def main() -> None:
         from playwright.sync_api import sync_playwright
     except ImportError:
         sys.exit("the playwright package is not installed (pip install playwright)")
+    if args.graph:
+        measure_graph_folder(args.graph, args.runs, sync_playwright)
+        return
 
     start = time.perf_counter()
     document = synthetic_document(args.nodes, args.links)
@@ -85,6 +95,30 @@ def main() -> None:
         f"hover {statistics.median(hovers):.0f} ms (worst {max(hovers):.0f}), "
         f"click {statistics.median(clicks):.0f} ms (worst {max(clicks):.0f}) "
         f"(median of {len(runs)} runs, {len(hovers)} hovers and clicks)"
+    )
+
+
+def measure_graph_folder(folder: Path, runs: int, sync_playwright) -> None:
+    """Size of a graph folder's document and first paint of its page, served by the explorer."""
+    from circuitmap.server import create_app
+
+    size = (folder / "graph.json").stat().st_size
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; document {size:,} bytes")
+    timings = []
+    with Served(create_app(folder.parent)) as base, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        for _ in range(runs):
+            context = browser.new_context(viewport=VIEWPORT)
+            page = context.new_page()
+            page.goto(f"{base}/graph/{folder.name}")
+            page.wait_for_selector('body[data-ready="1"]', state="attached", timeout=120_000)
+            page.wait_for_function("() => window.circuitmapTimings.firstFrameMs !== null", timeout=120_000)
+            timings.append(page.evaluate("window.circuitmapTimings"))
+            context.close()
+        browser.close()
+    print(
+        f"first paint {statistics.median(t['firstPaintMs'] for t in timings):.0f} ms, first frame "
+        f"{statistics.median(t['firstFrameMs'] for t in timings):.0f} ms (median of {len(timings)} runs)"
     )
 
 
