@@ -133,7 +133,9 @@ def report(results: Path, out: Path) -> None:
         lines.append(f"| {r['name']} | " + " | ".join(f"{v:.2f}" for v in r["fvu_by_layer"]) + " |")
     lines += ["", "## Held-out FVU against training minutes", ""]
     lines.append("The runs of the skip recipe by training seconds: the quick rows read the activation cache")
-    lines.append("(a fresh start adds their collection, about 5 minutes), the standard row collected its own.")
+    lines.append(
+        "(a fresh start adds their collection, about 5 minutes), the standard row collected its own."
+    )
     lines.append("")
     lines.append("| experiment | minutes | WikiText-2 FVU | loss +nats | replacement full / pruned |")
     lines.append("|---|---:|---:|---:|---:|")

@@ -37,7 +37,17 @@ from circuitmap.server.launch import DEFAULT_HOST, DEFAULT_PORT
 from circuitmap.transcoders import Transcoders
 from circuitmap.validation import check_text
 
-COMMAND_GROUPS = ("model", "attribute", "demo", "serve", "compare", "features", "interventions", "train")
+COMMAND_GROUPS = (
+    "model",
+    "attribute",
+    "demo",
+    "serve",
+    "compare",
+    "features",
+    "interventions",
+    "persona",
+    "train",
+)
 """The modules of this package that register commands, in the order ``--help`` lists them."""
 DEFAULT_PROMPT = "The capital of France is"
 

@@ -1,0 +1,232 @@
+"""``persona extract|steer|project|flag``: persona vectors from trait files, and what they do to a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+from circuitmap.atomic import atomic_write, check_writable
+from circuitmap.cli import add_model_args, add_settings, load_model_from_args, positive_int, settings_from
+from circuitmap.errors import CircuitmapError
+from circuitmap.persona import (
+    EndpointJudge,
+    ExtractConfig,
+    chat_ids,
+    export_control_vector,
+    extract_persona_vectors,
+    load_persona_vector,
+    load_trait,
+    project,
+    projection_difference,
+    rank_samples,
+    shipped_traits,
+    steer,
+)
+from circuitmap.persona.extract import chosen_scorer
+from circuitmap.persona.steer import POSITIONS
+
+
+def register(commands) -> None:
+    persona = commands.add_parser(
+        "persona", help="persona vectors: extract one from a trait file, steer, project, flag data"
+    )
+    actions = persona.add_subparsers(dest="persona_command", required=True)
+
+    extract = actions.add_parser("extract", help="extract a trait's persona vector from a model")
+    extract.add_argument("trait", help=f"trait file (JSON) or a shipped trait: {', '.join(shipped_traits())}")
+    extract.add_argument("--out", required=True, help="persona vector file to write (.safetensors)")
+    extract.add_argument("--prompt-last-out", metavar="FILE", help="also write the prompt-last-token vector")
+    extract.add_argument("--gguf", metavar="FILE", help="also write the vector as a llama.cpp control vector")
+    extract.add_argument("--answers", metavar="FILE", help="write every scored answer as JSON lines")
+    extract.add_argument(
+        "--judge-url", metavar="URL", help="score with an OpenAI-compatible endpoint instead"
+    )
+    extract.add_argument("--judge-model", help="the judge endpoint's model name")
+    extract.add_argument(
+        "--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key"
+    )
+    add_model_args(extract)
+    add_settings(extract, ExtractConfig)
+    extract.set_defaults(run=_extract)
+
+    steering = actions.add_parser("steer", help="answer a question with and without steering")
+    _vector_options(steering)
+    steering.add_argument("question", help="the user's message")
+    steering.add_argument("--coefficient", type=float, required=True, help="multiple of the vector to add")
+    steering.add_argument(
+        "--relative", action="store_true", help="the coefficient is a multiple of the layer's typical norm"
+    )
+    steering.add_argument(
+        "--positions", choices=POSITIONS, default="all", help="positions to steer (default all)"
+    )
+    steering.add_argument("--max-new-tokens", type=positive_int, default=40)
+    steering.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    steering.add_argument("--temperature", type=float, default=1.0)
+    steering.add_argument("--seed", type=int, default=0)
+    steering.set_defaults(run=_steer)
+
+    projecting = actions.add_parser("project", help="project a response's tokens on the vector")
+    _vector_options(projecting)
+    projecting.add_argument("--prompt", required=True, help="the user's message")
+    projecting.add_argument("--response", required=True, help="the assistant's response")
+    projecting.set_defaults(run=_project)
+
+    flag = actions.add_parser("flag", help="rank (prompt, response) samples by projection difference")
+    _vector_options(flag)
+    flag.add_argument("data", help='JSON lines file of {"prompt": ..., "response": ...} objects')
+    flag.add_argument(
+        "--approximate", action="store_true", help="compare with the last prompt token instead of generating"
+    )
+    flag.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens of the model's answers")
+    flag.add_argument("--batch-size", type=positive_int, default=16)
+    flag.add_argument("--top", type=positive_int, default=10, help="samples to print (default 10)")
+    flag.add_argument("--json", help="write every sample's figures as JSON to this file")
+    flag.set_defaults(run=_flag)
+
+
+def _vector_options(parser: argparse.ArgumentParser) -> None:
+    """The vector file, its layer, the system prompt and the model options."""
+    parser.add_argument("vector", help="persona vector file (.safetensors)")
+    parser.add_argument("--layer", type=int, required=True, help="the layer whose incoming residual is used")
+    parser.add_argument("--system", help="system prompt (default: the chat template's own)")
+    add_model_args(parser)
+
+
+def _extract(args: argparse.Namespace) -> int:
+    outputs = {
+        "--out": args.out,
+        "--prompt-last-out": args.prompt_last_out,
+        "--gguf": args.gguf,
+        "--answers": args.answers,
+    }
+    for option, path in outputs.items():
+        if path:
+            check_writable(path, f"the {option} file")
+    trait = load_trait(args.trait)
+    config = ExtractConfig().with_changes(**settings_from(args, ExtractConfig))
+    config.check()
+    scorer = None
+    if args.judge_url:
+        if not args.judge_model:
+            raise CircuitmapError("--judge-url needs --judge-model")
+        key = os.environ.get(args.judge_key_env) or None
+        scorer = EndpointJudge(args.judge_url, args.judge_model, trait.eval_prompt, api_key=key)
+    chosen_scorer(trait, config, scorer)
+    model = load_model_from_args(args)
+    extraction = extract_persona_vectors(model, trait, config, scorer=scorer)
+    print(extraction.summary())
+    print(f"wrote {extraction.response.save(args.out)}")
+    if args.prompt_last_out:
+        print(f"wrote {extraction.prompt_last.save(args.prompt_last_out)}")
+    if args.gguf:
+        print(f"wrote {export_control_vector(extraction.response, args.gguf)}")
+    if args.answers:
+        lines = [
+            json.dumps({**vars(answer), "score": _finite(answer.score)}, ensure_ascii=False)
+            for answer in extraction.answers
+        ]
+        print(f"wrote {_write_text(args.answers, ''.join(line + chr(10) for line in lines))}")
+    return 0
+
+
+def _steer(args: argparse.Namespace) -> int:
+    vector = load_persona_vector(args.vector)
+    model = load_model_from_args(args)
+    vector.check_model(model, args.vector)
+    ids = chat_ids(model, args.question, args.system)
+    settings = dict(greedy=not args.sample, temperature=args.temperature, seed=args.seed)
+    print(f"unsteered: {model.generate(ids, args.max_new_tokens, **settings)}")
+    with steer(
+        model, vector, args.layer, args.coefficient, args.positions, args.relative, prompt=ids
+    ) as handle:
+        text = model.generate(ids, args.max_new_tokens, **settings, before_forward=handle.at_position)
+    scale = "× typical norm" if args.relative else ""
+    print(f"steered (layer {args.layer}, coefficient {args.coefficient:g}{scale}, {args.positions}): {text}")
+    return 0
+
+
+def _project(args: argparse.Namespace) -> int:
+    vector = load_persona_vector(args.vector)
+    model = load_model_from_args(args)
+    vector.check_model(model, args.vector)
+    projection = project(model, vector, args.layer, args.prompt, args.response, system=args.system)
+    print(f"last prompt token: {projection.last_prompt:+.3f}")
+    for token, value in zip(projection.tokens, projection.per_token.tolist(), strict=True):
+        print(f"{value:+9.3f}  {token!r}")
+    print(f"mean over the response: {projection.mean:+.3f}")
+    return 0
+
+
+def _flag(args: argparse.Namespace) -> int:
+    if args.json:
+        check_writable(args.json, "the JSON file")
+    dataset = _samples(Path(args.data))
+    vector = load_persona_vector(args.vector)
+    model = load_model_from_args(args)
+    vector.check_model(model, args.vector)
+    samples = projection_difference(
+        model,
+        vector,
+        args.layer,
+        dataset,
+        system=args.system,
+        approximate=args.approximate,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    differences = [s.difference for s in samples if not math.isnan(s.difference)]
+    if differences:
+        mean = sum(differences) / len(differences)
+        print(f"mean projection difference over {len(differences)} samples: {mean:+.3f}")
+    print(" rank  sample  difference  projection  baseline  prompt")
+    for rank, sample in enumerate(rank_samples(samples, args.top), start=1):
+        print(
+            f"{rank:>5} {sample.index:>7} {sample.difference:>+11.3f} {sample.projection:>+11.3f} "
+            f"{sample.baseline:>+9.3f}  {sample.prompt[:60]!r}"
+        )
+    if args.json:
+        document = [
+            {
+                **vars(sample),
+                **{key: _finite(getattr(sample, key)) for key in ("projection", "baseline", "difference")},
+            }
+            for sample in samples
+        ]
+        text = json.dumps(document, indent=1, ensure_ascii=False, allow_nan=False)
+        print(f"wrote {_write_text(args.json, text)}")
+    return 0
+
+
+def _samples(path: Path) -> list[tuple[str, str]]:
+    """The (prompt, response) samples of a JSON lines file; a one-line error naming the line otherwise."""
+    if not path.is_file():
+        raise CircuitmapError(f"{path}: data file not found")
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise CircuitmapError(f"{path}:{number}: not JSON") from None
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(key), str) for key in ("prompt", "response")
+        ):
+            raise CircuitmapError(f'{path}:{number}: expected an object with "prompt" and "response" strings')
+        samples.append((record["prompt"], record["response"]))
+    if not samples:
+        raise CircuitmapError(f"{path}: no samples")
+    return samples
+
+
+def _write_text(path: str, text: str) -> Path:
+    """``text`` in the file ``path``, written whole or not at all."""
+    return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def _finite(value: float) -> float | None:
+    """A number for strict JSON: NaN becomes None."""
+    return None if math.isnan(value) else value
