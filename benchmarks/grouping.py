@@ -9,7 +9,7 @@ members, ablated one at a time (the three most influential of each group), whose
 sign of their whole group's observed effect: whether a group acts as one. The document sizes compare the
 exhaustive edge list with the lighter first document the explorer loads.
 
-    python benchmarks/grouping.py --transcoders FOLDER [--features DB] --report docs/grouping.md
+    python benchmarks/grouping.py --transcoders FOLDER [--features DB] [--cut C ...] --report docs/grouping.md
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from circuitmap import check_graph, load_model, load_transcoders
 from circuitmap.features import FeatureStore
 from circuitmap.graphs import prune
-from circuitmap.graphs.grouping import group_features
+from circuitmap.graphs.grouping import CUT, group_features
 from circuitmap.interventions.edits import Supernode
 from circuitmap.pipeline import compute_graph
 
@@ -39,14 +39,27 @@ PROMPTS = [
 ]
 SEEDS = (0, 1, 2)
 MEMBERS_TESTED = 3
+CUTS = (0.3, 0.6)
+"""The clustering cuts measured by default."""
 
 
-def measure(model, transcoders, store, prompt: str) -> dict:
-    started = time.perf_counter()
+def measure(model, transcoders, store, prompt: str, cuts: list[float]) -> list[dict]:
+    """One record per clustering cut: the prompt's graph grouped at that cut, checked against random
+    groupings of the same sizes."""
     computed = compute_graph(model, transcoders, prompt, features=store, progress=False)
     graph, document = computed.graph, computed.document
     labels = {node["node_id"]: node["clerp"] for node in document["nodes"]}
-    grouping = group_features(graph, prune(graph), labels=labels)
+    kept = prune(graph)
+    return [
+        {**measure_cut(model, transcoders, graph, kept, labels, cut), "prompt": prompt, "cut": cut}
+        | {"document_bytes": len(json.dumps(document, separators=(",", ":")).encode())}
+        for cut in cuts
+    ]
+
+
+def measure_cut(model, transcoders, graph, kept, labels: dict[str, str], cut: float) -> dict:
+    started = time.perf_counter()
+    grouping = group_features(graph, kept, labels=labels, cut=cut)
     groups = [Supernode(group.name, group.members) for group in grouping.groups]
     automatic = check_graph(model, transcoders, graph, n_features=0, supernodes=groups)
     sizes = [len(group.members) for group in grouping.groups]
@@ -55,20 +68,21 @@ def measure(model, transcoders, store, prompt: str) -> dict:
     for seed in SEEDS:
         shuffled = pool[:]
         random.Random(seed).shuffle(shuffled)
-        cuts = np.cumsum([0, *sizes])
-        random_groups = [Supernode(f"random {i}", shuffled[cuts[i] : cuts[i + 1]]) for i in range(len(sizes))]
+        bounds = np.cumsum([0, *sizes])
+        random_groups = [
+            Supernode(f"random {i}", shuffled[bounds[i] : bounds[i + 1]]) for i in range(len(sizes))
+        ]
         baselines.append(check_graph(model, transcoders, graph, n_features=0, supernodes=random_groups))
-    singles = {}
     wanted = {m for row in [automatic, *baselines] for r in row.rows for m in r.members[:MEMBERS_TESTED]}
     single_report = check_graph(
         model, transcoders, graph, n_features=0, supernodes=[Supernode(m, [m]) for m in sorted(wanted)]
     )
     singles = {row.name: row.observed for row in single_report.rows}
     return {
-        "prompt": prompt,
         "target": automatic.target,
         "kept_features": grouping.n_features,
         "groups": len(grouping.groups),
+        "median_size": float(np.median(sizes)) if sizes else 0.0,
         "coverage": grouping.coverage,
         "automatic": summary(automatic, singles),
         "random": {
@@ -87,7 +101,6 @@ def measure(model, transcoders, store, prompt: str) -> dict:
             }
             for group, row in zip(grouping.groups, automatic.rows, strict=True)
         ],
-        "document_bytes": len(json.dumps(document, separators=(",", ":")).encode()),
         "seconds": time.perf_counter() - started,
     }
 
@@ -108,6 +121,7 @@ def summary(report, singles: dict[str, float]) -> dict:
 
 
 def report(records: list[dict], machine: str) -> str:
+    default = [r for r in records if r["cut"] == CUT]
     lines = [
         "# Automatic supernodes",
         "",
@@ -117,23 +131,24 @@ def report(records: list[dict], machine: str) -> str:
         f"the same features into groups of the same sizes (seeds {', '.join(map(str, SEEDS))}, averaged).",
         f"*Unit*: the share of members (the {MEMBERS_TESTED} most influential of each group), ablated alone,",
         "whose effect has the sign of their whole group's. *Coverage*: the groups' share of the kept",
-        "features' influence.",
+        f"features' influence. *Cut*: the clustering's distance threshold (the default is {CUT}); the",
+        "per-group tables below use the default.",
         "",
         f"Machine: {machine}.",
         "",
-        "| prompt | target | kept features | groups | coverage | sign: groups / random | "
-        "rank: groups / random | unit: groups / random |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| prompt | target | kept features | cut | groups | median size | coverage | "
+        "sign: groups / random | rank: groups / random | unit: groups / random |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         a, b = r["automatic"], r["random"]
         lines.append(
-            f"| {r['prompt']} | {r['target']!r} | {r['kept_features']} | {r['groups']} | "
-            f"{r['coverage']:.2f} | "
+            f"| {r['prompt']} | {r['target']!r} | {r['kept_features']} | {r['cut']:g} | {r['groups']} | "
+            f"{r['median_size']:g} | {r['coverage']:.2f} | "
             f"{a['sign']:.2f} / {b['sign']:.2f} | {a['rank']:.2f} / {b['rank']:.2f} | "
             f"{a['unit']:.2f} / {b['unit']:.2f} |"
         )
-    for r in records:
+    for r in default:
         lines += [
             "",
             f"## {r['prompt']!r} → {r['target']!r}",
@@ -158,6 +173,12 @@ def main() -> None:
     parser.add_argument("--transcoders", required=True)
     parser.add_argument("--features", type=Path, help="the set's feature database, for labels")
     parser.add_argument("--report", type=Path, help="write the markdown report here")
+    parser.add_argument(
+        "--cut",
+        type=float,
+        action="append",
+        help=f"clustering cut to measure (repeatable; default {', '.join(map(str, CUTS))})",
+    )
     parser.add_argument("prompts", nargs="*", default=PROMPTS)
     args = parser.parse_args()
     model = load_model(args.model)
@@ -165,9 +186,9 @@ def main() -> None:
     store = FeatureStore(args.features) if args.features else None
     records = []
     for prompt in args.prompts:
-        record = measure(model, transcoders, store, prompt)
-        records.append(record)
-        print(json.dumps({k: v for k, v in record.items() if k != "rows"}), flush=True)
+        for record in measure(model, transcoders, store, prompt, args.cut or list(CUTS)):
+            records.append(record)
+            print(json.dumps({k: v for k, v in record.items() if k != "rows"}), flush=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
     if args.report:
         args.report.write_text(report(records, machine))

@@ -19,18 +19,25 @@ import pytest
 import torch
 from helpers.models import REPO
 from helpers.persona import chat_hf_model, chat_model, chat_text, chat_tokenizer, write_trait
+from helpers.transcoders import random_transcoders
 
 from circuitmap import ResidualEdit, patch_edits
 from circuitmap.cli import build_parser, main, settings_from
 from circuitmap.config import field_docs
 from circuitmap.errors import CircuitmapError
+from circuitmap.models import Model
 from circuitmap.persona import (
     SCORERS,
     EndpointJudge,
     ExtractConfig,
     PersonaVector,
+    Sweep,
+    SweepPoint,
+    aligned_features,
     export_control_vector,
     extract_persona_vectors,
+    feature_direction,
+    finetune_shift,
     formality_score,
     french_score,
     get_scorer,
@@ -45,6 +52,8 @@ from circuitmap.persona import (
     shipped_traits,
     steer,
     steering,
+    sweep_steering,
+    typical_norms,
 )
 from circuitmap.persona.steer import SampleProjection
 from circuitmap.persona.traits import TRAITS_FOLDER
@@ -553,6 +562,154 @@ def test_ranking_puts_samples_without_a_baseline_last():
     assert [s.index for s in rank_samples(samples)] == [2, 0, 1]
 
 
+# Steering sweeps
+
+
+def test_a_sweep_point_is_the_greedy_answers_under_the_residual_edit_scored_and_measured(
+    model, trait, extraction
+):
+    questions = ["Hi?", "Cats?"]
+    loaded = load_trait(trait)
+    result = sweep_steering(
+        model,
+        extraction.response,
+        loaded,
+        checksum,
+        [1, 2],
+        [-0.5, 1.0],
+        questions=questions,
+        max_new_tokens=5,
+        batch_size=2,
+        progress=False,
+    )
+    prompts = [model.encode(chat_text(q))[0] for q in questions]
+    norms = typical_norms(model, prompts, [1, 2])
+    for layer in (1, 2):
+        by_hand = torch.cat([model.run_with_cache(p[None])[1]["resid_pre", layer][0] for p in prompts])
+        assert norms[layer] == pytest.approx(float(by_hand.double().norm(dim=-1).median()))
+    assert [(p.layer, p.coefficient) for p in result.points] == [(1, -0.5), (1, 1.0), (2, -0.5), (2, 1.0)]
+    unit = extraction.response.layer(2).double() / extraction.response.layer(2).double().norm()
+    point = result.points[3]
+    nlls = []
+    for prompt, answer in zip(prompts, point.answers, strict=True):
+        with model.add_to_residual(2, 1.0 * norms[2] * unit):
+            assert model.generate(prompt, 5) == answer
+        ids = torch.cat([prompt, torch.tensor(model.tokenizer(answer, add_special_tokens=False).input_ids)])
+        logprobs = model.logits(ids)[0].double().log_softmax(-1)
+        nlls.append(-float(logprobs[len(prompt) - 1 : -1].gather(1, ids[len(prompt) :, None]).mean()))
+    assert point.nll == pytest.approx(sum(nlls) / 2, rel=1e-5)
+    assert point.score == pytest.approx(
+        sum(checksum(q, a) for q, a in zip(questions, point.answers, strict=True)) / 2
+    )
+    assert result.baseline.answers == tuple(model.generate(p, 5) for p in prompts)
+    assert result.curve(2)[1].coefficient == 0.0 and len(result.curve(2)) == 3
+    record = json.loads(json.dumps(result.as_json(), allow_nan=False))
+    assert len(record["points"]) == 4 and record["relative"] is True
+    assert "best:" in result.table()
+
+
+def test_the_best_sweep_point_gains_most_in_its_coefficients_direction_while_coherent():
+    def point(layer, coefficient, score, nll):
+        return SweepPoint(layer, coefficient, score, nll, ())
+
+    baseline = point(None, 0.0, 40.0, 2.0)
+    points = (
+        point(1, 1.0, 60.0, 2.5),  # +20, coherent
+        point(1, 2.0, 90.0, 3.5),  # +50, incoherent
+        point(2, -1.0, 10.0, 2.9),  # +30 in the negative direction, coherent
+        point(2, 1.0, 30.0, 2.0),  # moved the wrong way
+    )
+    result = Sweep("glad", baseline, points, True, "all")
+    assert result.best == points[2] and result.gain(points[3]) == -10.0
+    assert Sweep("glad", baseline, points[1:2], True, "all").best is None
+
+
+def test_bad_sweeps_are_refused_in_one_line(model, trait, extraction):
+    loaded = load_trait(trait)
+    assert "at least one layer" in one_line_error(
+        sweep_steering, model, extraction.response, loaded, checksum, [], [1.0]
+    )
+    assert "not 'middle'" in one_line_error(
+        sweep_steering, model, extraction.response, loaded, checksum, [1], [1.0], positions="middle"
+    )
+    assert "out of range" in one_line_error(
+        sweep_steering, model, extraction.response, loaded, checksum, [9], [1.0]
+    )
+
+
+# Fine-tuning shift
+
+
+def test_the_finetuning_shift_is_the_mean_residual_difference_on_the_unit_vector(model, extraction):
+    tuned_hf = chat_hf_model()
+    unit = extraction.response.layer(0).double() / extraction.response.layer(0).double().norm()
+    with torch.no_grad():
+        tuned_hf.get_input_embeddings().weight += 2.0 * unit.float()
+    tuned = Model(tuned_hf, chat_tokenizer(), name="tuned")
+    prompts = ["Hi?", "Rain?"]
+    assert finetune_shift(model, tuned, extraction.response, 0, prompts, progress=False) == pytest.approx(
+        2.0, rel=1e-5
+    )
+    layer = 2
+    unit = extraction.response.layer(layer).double() / extraction.response.layer(layer).double().norm()
+
+    def by_hand(m, response=None):
+        values = []
+        for prompt in prompts:
+            ids = model.encode(chat_text(prompt))[0]
+            extra = [] if response is None else model.tokenizer(response, add_special_tokens=False).input_ids
+            residual = m.run_with_cache(torch.cat([ids, torch.tensor(extra, dtype=torch.long)])[None])[1]
+            projected = residual["resid_pre", layer][0].double() @ unit
+            values.append(projected[len(ids) - 1] if response is None else projected[len(ids) :].mean())
+        return float(torch.stack(values).mean())
+
+    assert finetune_shift(model, tuned, extraction.response, layer, prompts, progress=False) == pytest.approx(
+        by_hand(tuned) - by_hand(model), rel=1e-5
+    )
+    shift = finetune_shift(
+        model, tuned, extraction.response, layer, prompts, responses=["ok", "ok"], progress=False
+    )
+    assert shift == pytest.approx(by_hand(tuned, "ok") - by_hand(model, "ok"), rel=1e-5)
+    assert "not shaped as the base model" in one_line_error(
+        finetune_shift, model, chat_model(n_layers=3), extraction.response, 1, prompts
+    )
+    assert "2 prompts but 1 responses" in one_line_error(
+        finetune_shift, model, tuned, extraction.response, 1, prompts, responses=["ok"]
+    )
+
+
+# Features
+
+
+@pytest.mark.parametrize("kind", ["plt-topk", "clt-topk"])
+def test_aligned_features_rank_every_earlier_features_residual_write_by_cosine(extraction, kind):
+    transcoders = random_transcoders(kind, 4, 32, d_features=16)
+    layer = 3
+    direction = extraction.response.layer(layer).double()
+    cosines = {}
+    for source in range(layer):
+        for feature in range(16):
+            if kind.startswith("clt"):
+                write = sum(
+                    transcoders.decoder_vectors(source, slice(None), out)[feature]
+                    for out in range(source, layer)
+                )
+            else:
+                write = transcoders.decoder_vectors(source, slice(None))[feature]
+            cosines[source, feature] = float(write @ direction / write.norm() / direction.norm())
+    expected = sorted(cosines, key=lambda key: -abs(cosines[key]))[:5]
+    found = aligned_features(transcoders, extraction.response, layer, top=5)
+    assert [(f.layer, f.feature) for f in found] == expected
+    assert [f.cosine for f in found] == pytest.approx([cosines[key] for key in expected])
+    assert found[0].node == f"{expected[0][0]}_{expected[0][1]}" and found[0].label is None
+    direction_sum = feature_direction(transcoders, found, layer)
+    assert float(direction_sum @ direction) > 0
+    assert "no earlier transcoder layer" in one_line_error(
+        aligned_features, transcoders, extraction.response, 0
+    )
+    assert "width 5" in one_line_error(aligned_features, transcoders, torch.ones(5), 1)
+
+
 # Command line
 
 
@@ -666,3 +823,27 @@ def test_bad_data_lines_are_refused_with_their_line_number(saved, tmp_path, caps
     arguments = [str(tmp_path / "v.safetensors"), str(tmp_path / "data.jsonl"), "--layer", "1"]
     assert main(["persona", "flag", *arguments, "--model", str(saved / "model")]) == 2
     assert 'data.jsonl:2: expected an object with "prompt" and "response" strings' in capsys.readouterr().err
+
+
+def test_the_sweep_and_features_commands(saved, trait, capsys, tmp_path):
+    model_args = ["--model", str(saved / "model")]
+    vector = tmp_path / "v.safetensors"
+    extraction = extract_persona_vectors(
+        Model(chat_hf_model(), chat_tokenizer(), name="tiny"), trait, CONFIG, progress=False
+    )
+    extraction.response.save(vector)
+    arguments = ["persona", "sweep", str(vector), str(trait), *model_args, "--layers", "1,2"]
+    arguments += ["--coefficients=-1,1", "--max-new-tokens", "4", "--scorer", "checksum", "--save"]
+    assert main([*arguments, "--json", str(tmp_path / "sweep.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "layer  coefficient (× typical norm)" in printed and "best:" in printed
+    assert len(load_persona_vector(vector).info["sweep"]["points"]) == 4
+    assert len(json.loads((tmp_path / "sweep.json").read_text())) == 5
+    transcoders = random_transcoders("plt-topk", 4, 32, d_features=16)
+    transcoders.save(tmp_path / "set")
+    arguments = ["persona", "features", str(vector), "--layer", "2", "--transcoders", str(tmp_path / "set")]
+    assert main([*arguments, "--top", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 5
+    with pytest.raises(SystemExit):
+        main(["persona", "sweep", str(vector), str(trait), *model_args, "--coefficients", "a"])
+    assert "expected comma-separated numbers" in capsys.readouterr().err

@@ -40,10 +40,13 @@ from circuitmap.interventions import (
 )
 from circuitmap.models import DEFAULT_MODEL, Model, load_model, supported_families
 from circuitmap.persona import (
+    AlignedFeature,
     ExtractConfig,
     PersonaVector,
+    aligned_features,
     export_control_vector,
     extract_persona_vectors,
+    finetune_shift,
     load_persona_vector,
     load_trait,
     project,
@@ -51,6 +54,7 @@ from circuitmap.persona import (
     rank_samples,
     steer,
     steering,
+    sweep_steering,
 )
 from circuitmap.pipeline import ComputedGraph, compute_graph, compute_graph_folder
 from circuitmap.transcoders import (
@@ -67,6 +71,7 @@ __all__ = [
     "BuildConfig",
     "CircuitmapError",
     "ComputedGraph",
+    "AlignedFeature",
     "CrossLayerTranscoder",
     "Direction",
     "EditHandle",
@@ -87,12 +92,14 @@ __all__ = [
     "apply_edits",
     "attribute",
     "build_features",
+    "aligned_features",
     "check_graph",
     "compare_graphs",
     "compute_graph",
     "compute_graph_folder",
     "export_control_vector",
     "export_graph_json",
+    "finetune_shift",
     "extract_persona_vectors",
     "generate_with",
     "graph_scores",
@@ -112,5 +119,6 @@ __all__ = [
     "steer",
     "steering",
     "subgraph_scores",
+    "sweep_steering",
     "supported_families",
 ]

@@ -1,4 +1,5 @@
-"""``persona extract|steer|project|flag``: persona vectors from trait files, and what they do to a model."""
+"""``persona extract|sweep|steer|project|flag|features``: persona vectors from trait files, and what they do
+to a model."""
 
 from __future__ import annotations
 
@@ -9,11 +10,20 @@ import os
 from pathlib import Path
 
 from circuitmap.atomic import atomic_write, check_writable
-from circuitmap.cli import add_model_args, add_settings, load_model_from_args, positive_int, settings_from
+from circuitmap.cli import (
+    add_feature_database_option,
+    add_model_args,
+    add_settings,
+    feature_database,
+    load_model_from_args,
+    positive_int,
+    settings_from,
+)
 from circuitmap.errors import CircuitmapError
 from circuitmap.persona import (
     EndpointJudge,
     ExtractConfig,
+    aligned_features,
     chat_ids,
     export_control_vector,
     extract_persona_vectors,
@@ -24,9 +34,15 @@ from circuitmap.persona import (
     rank_samples,
     shipped_traits,
     steer,
+    sweep_steering,
 )
 from circuitmap.persona.extract import chosen_scorer
 from circuitmap.persona.steer import POSITIONS
+from circuitmap.persona.sweep import MAX_NLL_INCREASE
+from circuitmap.transcoders import load_transcoders
+
+SWEEP_COEFFICIENTS = (-1.0, -0.5, 0.5, 1.0, 1.5)
+"""Default sweep coefficients, in multiples of the layer's typical residual norm."""
 
 
 def register(commands) -> None:
@@ -51,6 +67,46 @@ def register(commands) -> None:
     add_model_args(extract)
     add_settings(extract, ExtractConfig)
     extract.set_defaults(run=_extract)
+
+    sweep = actions.add_parser(
+        "sweep", help="steer at several layers and coefficients, score the answers, choose the layer"
+    )
+    sweep.add_argument("vector", help="persona vector file (.safetensors)")
+    sweep.add_argument("trait", help="the trait file (or shipped trait) whose held-out questions are asked")
+    sweep.add_argument(
+        "--layers",
+        type=_integers,
+        help="comma-separated layers (default: six between a quarter and three quarters of the depth)",
+    )
+    sweep.add_argument(
+        "--coefficients",
+        type=_numbers,
+        default=SWEEP_COEFFICIENTS,
+        help=f"comma-separated coefficients (default {','.join(f'{c:g}' for c in SWEEP_COEFFICIENTS)})",
+    )
+    sweep.add_argument(
+        "--absolute",
+        action="store_true",
+        help="coefficients multiply the vector itself, not the typical norm",
+    )
+    sweep.add_argument(
+        "--positions", choices=POSITIONS, default="all", help="positions to steer (default all)"
+    )
+    sweep.add_argument("--questions", type=positive_int, help="ask only the first N held-out questions")
+    sweep.add_argument("--max-new-tokens", type=positive_int, default=48)
+    sweep.add_argument(
+        "--max-nll-increase",
+        type=float,
+        default=MAX_NLL_INCREASE,
+        help=f"nats per token a coherent answer may lose (default {MAX_NLL_INCREASE:g})",
+    )
+    sweep.add_argument("--scorer", help="registered scorer (default: the trait file's)")
+    sweep.add_argument(
+        "--save", action="store_true", help="record the sweep and its best layer in the vector file"
+    )
+    sweep.add_argument("--json", help="write every point with its answers as JSON to this file")
+    add_model_args(sweep)
+    sweep.set_defaults(run=_sweep)
 
     steering = actions.add_parser("steer", help="answer a question with and without steering")
     _vector_options(steering)
@@ -85,6 +141,20 @@ def register(commands) -> None:
     flag.add_argument("--top", type=positive_int, default=10, help="samples to print (default 10)")
     flag.add_argument("--json", help="write every sample's figures as JSON to this file")
     flag.set_defaults(run=_flag)
+
+    features = actions.add_parser(
+        "features", help="the transcoder features whose writes align with the vector at a layer"
+    )
+    features.add_argument("vector", help="persona vector file (.safetensors)")
+    features.add_argument(
+        "--layer", type=int, required=True, help="the layer whose incoming residual is used"
+    )
+    features.add_argument(
+        "--transcoders", required=True, help="transcoder set (folder, npz or hub reference)"
+    )
+    features.add_argument("--top", type=positive_int, default=20, help="features to list (default 20)")
+    add_feature_database_option(features, "to label the features from")
+    features.set_defaults(run=_features)
 
 
 def _vector_options(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +200,75 @@ def _extract(args: argparse.Namespace) -> int:
         ]
         print(f"wrote {_write_text(args.answers, ''.join(line + chr(10) for line in lines))}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    if args.json:
+        check_writable(args.json, "the JSON file")
+    trait = load_trait(args.trait)
+    scorer_name, scorer = chosen_scorer(trait, ExtractConfig(scorer=args.scorer))
+    vector = load_persona_vector(args.vector)
+    model = load_model_from_args(args)
+    vector.check_model(model, args.vector)
+    n = model.n_layers
+    layers = args.layers or sorted({round(n / 4 + i * n / 10) for i in range(6)} & set(range(n)))
+    questions = list(trait.eval_questions or trait.questions)[: args.questions]
+    result = sweep_steering(
+        model,
+        vector,
+        trait,
+        scorer,
+        layers,
+        args.coefficients,
+        relative=not args.absolute,
+        positions=args.positions,
+        questions=questions,
+        max_new_tokens=args.max_new_tokens,
+        max_nll_increase=args.max_nll_increase,
+    )
+    print(f"scorer {scorer_name}, {len(questions)} held-out questions")
+    print(result.table())
+    if args.save:
+        vector.info["sweep"] = result.as_json()
+        print(f"wrote {vector.save(args.vector)}")
+    if args.json:
+        text = json.dumps(result.dict_points(), indent=1, ensure_ascii=False, allow_nan=False)
+        print(f"wrote {_write_text(args.json, text)}")
+    return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    vector = load_persona_vector(args.vector)
+    transcoders = load_transcoders(args.transcoders)
+    if (transcoders.d_model, transcoders.n_layers) != (vector.d_model, vector.n_layers):
+        raise CircuitmapError(
+            f"{args.vector} was extracted from a model of width {vector.d_model} with {vector.n_layers} "
+            f"layers; the transcoders have width {transcoders.d_model} and {transcoders.n_layers} layers"
+        )
+    with feature_database(args.features, transcoders) as store:
+        found = aligned_features(transcoders, vector, args.layer, top=args.top, features=store)
+    print(f"features writing into the residual entering layer {args.layer}, by |cosine| with the vector")
+    print(" cosine  feature   label")
+    for item in found:
+        print(f"{item.cosine:>+7.3f}  {item.node:<8}  {item.label or ''}")
+    return 0
+
+
+def _integers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(value) for value in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
 
 
 def _steer(args: argparse.Namespace) -> int:

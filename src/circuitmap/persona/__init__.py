@@ -5,10 +5,13 @@ The model answers every question under both kinds of prompt, a scorer (``scorers
 show the trait and those that do not, and the persona vector of a layer is the difference of the two sets'
 mean residual activations over the answers' tokens (``extract``). A vector is saved with its provenance and
 exported to llama.cpp's control vectors (``vectors``); it steers the model, measures how much a response
-carries the trait (its projection) and flags training samples that would push a model along it (``steer``).
+carries the trait (its projection), flags training samples that would push a model along it and measures
+how far fine-tuning moved a model along it (``steer``). A steering sweep (``sweep``) chooses the layer, and
+``features`` relates the vector to transcoder features.
 """
 
 from circuitmap.persona.extract import ExtractConfig, PersonaExtraction, ScoredAnswer, extract_persona_vectors
+from circuitmap.persona.features import AlignedFeature, aligned_features, feature_direction
 from circuitmap.persona.runs import chat_ids
 from circuitmap.persona.scorers import (
     SCORERS,
@@ -24,6 +27,7 @@ from circuitmap.persona.steer import (
     Projection,
     SampleProjection,
     SteeringHandle,
+    finetune_shift,
     project,
     projection_difference,
     rank_samples,
@@ -31,6 +35,7 @@ from circuitmap.persona.steer import (
     steering,
     typical_norm,
 )
+from circuitmap.persona.sweep import Sweep, SweepPoint, sweep_steering, typical_norms
 from circuitmap.persona.traits import InstructionPair, ReferenceAnswer, Trait, load_trait, shipped_traits
 from circuitmap.persona.vectors import (
     ControlVector,
@@ -42,6 +47,7 @@ from circuitmap.persona.vectors import (
 
 __all__ = [
     "SCORERS",
+    "AlignedFeature",
     "ControlVector",
     "EndpointJudge",
     "ExtractConfig",
@@ -54,10 +60,15 @@ __all__ = [
     "ScoredAnswer",
     "Scorer",
     "SteeringHandle",
+    "Sweep",
+    "SweepPoint",
     "Trait",
+    "aligned_features",
     "chat_ids",
     "export_control_vector",
     "extract_persona_vectors",
+    "feature_direction",
+    "finetune_shift",
     "formality_score",
     "french_score",
     "get_scorer",
@@ -72,5 +83,7 @@ __all__ = [
     "shipped_traits",
     "steer",
     "steering",
+    "sweep_steering",
     "typical_norm",
+    "typical_norms",
 ]

@@ -6,6 +6,9 @@
   (``circuitmap.models.generation``): prompts of equal length are batched together, so no padding is
   needed; one seeded generator serves the whole run, so the same prompts and settings give the same
   answers; each answer ends before its first end-of-text token;
+- ``answer_nll``: how surprising each answer is to the model as it stands (mean negative log-likelihood
+  per answer token, in nats), the coherence measure of steering: a steered answer that the unsteered
+  model finds much less likely than its own answers has stopped making sense;
 - ``read_residuals``: for each (prompt, response) pair, the residual stream entering every layer
   (``resid_pre``) at the prompt's last token and at every response token. Sequences of similar length are
   batched, padded on the right: the model is causal, so padding after a sequence changes nothing before it,
@@ -22,7 +25,13 @@ from tqdm.auto import tqdm
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
-from circuitmap.models.generation import generate_ids, preallocated_cache, sampling_generator, stop_ids
+from circuitmap.models.generation import (
+    PositionCallback,
+    generate_ids,
+    preallocated_cache,
+    sampling_generator,
+    stop_ids,
+)
 from circuitmap.validation import check_text
 
 PAD_ID = 0
@@ -63,9 +72,12 @@ def generate_answers(
     temperature: float = 1.0,
     seed: int | None = 0,
     batch_size: int = 16,
+    before_forward: PositionCallback | None = None,
     progress: bool = True,
 ) -> list[torch.Tensor]:
-    """The answer to each of ``prompts`` (1-D ids): at most ``max_new_tokens`` ids, end-of-text excluded."""
+    """The answer to each of ``prompts`` (1-D ids): at most ``max_new_tokens`` ids, end-of-text excluded.
+    ``before_forward(start)`` is called before every forward pass with the position it starts at (the rows
+    of a batch have the same length, so the same positions)."""
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, prompt in enumerate(prompts):
         model.check_length(len(prompt) + max_new_tokens, "a prompt with its answer")
@@ -88,6 +100,7 @@ def generate_answers(
             temperature=temperature,
             generator=generator,
             stop=stop,
+            before_forward=before_forward,
             cache=preallocated_cache(model.hf_model, ids.shape[1] + max_new_tokens),
         ).cpu()
         for index, row in zip(batch, new, strict=True):
@@ -110,12 +123,41 @@ def read_residuals(
     batches = [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="activations", unit="batch", disable=not progress):
         sequences = [torch.cat(pairs[i]) for i in batch]
-        longest = max(len(sequence) for sequence in sequences)
-        ids = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = sequence
+        ids = _padded(sequences)
         cache = model.activations(ids, ["resid_pre"])
         for row, index in enumerate(batch):
             start, end = len(pairs[index][0]) - 1, len(sequences[row])
             layers = [cache["resid_pre", layer][row, start:end] for layer in range(model.n_layers)]
             yield index, torch.stack(layers).to("cpu", torch.promote_types(model.dtype, torch.float32))
+
+
+def _padded(sequences: list[torch.Tensor]) -> torch.Tensor:
+    """``sequences`` (1-D ids) as one batch ``[B, longest]``, padded on the right with ``PAD_ID``."""
+    ids = torch.full((len(sequences), max(len(sequence) for sequence in sequences)), PAD_ID, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+    return ids
+
+
+def answer_nll(
+    model: Model,
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    batch_size: int = 8,
+) -> list[float]:
+    """For each ``(prompt_ids, answer_ids)`` pair, the model's mean negative log-likelihood of the answer's
+    tokens given what precedes them, in nats per token (NaN for an empty answer)."""
+    found = [float("nan")] * len(pairs)
+    answered = [index for index, (_, answer) in enumerate(pairs) if len(answer)]
+    for first in range(0, len(answered), batch_size):
+        batch = answered[first : first + batch_size]
+        ids = _padded([torch.cat(pairs[index]) for index in batch]).to(model.device)
+        with torch.no_grad():
+            logits = model.hf_model(input_ids=ids, use_cache=False).logits
+        for row, index in enumerate(batch):
+            prompt, answer = pairs[index]
+            start = len(prompt)
+            predicted = logits[row, start - 1 : start - 1 + len(answer)].double().log_softmax(-1)
+            chosen = predicted.gather(1, answer.to(predicted.device).long()[:, None])
+            found[index] = float(-chosen.mean())
+    return found

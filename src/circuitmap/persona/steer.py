@@ -19,6 +19,10 @@ difference means the sample pulls the model along the vector, more than what it 
 approximation (``approximate=True``) replaces the model's own answer by the projection at the prompt's last
 token, where the model is about to answer, and needs no generation. ``rank_samples`` sorts samples by
 difference, the most trait-inducing first.
+
+**Fine-tuning shift** of a model along a vector, as the paper measures what training did: the mean over
+prompts of the tuned model's residual minus the base model's, at the prompt's last token (or averaged over
+a given response's tokens), dotted with the unit vector.
 """
 
 from __future__ import annotations
@@ -296,3 +300,42 @@ def rank_samples(samples: Sequence[SampleProjection], top: int | None = None) ->
     fine-tuned on them along the vector. ``top`` keeps the first few."""
     ranked = sorted(samples, key=lambda sample: (math.isnan(sample.difference), -sample.difference))
     return ranked if top is None else ranked[:top]
+
+
+def finetune_shift(
+    base: Model,
+    tuned: Model,
+    vector: PersonaVector | torch.Tensor,
+    layer: int,
+    prompts: Sequence[str],
+    *,
+    responses: Sequence[str] | None = None,
+    system: str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> float:
+    """How far ``tuned`` moved from ``base`` along the unit vector of ``layer``: the mean over ``prompts``
+    (user turns in the chat template, after ``system``) of the difference of their residuals entering
+    ``layer`` at the last prompt token, or averaged over each of ``responses``' tokens when given."""
+    if (tuned.d_model, tuned.n_layers) != (base.d_model, base.n_layers):
+        raise CircuitmapError(
+            f"the tuned model ({tuned.name}: width {tuned.d_model}, {tuned.n_layers} layers) is not shaped "
+            f"as the base model ({base.name}: width {base.d_model}, {base.n_layers} layers)"
+        )
+    if not prompts:
+        raise CircuitmapError("the fine-tuning shift needs at least one prompt")
+    if responses is not None and len(responses) != len(prompts):
+        raise CircuitmapError(f"{len(prompts)} prompts but {len(responses)} responses")
+    unit = unit_direction(base, vector, layer)
+    ids = [chat_ids(base, prompt, system) for prompt in prompts]
+    answers = (
+        [torch.empty(0, dtype=torch.long)] * len(ids)
+        if responses is None
+        else [response_ids(base, response) for response in responses]
+    )
+    pairs = list(zip(ids, answers, strict=True))
+    means = []
+    for model in (base, tuned):
+        read = _projections(model, unit, layer, pairs, batch_size, progress)
+        means.append(torch.stack([values[0] if responses is None else values[1:].mean() for values in read]))
+    return float((means[1] - means[0]).mean())
