@@ -193,3 +193,19 @@ def test_activations_without_the_unembedding_match_run_with_cache(family):
     assert internals.keys() == cache.keys()
     for key, value in cache.items():
         assert torch.equal(internals[key], value), key
+
+
+def test_a_model_cut_after_its_first_layers_ends_on_the_residual_entering_the_next(family):
+    model = tiny_model(family, torch.float64)
+    ids = model.encode(PROMPT)
+    clean, full = model.run_with_cache(ids)
+    cut = model.first_layers(model.n_layers - 1)
+    assert (cut.n_layers, model.n_layers) == (model.n_layers - 1, len(model.points.layers))
+    _, part = cut.run_with_cache(ids)
+    torch.testing.assert_close(part["resid_final", None], full["resid_pre", cut.n_layers], rtol=0, atol=1e-12)
+    for layer in range(cut.n_layers):
+        torch.testing.assert_close(part["mlp_in", layer], full["mlp_in", layer], rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.run_with_cache(ids)[0], clean, rtol=0, atol=0)
+    for wrong in (0, model.n_layers + 1):
+        with pytest.raises(CircuitmapError, match="can be cut after"):
+            model.first_layers(wrong)

@@ -25,6 +25,7 @@ from circuitmap import ResidualEdit, patch_edits
 from circuitmap.cli import build_parser, main, settings_from
 from circuitmap.config import field_docs
 from circuitmap.errors import CircuitmapError
+from circuitmap.graphs import NodeKind
 from circuitmap.models import Model
 from circuitmap.persona import (
     SCORERS,
@@ -44,6 +45,7 @@ from circuitmap.persona import (
     load_control_vector,
     load_persona_vector,
     load_trait,
+    persona_graph,
     project,
     projection_difference,
     rank_samples,
@@ -710,6 +712,36 @@ def test_aligned_features_rank_every_earlier_features_residual_write_by_cosine(e
     assert "width 5" in one_line_error(aligned_features, transcoders, torch.ones(5), 1)
 
 
+@pytest.mark.parametrize("kind", ["plt-topk-skip", "clt-jumprelu"])
+def test_a_persona_graph_explains_the_projection_at_its_layer_and_position(extraction, kind):
+    model = chat_model(dtype=torch.float64)
+    transcoders = random_transcoders(kind, 4, 32)
+    layer = 2
+    computed = persona_graph(
+        model, transcoders, extraction.response, layer, "Hi?", position=-2, groups=False, progress=False
+    )
+    graph = computed.graph
+    ids = model.encode(chat_text("Hi?"))[0][:-1]
+    assert graph.tokens == ids.tolist() and graph.target_names == ["glad @ layer 2"]
+    _, cache = model.run_with_cache(ids[None])
+    unit = extraction.response.layer(layer).double() / extraction.response.layer(layer).double().norm()
+    target = int(graph.nodes_of(NodeKind.TARGET)[0])
+    # the model's own norms compute in float32, the graph's frozen ones in float64
+    assert graph.value[target] == pytest.approx(float(cache["resid_pre", layer][0, -1] @ unit), rel=1e-6)
+    sources, weights = graph.row(target)
+    assert weights.sum() + graph.constant[target] == pytest.approx(graph.value[target], abs=1e-9)
+    features = graph.nodes_of(NodeKind.FEATURE)
+    assert len(features) and set(graph.layer[features].tolist()) <= set(range(layer))
+    for node in features[:10]:
+        inputs = cache["mlp_in", int(graph.layer[node])][0, int(graph.position[node])]
+        expected = transcoders.encode(int(graph.layer[node]), inputs)[int(graph.index[node])]
+        assert graph.activation[node] == pytest.approx(float(expected), rel=1e-6, abs=1e-9)
+    assert "1..3, not 0" in one_line_error(persona_graph, model, transcoders, extraction.response, 0, "Hi?")
+    assert "outside the prompt" in one_line_error(
+        persona_graph, model, transcoders, extraction.response, 1, "Hi?", position=99
+    )
+
+
 # Command line
 
 
@@ -844,6 +876,11 @@ def test_the_sweep_and_features_commands(saved, trait, capsys, tmp_path):
     arguments = ["persona", "features", str(vector), "--layer", "2", "--transcoders", str(tmp_path / "set")]
     assert main([*arguments, "--top", "3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 5
+    arguments = ["persona", "graph", str(vector), *model_args, "--layer", "2", "--prompt", "Hi?"]
+    arguments += ["--response", "ok", "--transcoders", str(tmp_path / "set"), "--out", str(tmp_path / "g")]
+    assert main(arguments) == 0
+    assert "target 'glad @ layer 2' at position" in capsys.readouterr().out
+    assert (tmp_path / "g" / "graph.json").is_file() and (tmp_path / "g" / "graph.safetensors").is_file()
     with pytest.raises(SystemExit):
         main(["persona", "sweep", str(vector), str(trait), *model_args, "--coefficients", "a"])
     assert "expected comma-separated numbers" in capsys.readouterr().err

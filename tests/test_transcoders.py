@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers.transcoders import random_transcoders
 from safetensors.torch import load_file, save_file
 
 from circuitmap.errors import CircuitmapError, IncompatibleTranscodersError, TranscoderLoadError
@@ -653,3 +654,17 @@ def test_hub_ref_not_cached(hub, tmp_path):
     one_line_error(
         TranscoderLoadError, "not a hub reference: hf://just-a-name", load_transcoders, "hf://just-a-name"
     )
+
+
+@pytest.mark.parametrize("kind", ["plt-jumprelu-skip", "clt-topk"])
+def test_a_set_cut_after_its_first_layers_reconstructs_those_layers_as_the_whole_set(kind):
+    transcoders = random_transcoders(kind, 4, 16, d_features=12)
+    inputs = [
+        torch.randn(5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
+    cut = transcoders.first_layers(2)
+    assert (cut.kind, cut.n_layers, cut.has_skip) == (transcoders.kind, 2, transcoders.has_skip)
+    for got, expected in zip(cut.reconstruct(inputs[:2]), transcoders.reconstruct(inputs)[:2], strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(CircuitmapError, match="can be cut after"):
+        transcoders.first_layers(5)

@@ -1,5 +1,5 @@
-"""``persona extract|sweep|steer|project|flag|features``: persona vectors from trait files, and what they do
-to a model."""
+"""``persona extract|sweep|steer|project|flag|features|graph``: persona vectors from trait files, and what
+they do to a model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import math
 import os
 from pathlib import Path
+
+import torch
 
 from circuitmap.atomic import atomic_write, check_writable
 from circuitmap.cli import (
@@ -20,6 +22,7 @@ from circuitmap.cli import (
     settings_from,
 )
 from circuitmap.errors import CircuitmapError
+from circuitmap.graphs import GraphFolder, NodeKind
 from circuitmap.persona import (
     EndpointJudge,
     ExtractConfig,
@@ -29,6 +32,7 @@ from circuitmap.persona import (
     extract_persona_vectors,
     load_persona_vector,
     load_trait,
+    persona_graph,
     project,
     projection_difference,
     rank_samples,
@@ -37,6 +41,7 @@ from circuitmap.persona import (
     sweep_steering,
 )
 from circuitmap.persona.extract import chosen_scorer
+from circuitmap.persona.runs import response_ids
 from circuitmap.persona.steer import POSITIONS
 from circuitmap.persona.sweep import MAX_NLL_INCREASE
 from circuitmap.transcoders import load_transcoders
@@ -156,6 +161,18 @@ def register(commands) -> None:
     add_feature_database_option(features, "to label the features from")
     features.set_defaults(run=_features)
 
+    graph = actions.add_parser(
+        "graph", help="the attribution graph of the projection on the vector at a layer and position"
+    )
+    _vector_options(graph)
+    graph.add_argument("--prompt", required=True, help="the user's message")
+    graph.add_argument("--response", help="the assistant's response, appended after the prompt")
+    graph.add_argument("--position", type=int, default=-1, help="token position read (default: the last)")
+    graph.add_argument("--transcoders", required=True, help="transcoder set (folder, npz or hub reference)")
+    graph.add_argument("--out", required=True, help="graph folder to write (open it with circuitmap serve)")
+    add_feature_database_option(graph, "to label the features from")
+    graph.set_defaults(run=_graph)
+
 
 def _vector_options(parser: argparse.ArgumentParser) -> None:
     """The vector file, its layer, the system prompt and the model options."""
@@ -251,6 +268,29 @@ def _features(args: argparse.Namespace) -> int:
     print(" cosine  feature   label")
     for item in found:
         print(f"{item.cosine:>+7.3f}  {item.node:<8}  {item.label or ''}")
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    check_writable(args.out, "the graph folder")
+    vector = load_persona_vector(args.vector)
+    transcoders = load_transcoders(args.transcoders)
+    model = load_model_from_args(args)
+    vector.check_model(model, args.vector)
+    ids = chat_ids(model, args.prompt, args.system)
+    if args.response:
+        ids = torch.cat([ids, response_ids(model, args.response)])
+    with feature_database(args.features, transcoders) as store:
+        computed = persona_graph(
+            model, transcoders, vector, args.layer, ids, position=args.position, features=store
+        )
+    GraphFolder(args.out).write(computed.graph, computed.document)
+    graph = computed.graph
+    print(
+        f"target {graph.target_names[0]!r} at position {len(graph.tokens) - 1} "
+        f"({graph.token_strings[-1]!r}): {graph.value[graph.nodes_of(NodeKind.TARGET)[0]]:+.3f}"
+    )
+    print(f"{graph.n_features} features; wrote {args.out}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
@@ -28,6 +29,23 @@ from circuitmap.validation import check_text
 Inputs = str | torch.Tensor
 
 
+def _shallow_module(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that shares its parameters, buffers and submodules, with its own table of
+    submodules (replacing one in the copy leaves the original alone)."""
+    twin = copy.copy(module)
+    twin._modules = dict(module._modules)
+    return twin
+
+
+def _copied_path(root: nn.Module, parts: Sequence[str]) -> list[nn.Module]:
+    """The modules along ``parts`` below ``root``."""
+    found, module = [], root
+    for part in parts:
+        module = module._modules[part]
+        found.append(module)
+    return found
+
+
 class Model:
     """A causal LM ready for circuit tracing: tokenise, run, read and patch its internals."""
 
@@ -51,6 +69,32 @@ class Model:
     @property
     def n_layers(self) -> int:
         return len(self.points.layers)
+
+    def first_layers(self, n_layers: int) -> Model:
+        """This model cut after its first ``n_layers`` layers, every weight shared: its final norm reads the
+        residual entering layer ``n_layers``, so a read-out of that residual (a ``Direction`` target) is
+        computed by exactly the layers it depends on. The model itself is left as it is."""
+        if not 1 <= n_layers <= self.n_layers:
+            raise CircuitmapError(f"a model can be cut after 1..{self.n_layers} layers, not {n_layers}")
+        cut = _shallow_module(self.hf_model)
+        *parents, name = self.adapter.layers.split(".")
+        holder = cut
+        for part in parents:
+            holder._modules[part] = _shallow_module(holder._modules[part])
+            holder = holder._modules[part]
+        holder._modules[name] = nn.ModuleList(list(holder._modules[name])[:n_layers])
+        config = copy.deepcopy(self.hf_model.config)
+        text_config = config.get_text_config()
+        text_config.num_hidden_layers = n_layers
+        for key in ("n_layer", "num_layers"):
+            if hasattr(text_config, key) and isinstance(getattr(text_config, key), int):
+                setattr(text_config, key, n_layers)
+        if isinstance(getattr(text_config, "layer_types", None), list):
+            text_config.layer_types = text_config.layer_types[:n_layers]
+        for module in [cut, *_copied_path(cut, parents)]:
+            if hasattr(module, "config"):
+                module.config = text_config if module is not cut else config
+        return Model(cut, self.tokenizer, name=f"{self.name} (first {n_layers} layers)")
 
     @property
     def d_model(self) -> int:

@@ -11,7 +11,7 @@ how far fine-tuning moved a model along it (``steer``). A steering sweep (``swee
 """
 
 from circuitmap.persona.extract import ExtractConfig, PersonaExtraction, ScoredAnswer, extract_persona_vectors
-from circuitmap.persona.features import AlignedFeature, aligned_features, feature_direction
+from circuitmap.persona.features import AlignedFeature, aligned_features, feature_direction, persona_graph
 from circuitmap.persona.runs import chat_ids
 from circuitmap.persona.scorers import (
     SCORERS,
@@ -75,6 +75,7 @@ __all__ = [
     "load_control_vector",
     "load_persona_vector",
     "load_trait",
+    "persona_graph",
     "project",
     "projection_difference",
     "rank_samples",

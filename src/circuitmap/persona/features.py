@@ -8,6 +8,12 @@ a feature whose write points against the vector carries the opposite trait) and 
 database when one is given. ``feature_direction`` sums the top features' unit writes, each turned to point
 along the vector, into one direction: steering with it tests how much of the vector's effect those few
 features reproduce.
+
+``persona_graph`` is the attribution graph of the vector's projection at a layer and position of a prompt:
+which features drive the trait there. The residual entering layer ``L`` at position ``p`` depends only on
+layers ``< L`` and positions ``≤ p``, so the graph is that of the model cut after its first ``L`` layers
+(``Model.first_layers``, with the set's first ``L`` layers) on the prompt's first ``p + 1`` tokens, whose
+target is the unit vector read from the residual where the cut model ends (a ``Direction`` target).
 """
 
 from __future__ import annotations
@@ -16,9 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from circuitmap.attribution import AttributionConfig, Direction
 from circuitmap.errors import CircuitmapError
 from circuitmap.features import FeatureStore
+from circuitmap.graphs import PruneConfig
+from circuitmap.models import Model
+from circuitmap.persona.steer import prompt_ids, unit_direction
 from circuitmap.persona.vectors import PersonaVector
+from circuitmap.pipeline import ComputedGraph, compute_graph
 from circuitmap.transcoders import Transcoders
 from circuitmap.validation import check_number
 
@@ -106,3 +117,44 @@ def feature_direction(transcoders: Transcoders, chosen: list[AlignedFeature], la
         )
         total += (1.0 if item.cosine >= 0 else -1.0) * write / write.norm().clamp_min(1e-30)
     return total
+
+
+def persona_graph(
+    model: Model,
+    transcoders: Transcoders,
+    vector: PersonaVector | torch.Tensor,
+    layer: int,
+    prompt: str | torch.Tensor,
+    *,
+    position: int = -1,
+    system: str | None = None,
+    attribution: AttributionConfig | None = None,
+    pruning: PruneConfig | None = None,
+    features: FeatureStore | None = None,
+    groups: bool = True,
+    progress: bool = True,
+) -> ComputedGraph:
+    """The graph of the projection on the unit vector of the residual entering ``layer`` (``≥ 1``) at
+    ``position`` (default: the last) of ``prompt`` (a user turn in the chat template, after ``system``; or
+    ids), as the module describes; labelled from ``features`` when given."""
+    if not 1 <= layer < model.n_layers:
+        raise CircuitmapError(f"a persona graph reads a layer in 1..{model.n_layers - 1}, not {layer}")
+    transcoders.check_model(model.n_layers, model.d_model)
+    unit = unit_direction(model, vector, layer)
+    ids = prompt_ids(model, prompt, system)
+    if not -len(ids) <= position < len(ids):
+        raise CircuitmapError(f"position {position} is outside the prompt's {len(ids)} tokens")
+    ids = ids[: position % len(ids) + 1]
+    name = vector.info.get("trait", "vector") if isinstance(vector, PersonaVector) else "vector"
+    target = Direction(f"{name} @ layer {layer}", unit.to(model.dtype))
+    return compute_graph(
+        model.first_layers(layer),
+        transcoders.first_layers(layer),
+        ids,
+        attribution,
+        pruning,
+        targets=[target],
+        features=features,
+        groups=groups,
+        progress=progress,
+    )

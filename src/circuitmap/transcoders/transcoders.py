@@ -264,6 +264,30 @@ class Transcoders(nn.Module):
             raise CircuitmapError(f"layer {layer} is out of range for a {self.n_layers}-layer transcoder set")
         return self.layers[layer]
 
+    def first_layers(self, n_layers: int) -> Transcoders:
+        """The set of a model cut after its first ``n_layers`` layers (``Model.first_layers``): those layers'
+        transcoders, weights shared; a cross-layer set keeps only the writes to those layers."""
+        if not 1 <= n_layers <= self.n_layers:
+            raise CircuitmapError(
+                f"a transcoder set can be cut after 1..{self.n_layers} layers, not {n_layers}"
+            )
+        layers = [self._layer(i) for i in range(n_layers)]
+        return type(self)(
+            W_enc=[layer.W_enc for layer in layers],
+            b_enc=[layer.b_enc for layer in layers],
+            W_dec=[self._first_decoder(i, n_layers) for i in range(n_layers)],
+            b_dec=[layer.b_dec for layer in layers],
+            activations=[layer.activation for layer in layers],
+            W_skip=[layer.W_skip for layer in layers] if self.has_skip else None,
+            model_name=self.model_name,
+            input_hook=self.input_hook,
+            output_hook=self.output_hook,
+        )
+
+    def _first_decoder(self, layer: int, n_layers: int) -> Tensor | LazyTensor:
+        """Layer ``layer``'s decoder in the set cut after ``n_layers`` layers."""
+        return self._layer(layer).decoder
+
     def check_model(self, n_layers: int, d_model: int) -> None:
         """Raise IncompatibleTranscodersError unless the set fits a model of this depth and width."""
         if (n_layers, d_model) != (self.n_layers, self.d_model):
@@ -434,6 +458,9 @@ class CrossLayerTranscoder(Transcoders):
 
     def _sources_of(self, out_layer: int) -> range:
         return range(out_layer + 1)
+
+    def _first_decoder(self, layer: int, n_layers: int) -> Tensor:
+        return self._layer(layer).W_dec[:, : n_layers - layer]
 
     def output_layers(self, layer: int) -> range:
         return range(layer, self.n_layers)
