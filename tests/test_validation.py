@@ -37,6 +37,7 @@ def test_text():
         (0.0, {"low": 0, "low_open": True}, "x must be positive, got 0.0"),
         (1.5, {"low": 0, "high": 1, "low_open": True}, r"x must be in \(0, 1\], got 1.5"),
         (1.0, {"high": 1, "high_open": True}, "x must be less than 1, got 1.0"),
+        (10**400, {}, "x must be a finite number, got 1000000000"),
     ],
 )
 def test_numbers_out_of_range(value, bounds, message):

@@ -46,8 +46,12 @@ def check_number(
     with ``whole``, an integer; a one-line error naming ``what`` otherwise. None bounds are unbounded."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise CircuitmapError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise CircuitmapError(f"{what} must be a finite number, got {value}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise CircuitmapError(f"{what} must be a finite number, got {str(value)[:40]}")
     if whole and not float(value).is_integer():
         raise CircuitmapError(f"{what} must be a whole number, got {value}")
     below = low is not None and (value <= low if low_open else value < low)

@@ -21,6 +21,7 @@ from circuitmap.features.graph_labels import add_feature_labels
 from circuitmap.graphs import PruneConfig, viewer_document
 from circuitmap.server import Engine, export_html, run_explorer
 from circuitmap.server.launch import DEFAULT_GRAPHS
+from circuitmap.server.personas import load_personas
 from circuitmap.transcoders import load_transcoders
 
 
@@ -33,6 +34,14 @@ def register(commands) -> None:
     serve.add_argument("--transcoders", help="with --model: compute new graphs from the browser")
     add_settings(serve, AttributionConfig, ["max_feature_nodes"], default_note=", for graphs computed here")
     add_explorer_options(serve)
+    serve.add_argument(
+        "--persona",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="with --model and --transcoders: a persona vector (.safetensors) to project on and steer with "
+        "in the page, named by its file's stem (repeatable)",
+    )
     serve.set_defaults(run=_serve)
 
     export = commands.add_parser(
@@ -55,13 +64,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise CircuitmapError(
             "--model and --transcoders go together: give both to compute graphs, or neither"
         )
+    if args.persona and args.model is None:
+        raise CircuitmapError("--persona needs --model and --transcoders: persona vectors run on the model")
     engine = None
+    personas = None
     if args.model is not None:
         attribution = AttributionConfig().with_changes(**settings_from(args, AttributionConfig))
         attribution.check()
         model = load_model_from_args(args)
         transcoders = load_transcoders(args.transcoders)
         engine = Engine(model, transcoders, args.model, args.transcoders, attribution=attribution)
+        personas = load_personas(args.persona, model)
     run_explorer(
         Path(args.graphs),
         engine,
@@ -69,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.port,
         allow_hosts=tuple(args.allow_host),
         features=args.features,
+        personas=personas,
     )
     return 0
 

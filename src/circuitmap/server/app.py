@@ -18,7 +18,19 @@ at start-up, never a path from the request). The API:
   ``GET /api/features/search?q=<text>`` (features by label or token; ``12/3071`` names one directly) and
   ``PUT /api/features/<layer>/<feature>/label`` (a manual label, ``{"text": ..., "author": ...}``; empty text
   clears it). Graph documents are then served, and computed, with the current label of every feature node
-  that has none of its own (``label_source`` says where it came from).
+  that has none of its own (``label_source`` says where it came from);
+- ``GET /api/personas``: the persona vectors the server was started with (``--persona``, which needs an
+  engine), a list of ``{name, trait, n_layers, layer}`` (``layer``: the default layer, the best of the sweep
+  recorded in the file, else the middle one); empty without any. With vectors (``server.personas``):
+  ``POST /api/personas/<name>/project`` (``{prompt, response?, layer?}``: the prompt as a user turn, projected
+  on the vector's unit direction at the layer: ``{tokens, values, last_prompt, mean}``, the response's tokens
+  and their projections, the projection at the prompt's last token and the response's mean; without a
+  response only ``last_prompt``, the lists empty and ``mean`` null); ``POST /api/personas/<name>/steer``
+  (``{prompt, layer?, coefficient, relative?, max_new_tokens?}``, ``relative`` true and 20 new tokens by
+  default, at most 200: ``{unsteered, steered}``, the greedy continuations without and with steering at every
+  position); ``GET /api/graphs/<graph>/persona/<name>?layer=L`` (``{layer, values}``: each feature node of
+  a layer below ``L`` by id, its activation times its write into the residual entering ``L``, projected on
+  the unit direction; the graph must come from the engine's transcoder set).
 
 Errors are ``{"detail": "<one line>"}`` with a 4xx (or 500) status. Safety: requests must name one of the
 allowed hosts (``Host`` header: the local names by default; this stops DNS-rebinding pages); a request that
@@ -32,7 +44,7 @@ import errno
 import ipaddress
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib import resources
@@ -53,8 +65,10 @@ from circuitmap.features.schema import check_transcoders
 from circuitmap.features.store import FeatureStore, current_label
 from circuitmap.graphs.compare import LoadedGraph, compare_loaded
 from circuitmap.graphs.folder import DOCUMENT_FILE
+from circuitmap.persona import PersonaVector
 from circuitmap.server.interventions import run_on_graph
 from circuitmap.server.jobs import Engine, Jobs
+from circuitmap.server.personas import Personas
 from circuitmap.server.store import GraphStore
 from circuitmap.validation import check_text
 
@@ -111,12 +125,15 @@ def create_app(
     engine: Engine | None = None,
     *,
     features: FeatureStore | None = None,
+    personas: Mapping[str, PersonaVector] | None = None,
     allowed_hosts: frozenset[str] | None = LOCAL_HOSTS,
     max_body: int = MAX_BODY,
 ) -> Guard:
     """The explorer app over a graph folder; with ``engine``, it can also compute new graphs; with
     ``features`` (the database of the engine's transcoder set, when there is an engine), it shows feature
     dashboards and labels. The caller keeps ownership of ``features`` (the app does not close it).
+    ``personas``: persona vectors of the engine's model by name (they need the engine), to project on and
+    steer with.
 
     ``allowed_hosts``: the names requests may address (``Host`` header, port ignored); None allows any,
     for a server bound to a network address on purpose.
@@ -124,6 +141,9 @@ def create_app(
     store = graphs if isinstance(graphs, GraphStore) else GraphStore(graphs)
     if features is not None and engine is not None:
         check_transcoders(features.meta, engine.transcoders, features.path)
+    if personas and engine is None:
+        raise CircuitmapError("persona vectors need an engine (a model and its transcoders) to run on")
+    persona_set = Personas(personas, engine) if personas else None
     jobs = Jobs(engine, store, features) if engine is not None else None
     assets = package_assets()
     for name in (PAGE, COMPARE_PAGE):
@@ -225,6 +245,37 @@ def create_app(
         result = await run_in_threadpool(run_on_graph, store, request.path_params["name"], engine, body)
         return JSONResponse(result, headers={"Cache-Control": "no-store"})
 
+    def needs_personas() -> Personas:
+        if persona_set is None:
+            raise StoreError("this server has no persona vectors (start it with --persona FILE)", 404)
+        return persona_set
+
+    def list_personas(request: Request) -> JSONResponse:
+        return JSONResponse(persona_set.summaries() if persona_set is not None else [])
+
+    async def project_persona(request: Request) -> JSONResponse:
+        vectors = needs_personas()
+        body = await _json_object(request)
+        result = await run_in_threadpool(vectors.project, request.path_params["persona"], body)
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    async def steer_persona(request: Request) -> JSONResponse:
+        vectors = needs_personas()
+        body = await _json_object(request)
+        result = await run_in_threadpool(vectors.steer, request.path_params["persona"], body)
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    async def graph_persona(request: Request) -> JSONResponse:
+        vectors = needs_personas()
+        result = await run_in_threadpool(
+            vectors.graph_projections,
+            store,
+            request.path_params["name"],
+            request.path_params["persona"],
+            request.query_params.get("layer"),
+        )
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
     def needs_features() -> FeatureStore:
         if features is None:
             raise StoreError("this server has no feature database (start it with --features)", 404)
@@ -275,6 +326,10 @@ def create_app(
         Route("/api/graphs/{name}/links", links, methods=["GET"]),
         Route("/api/graphs/{name}/scores", scores, methods=["POST"]),
         Route("/api/graphs/{name}/intervene", intervene, methods=["POST"]),
+        Route("/api/graphs/{name}/persona/{persona}", graph_persona, methods=["GET"]),
+        Route("/api/personas", list_personas, methods=["GET"]),
+        Route("/api/personas/{persona}/project", project_persona, methods=["POST"]),
+        Route("/api/personas/{persona}/steer", steer_persona, methods=["POST"]),
         Route("/api/compare/{a}/{b}", compare, methods=["GET"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),
         Route("/api/jobs", submit, methods=["POST"]),

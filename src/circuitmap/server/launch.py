@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from circuitmap.errors import CircuitmapError
 from circuitmap.features import FeatureStore
+from circuitmap.persona import PersonaVector
 from circuitmap.server.app import LOCAL_HOSTS, check_bind, create_app, is_loopback
 from circuitmap.server.jobs import Engine
 from circuitmap.server.store import GraphStore
@@ -61,12 +63,14 @@ def run_explorer(
     path: str = "/",
     allow_hosts: tuple[str, ...] = (),
     features: str | Path | None = None,
+    personas: Mapping[str, PersonaVector] | None = None,
 ) -> None:
     """Serve the graph folder ``graphs`` until interrupted, after printing the URL of ``path``.
 
-    With ``engine`` the page can compute new graphs and run interventions; ``features`` is the feature
-    database to show (default: the engine's set's own, when built). ``host`` defaults to loopback; another
-    address must be given explicitly, and the server then warns that anyone who can reach it can edit.
+    With ``engine`` the page can compute new graphs and run interventions, and project on and steer with
+    ``personas`` (vectors of its model by name); ``features`` is the feature database to show (default: the
+    engine's set's own, when built). ``host`` defaults to loopback; another address must be given
+    explicitly, and the server then warns that anyone who can reach it can edit.
     """
     check_port(port)
     explicit = host is not None
@@ -84,7 +88,11 @@ def run_explorer(
     graphs = Path(graphs)
     graphs.mkdir(parents=True, exist_ok=True)
     app = create_app(
-        GraphStore(graphs), engine, features=store, allowed_hosts=allowed_hosts(host, list(allow_hosts))
+        GraphStore(graphs),
+        engine,
+        features=store,
+        personas=personas,
+        allowed_hosts=allowed_hosts(host, list(allow_hosts)),
     )
     sock = bind(host, port)
     shown = f"[{host.strip('[]')}]" if ":" in host else host

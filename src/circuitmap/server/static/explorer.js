@@ -78,6 +78,7 @@
         note: this.served ? NO_MODEL : "",
         graphName: this.name,
       });
+      this.setUpPersona();
       this.applyState();
       this.setMode(this.state.supernodes.length ? "grouped" : "full");
       this.canvas.drawNow();
@@ -123,6 +124,16 @@
       this.featureSearch = new cm.FeatureSearch($("feature-search-input"), $("feature-hits"), {
         onOpen: (layer, feature) => this.openFeature(layer, feature),
         inGraph: (layer, feature) => this.nodesOfFeature(layer, feature).length > 0,
+      });
+    }
+
+    // The persona panel (served pages only); it shows itself once the server lists a vector.
+    setUpPersona() {
+      if (!this.served) return;
+      const prompt = this.graph.metadata.prompt || "";
+      this.persona = new cm.PersonaPanel($("persona"), { graphName: this.name, prompt });
+      this.persona.start().catch((error) => {
+        this.notify(`Could not list the persona vectors: ${error.message}`, "error");
       });
     }
 
@@ -683,6 +694,7 @@
         this.panelNode = undefined;
         this.dashboard.show(browsed && { ...browsed, activation: NaN, inGraph: false });
         this.interventions.show(group && this.groupTarget(group));
+        if (this.persona) this.persona.showNode(null);
         if (group) this.renderSupernode(group);
         return;
       }
@@ -707,6 +719,9 @@
       $("pin-button").textContent = this.state.pinned.includes(g.ids[i]) ? "Unpin (P)" : "Pin (P)";
       this.renderLens(i);
       this.interventions.show(this.nodeTarget(i));
+      if (this.persona) {
+        this.persona.showNode({ id: g.ids[i], layer: g.kind[i] === KIND.FEATURE ? g.layer[i] : null });
+      }
       this.renderDashboard(i);
       this.renderEdges(i, "incoming");
       this.renderEdges(i, "outgoing");
