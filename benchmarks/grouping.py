@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--transcoders", required=True)
     parser.add_argument("--features", type=Path, help="the set's feature database, for labels")
     parser.add_argument("--report", type=Path, help="write the markdown report here")
+    parser.add_argument("--json", type=Path, help="write every record, groups included, as JSON here")
     parser.add_argument(
         "--cut",
         type=float,
@@ -190,6 +191,8 @@ def main() -> None:
             records.append(record)
             print(json.dumps({k: v for k, v in record.items() if k != "rows"}), flush=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
     if args.report:
         args.report.write_text(report(records, machine))
 
