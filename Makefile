@@ -11,7 +11,7 @@ LOCK_VENV := .venv-lock
 
 BROWSER := /usr/bin/chromium
 
-.PHONY: demo test lint install browser clean interventions-report lock
+.PHONY: demo test lint install browser clean interventions-report persona-report lock
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ demo: $(STAMP)
 # docs/interventions.md and its figures (trains the quick transcoders on first use, like demo)
 interventions-report: $(STAMP)
 	$(BIN)/python examples/interventions_report.py
+
+# docs/persona.md: persona vectors of the three shipped traits (trains the quick transcoders on first use)
+persona-report: $(STAMP)
+	$(BIN)/python examples/persona_report.py
 
 # Debian's Chromium for the browser tests; without root they are skipped (CI installs it).
 browser:

@@ -20,7 +20,9 @@ For each shipped trait (optimistic, french, formal), with its offline scorer:
    database), and steering with the sum of the top ones at the chosen coefficient: the share of the
    vector's gain it reproduces.
 
-    python benchmarks/persona.py --transcoders FOLDER [--features DB] --report docs/persona.md
+``make persona-report`` (or ``python examples/persona_report.py``) regenerates it, with the model's quick
+transcoder set (trained on first use) and, when it exists, the set's feature database for labels. Greedy
+and seeded generation make it deterministic on one machine and thread count (the report names both).
 """
 
 from __future__ import annotations
@@ -39,23 +41,26 @@ import torch
 from scipy.stats import mannwhitneyu, pearsonr
 
 from circuitmap import load_model, load_transcoders
+from circuitmap.cache import ensure_quick_transcoders
 from circuitmap.features import FeatureStore
 from circuitmap.persona import (
     ExtractConfig,
     aligned_features,
+    chat_ids,
     extract_persona_vectors,
     feature_direction,
     get_scorer,
     load_trait,
-    project,
     projection_difference,
     sweep_steering,
 )
+from circuitmap.persona.runs import read_residuals, response_ids
 
+MODEL = "smollm2-135m"
 TRAITS = ("optimistic", "french", "formal")
 CANDIDATE_LAYERS = (6, 10, 14, 18, 22)
-LAYER_COEFFICIENT = 0.5
-"""The relative coefficient of the layer sweep (a multiple of the layer's typical residual norm)."""
+LAYER_COEFFICIENTS = (0.25, 0.5)
+"""The relative coefficients of the layer sweep (multiples of the layer's typical residual norm)."""
 CURVE_COEFFICIENTS = (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75, 1.0)
 EXTRACTION = ExtractConfig(questions=10, max_new_tokens=40, temperature=0.8, seed=0, batch_size=16)
 """The first 10 questions of each trait under its 5 instruction pairs, both sides: 100 answers."""
@@ -87,20 +92,20 @@ def run_trait(model, transcoders, store, name: str, log) -> dict:
         trait,
         scorer,
         CANDIDATE_LAYERS,
-        [LAYER_COEFFICIENT],
+        LAYER_COEFFICIENTS,
         max_new_tokens=SWEEP_TOKENS,
         progress=False,
     )
-    gains = {point.layer: layer_sweep.gain(point) for point in layer_sweep.points}
-    coherent = [p for p in layer_sweep.points if layer_sweep.coherent(p)]
-    layer = max(coherent or layer_sweep.points, key=lambda p: layer_sweep.gain(p)).layer
+    chosen_point = layer_sweep.best or max(layer_sweep.points, key=layer_sweep.gain)
+    layer = chosen_point.layer
     record["layer_sweep"] = {
         "baseline": layer_sweep.baseline.score,
         "points": [
             {
                 "layer": p.layer,
+                "coefficient": p.coefficient,
                 "score": p.score,
-                "gain": gains[p.layer],
+                "gain": layer_sweep.gain(p),
                 "nll": p.nll,
                 "coherent": layer_sweep.coherent(p),
             }
@@ -135,55 +140,73 @@ def run_trait(model, transcoders, store, name: str, log) -> dict:
         model, dataclasses.replace(trait, questions=trait.eval_questions), HELD_OUT, progress=False
     )
     answers = [a for a in held.answers if a.token_ids]
-    projections = []
-    for answer in answers:
-        projection = project(
-            model,
-            vector,
-            layer,
-            trait.eval_questions[answer.question],
-            torch.tensor(answer.token_ids),
-            system=trait.system_prompt(answer.polarity, answer.pair),
+    pairs = [
+        (
+            chat_ids(model, trait.eval_questions[a.question], trait.system_prompt(a.polarity, a.pair)),
+            torch.tensor(a.token_ids),
         )
-        projections.append(projection)
-    labels = np.array([a.polarity == "pos" for a in answers])
-    means = np.array([p.mean for p in projections])
-    kept = np.array([a.kept for a in answers])
-    record["auroc"] = {
-        "all": float(roc_auc_score(labels, means)),
-        "kept": float(roc_auc_score(labels[kept], means[kept]))
-        if 0 < labels[kept].sum() < kept.sum()
-        else None,
-        "answers": int(len(answers)),
-        "kept_answers": int(kept.sum()),
-    }
-
-    prompts_figures = []
-    for polarity in ("pos", "neg"):
-        for pair in range(len(trait.instructions)):
-            chosen = [i for i, a in enumerate(answers) if a.polarity == polarity and a.pair == pair]
-            prompts_figures.append(
-                {
-                    "system": f"{polarity} {pair + 1}",
-                    "last_prompt": float(np.mean([projections[i].last_prompt for i in chosen])),
-                    "score": float(np.nanmean([answers[i].score for i in chosen])),
-                }
-            )
-    plain = [
-        project(model, vector, layer, question, text)
+        for a in answers
+    ]
+    pairs += [
+        (
+            chat_ids(model, question),
+            response_ids(model, text),
+        )
         for question, text in zip(trait.eval_questions, curve.baseline.answers, strict=True)
         if text.strip()
     ]
-    prompts_figures.append(
-        {
-            "system": "none",
-            "last_prompt": float(np.mean([p.last_prompt for p in plain])),
-            "score": curve.baseline.score,
+    units = {
+        variant: torch.nn.functional.normalize(v.directions.double(), dim=1)
+        for variant, v in (("response", vector), ("prompt_last", extraction.prompt_last))
+    }
+    response_means = np.zeros((len(pairs), model.n_layers))
+    last_prompt = {variant: np.zeros((len(pairs), model.n_layers)) for variant in units}
+    for index, residual in read_residuals(model, pairs, progress=False):
+        residual = residual.double()
+        response_means[index] = (residual[:, 1:].mean(dim=1) * units["response"]).sum(-1).numpy()
+        for variant, unit in units.items():
+            last_prompt[variant][index] = (residual[:, 0] * unit).sum(-1).numpy()
+    n_held = len(answers)
+    labels = np.array([a.polarity == "pos" for a in answers])
+    kept = np.array([a.kept for a in answers])
+    by_layer = [roc_auc_score(labels, response_means[:n_held, i]) for i in range(model.n_layers)]
+    best_layer = int(np.argmax(by_layer))
+    record["auroc"] = {
+        "all": by_layer[layer],
+        "kept": roc_auc_score(labels[kept], response_means[:n_held][kept, layer])
+        if 0 < labels[kept].sum() < kept.sum()
+        else None,
+        "answers": n_held,
+        "kept_answers": int(kept.sum()),
+        "best_layer": best_layer,
+        "best": by_layer[best_layer],
+    }
+
+    groups = [
+        (
+            f"{polarity} {pair + 1}",
+            [i for i, a in enumerate(answers) if (a.polarity, a.pair) == (polarity, pair)],
+        )
+        for polarity in ("pos", "neg")
+        for pair in range(len(trait.instructions))
+    ]
+    groups.append(("none", list(range(n_held, len(pairs)))))
+    scores = [float(np.nanmean([answers[i].score for i in chosen])) for _, chosen in groups[:-1]]
+    scores.append(curve.baseline.score)
+    correlation = {}
+    for variant, values in last_prompt.items():
+        means = np.array([[values[chosen, i].mean() for i in range(model.n_layers)] for _, chosen in groups])
+        per_layer = [float(pearsonr(means[:, i], scores)[0]) for i in range(model.n_layers)]
+        correlation[variant] = {
+            "r": per_layer[layer],
+            "best_layer": int(np.nanargmax(per_layer)),
+            "best": float(np.nanmax(per_layer)),
+            "points": [
+                {"system": name, "last_prompt": float(means[g, layer]), "score": scores[g]}
+                for g, (name, _) in enumerate(groups)
+            ],
         }
-    )
-    xs = [f["last_prompt"] for f in prompts_figures]
-    ys = [f["score"] for f in prompts_figures]
-    record["prompt_correlation"] = {"r": float(pearsonr(xs, ys)[0]), "points": prompts_figures}
+    record["prompt_correlation"] = correlation
 
     trait_texts = [
         (trait.eval_questions[a.question], a.text) for a in held.answers if a.kept and a.polarity == "pos"
@@ -195,10 +218,10 @@ def run_trait(model, transcoders, store, name: str, log) -> dict:
     rng = random.Random(0)
     for share in SHARES:
         n_trait = round(share * DATASET_SIZE)
-        if n_trait > len(trait_texts) or DATASET_SIZE - n_trait > len(other_texts):
+        if (n_trait and not trait_texts) or (n_trait < DATASET_SIZE and not other_texts):
             datasets.append({"share": share, "exact": None, "approximate": None})
             continue
-        samples = rng.sample(trait_texts, n_trait) + rng.sample(other_texts, DATASET_SIZE - n_trait)
+        samples = rng.choices(trait_texts, k=n_trait) + rng.choices(other_texts, k=DATASET_SIZE - n_trait)
         exact = projection_difference(
             model, vector, layer, samples, max_new_tokens=SWEEP_TOKENS, progress=False
         )
@@ -246,6 +269,11 @@ def run_trait(model, transcoders, store, name: str, log) -> dict:
     return record
 
 
+def _indices(answers, polarity: str, pair: int) -> list[int]:
+    """The indices of the answers given under one system prompt."""
+    return [i for i, a in enumerate(answers) if (a.polarity, a.pair) == (polarity, pair)]
+
+
 def roc_auc_score(labels: np.ndarray, values: np.ndarray) -> float:
     """The probability that a positive sample's value exceeds a negative one's (ties count half)."""
     statistic = mannwhitneyu(values[labels], values[~labels]).statistic
@@ -262,8 +290,9 @@ def report(records: list[dict], machine: str, total: float) -> str:
     lines = [
         "# Persona vectors on SmolLM2-135M-Instruct",
         "",
-        "Generated by `benchmarks/persona.py` (its docstring describes every step). Vectors are the mean",
-        "residual over answer tokens with the trait's positive system prompts minus the negative ones;",
+        "Generated by `examples/persona_report.py` (`make persona-report`; its docstring describes every",
+        "step). Vectors are the mean residual over answer tokens with the trait's positive system prompts",
+        "minus the mean with the negative ones;",
         "coefficients are multiples of the layer's typical residual norm (the median over the prompt",
         "tokens). Coherence is the mean negative log-likelihood per token that the unsteered model gives",
         "the answers; a point is coherent while it exceeds the unsteered answers' by at most 1 nat/token.",
@@ -272,17 +301,21 @@ def report(records: list[dict], machine: str, total: float) -> str:
         "",
         "## Summary",
         "",
-        "| trait | scorer | kept pos / neg | layer | (a) AUROC all / kept | (b) coherent gain | monotone | "
-        "(c) r | (d) order exact / approx. | (e) feature steering share |",
-        "|---|---|---|---:|---|---:|---|---:|---|---:|",
+        "| trait | scorer | kept pos / neg | layer | (a) AUROC all / kept (best layer) | (b) coherent gain | "
+        "monotone | (c) r: response / prompt-last vector (best) | (d) order exact / approx. | "
+        "(e) feature steering share |",
+        "|---|---|---|---:|---|---:|---|---|---|---:|",
     ]
     for r in records:
         kept = r["extraction"]["kept"]
         features = r.get("feature_steering")
+        a, c = r["auroc"], r["prompt_correlation"]
         lines.append(
             f"| {r['trait']} | {r['scorer']} | {kept['pos']} / {kept['neg']} | {r['layer']} | "
-            f"{_number(r['auroc']['all'])} / {_number(r['auroc']['kept'])} | {r['coherent_gain']:+.1f} | "
-            f"{'yes' if r['monotone'] else 'NO'} | {_number(r['prompt_correlation']['r'])} | "
+            f"{_number(a['all'])} / {_number(a['kept'])} ({_number(a['best'])} at {a['best_layer']}) | "
+            f"{r['coherent_gain']:+.1f} | {'yes' if r['monotone'] else 'NO'} | "
+            f"{_number(c['response']['r'])} / {_number(c['prompt_last']['r'])} "
+            f"({_number(c['prompt_last']['best'])} at {c['prompt_last']['best_layer']}) | "
             f"{_verdict(r['order_exact'])} / {_verdict(r['order_approximate'])} | "
             f"{_number(features['share']) if features else 'n/a'} |"
         )
@@ -300,15 +333,18 @@ def report(records: list[dict], machine: str, total: float) -> str:
             f"{_number(ex['mean_scores']['pos'], 1)} / {_number(ex['mean_scores']['neg'], 1)}. "
             f"Wall-clock {r['seconds'] / 60:.1f} min."
         )
-        lines += ["", f"Layer sweep (coefficient {LAYER_COEFFICIENT:g}):", ""]
-        lines += ["| layer | score | gain | nats/token | coherent |", "|---:|---:|---:|---:|---|"]
+        lines += ["", "Layer sweep (the best coherent point chooses the layer):", ""]
+        lines += [
+            "| layer | coefficient | score | gain | nats/token | coherent |",
+            "|---:|---:|---:|---:|---:|---|",
+        ]
         lines.append(
-            f"| none | {r['layer_sweep']['baseline']:.1f} | | {r['layer_sweep']['baseline_nll']:.2f} | |"
+            f"| none | 0 | {r['layer_sweep']['baseline']:.1f} | | {r['layer_sweep']['baseline_nll']:.2f} | |"
         )
         for p in r["layer_sweep"]["points"]:
             lines.append(
-                f"| {p['layer']} | {p['score']:.1f} | {p['gain']:+.1f} | {p['nll']:.2f} | "
-                f"{'yes' if p['coherent'] else 'no'} |"
+                f"| {p['layer']} | {p['coefficient']:g} | {p['score']:.1f} | {p['gain']:+.1f} | "
+                f"{p['nll']:.2f} | {'yes' if p['coherent'] else 'no'} |"
             )
         lines += ["", f"(b) Steering at layer {r['layer']}:", ""]
         lines += [
@@ -321,19 +357,22 @@ def report(records: list[dict], machine: str, total: float) -> str:
                 f"| {p['coefficient']:g} | {p['score']:.1f} | {p['nll']:.2f} ({p['nll_increase']:+.2f}) | "
                 f"{'yes' if p['coherent'] else 'no'} | {example} |"
             )
-        a = r["auroc"]
+        a, c = r["auroc"], r["prompt_correlation"]
         lines += [
             "",
-            f"(a) Held-out separation: AUROC {_number(a['all'])} over {a['answers']} answers, "
-            f"{_number(a['kept'])} over the {a['kept_answers']} the filter keeps.",
+            f"(a) Held-out separation at layer {r['layer']}: AUROC {_number(a['all'])} over "
+            f"{a['answers']} answers, {_number(a['kept'])} over the {a['kept_answers']} the filter keeps; "
+            f"the best layer for separation is {a['best_layer']} ({_number(a['best'])}).",
             "",
-            f"(c) Last-prompt-token projection vs trait score across system prompts: r = "
-            f"{_number(r['prompt_correlation']['r'])}.",
+            f"(c) Projection at the last prompt token vs trait score across the 11 system prompts, at layer "
+            f"{r['layer']}: r = {_number(c['response']['r'])} on the response vector, "
+            f"{_number(c['prompt_last']['r'])} on the prompt-last-token vector (best: "
+            f"{_number(c['prompt_last']['best'])} at layer {c['prompt_last']['best_layer']}).",
             "",
-            "| system prompt | projection at the last prompt token | mean score |",
+            "| system prompt | projection at the last prompt token (prompt-last vector) | mean score |",
             "|---|---:|---:|",
         ]
-        for p in r["prompt_correlation"]["points"]:
+        for p in c["prompt_last"]["points"]:
             lines.append(f"| {p['system']} | {p['last_prompt']:+.3f} | {p['score']:.1f} |")
         lines += ["", "(d) Projection difference by share of trait answers:", ""]
         lines += ["| share | exact | approximate |", "|---:|---:|---:|"]
@@ -363,18 +402,18 @@ def _verdict(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--transcoders", help="transcoder set for (e)")
-    parser.add_argument("--features", type=Path, help="the set's feature database, for labels")
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--transcoders", help="transcoder set for (e) (default: the model's quick set)")
+    parser.add_argument("--features", help="feature database for labels (default: the set's own, if built)")
     parser.add_argument("--traits", nargs="*", default=list(TRAITS))
-    parser.add_argument("--report", type=Path, help="write the markdown report here")
-    parser.add_argument("--json", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--report", type=Path, default=Path("docs/persona.md"), help="the report to write")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
     model = load_model(args.model)
-    transcoders = load_transcoders(args.transcoders) if args.transcoders else None
-    store = FeatureStore(args.features, transcoders=transcoders) if args.features else None
+    transcoders = load_transcoders(args.transcoders or ensure_quick_transcoders(model, args.model))
+    store = FeatureStore.open_for(transcoders, args.features)
 
     def log(message: str) -> None:
         print(message, flush=True)
@@ -386,8 +425,8 @@ def main() -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
     if args.json:
         args.json.write_text(json.dumps(records, indent=1, ensure_ascii=False))
-    if args.report:
-        args.report.write_text(report(records, machine, total))
+    args.report.write_text(report(records, machine, total))
+    print(f"wrote {args.report}")
 
 
 if __name__ == "__main__":
