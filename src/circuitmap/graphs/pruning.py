@@ -67,8 +67,7 @@ class PruneConfig(Settings):
     edge_threshold: float = 0.98
     """Share of the influence-weighted flow among the kept nodes that the kept edges carry, in (0, 1]."""
     document_links: int = 40_000
-    """Links a viewer document lists at most: the kept edges with the most influence-weighted flow (the
-    explorer fetches the others when asked); scores are always those of every kept edge."""
+    """Most links a viewer document lists (the strongest kept edges; the explorer fetches the rest)."""
 
     def check(self) -> None:
         """Thresholds are cumulative fractions: in (0, 1]; the link budget is a positive integer."""
