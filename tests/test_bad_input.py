@@ -1099,7 +1099,7 @@ CLI_CASES = [
     cli("check-other-set", lambda w, s: [*_check(w, s), "--transcoders", w.other_transcoders], OTHER_SET),
     cli(
         "check-top-zero",
-        lambda w, s: _check(w, s, "--top", "0"),
+        lambda w, s: _check(w, s, "--top", "0", graph=w.graph / "graph.safetensors"),  # no saved supernodes
         "no features were asked for",
     ),
     cli("check-top-negative", lambda w, s: _check(w, s, "--top", "-3"), "n_features must be zero or more"),
