@@ -57,6 +57,7 @@ from circuitmap.persona import (
     sweep_steering,
 )
 from circuitmap.pipeline import ComputedGraph, compute_graph, compute_graph_folder
+from circuitmap.toy import ToyConfig, train_toy_models
 from circuitmap.transcoders import (
     CrossLayerTranscoder,
     PerLayerTranscoders,
@@ -88,6 +89,7 @@ __all__ = [
     "PruneConfig",
     "ResidualEdit",
     "Supernode",
+    "ToyConfig",
     "Transcoders",
     "apply_edits",
     "attribute",
@@ -121,4 +123,5 @@ __all__ = [
     "subgraph_scores",
     "sweep_steering",
     "supported_families",
+    "train_toy_models",
 ]
