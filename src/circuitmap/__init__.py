@@ -6,7 +6,8 @@ Load a model (``load_model``) and a transcoder set (``load_transcoders``, or tra
 and score it (``prune``, ``graph_scores``), group its features into named supernodes (``group_features``),
 write it as a graph folder for the explorer (``compute_graph_folder``) and compare two of them
 (``compare_graphs``); read what features mean (``build_features``, ``FeatureStore``); and test what a graph
-claims by editing features (``intervene``, ``generate_with``, ``check_graph``, ``patch_edits``).
+claims by editing features (``intervene``, ``generate_with``, ``check_graph``, ``patch_edits``); show graphs
+in a notebook (``show``).
 """
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ from circuitmap.interventions import (
     patch_edits,
 )
 from circuitmap.models import DEFAULT_MODEL, Model, load_model, supported_families
+from circuitmap.notebook import GraphView, show
 from circuitmap.persona import (
     AlignedFeature,
     ExtractConfig,
@@ -81,6 +83,7 @@ __all__ = [
     "FeatureStore",
     "Graph",
     "GraphFolder",
+    "GraphView",
     "Interrupted",
     "InterventionResult",
     "Model",
@@ -118,6 +121,7 @@ __all__ = [
     "prune",
     "rank_samples",
     "save_transcoders",
+    "show",
     "steer",
     "steering",
     "subgraph_scores",

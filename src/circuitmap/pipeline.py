@@ -94,6 +94,12 @@ class ComputedGraph:
         )
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the explorer's read-only view of the document (``circuitmap.show``)."""
+        from circuitmap.notebook import show
+
+        return show(self)._repr_html_()
+
 
 def _score(value: float | None) -> str:
     """A score as printed: three decimals, or "n/a" where it is undefined (written as null in JSON)."""

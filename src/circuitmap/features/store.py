@@ -123,6 +123,12 @@ class FeatureDashboard:
             lines.append(f"  {example.max_activation:8.4g}  {text}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: a compact HTML table of the dashboard."""
+        from circuitmap.notebook import dashboard_html
+
+        return dashboard_html(self)
+
 
 def _fields(instance) -> dict:
     """A dataclass instance's fields as a dict, lists copied (one level)."""

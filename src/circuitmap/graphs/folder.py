@@ -49,6 +49,12 @@ class GraphFolder:
     def has_document(self) -> bool:
         return self.document_file.is_file()
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the explorer's read-only view of the folder's document (``circuitmap.show``)."""
+        from circuitmap.notebook import show
+
+        return show(self)._repr_html_()
+
     def read_graph(self) -> Graph:
         """The full graph; a one-line error when the folder has none, or when its document was made from
         another graph."""

@@ -79,6 +79,12 @@ class Graph:
         """Indices of the nodes of one kind (contiguous, in graph order)."""
         return np.flatnonzero(self.kind == kind)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the explorer's read-only view, pruned and grouped (``circuitmap.show``)."""
+        from circuitmap.notebook import show
+
+        return show(self)._repr_html_()
+
     @property
     def n_features(self) -> int:
         return int(np.count_nonzero(self.kind == NodeKind.FEATURE))

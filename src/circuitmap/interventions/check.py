@@ -90,6 +90,12 @@ class CheckReport:
         )
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the rows and the agreement as an HTML table."""
+        from circuitmap.notebook import check_html
+
+        return check_html(self)
+
     def as_json(self) -> dict:
         return {
             "prompt": self.prompt,

@@ -118,6 +118,12 @@ class InterventionResult:
             lines.append(f"{tb!r:<20} {pb:>8.4f}   {ta!r:<20} {pa:>8.4f}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the edits, targets, top tokens and feature changes as HTML tables."""
+        from circuitmap.notebook import intervention_html
+
+        return intervention_html(self)
+
     def as_json(self) -> dict:
         """The result without the activation tensors, as plain JSON types."""
         return {

@@ -336,8 +336,14 @@
     stateChanged() {
       clearTimeout(this.hashTimer);
       this.hashTimer = setTimeout(() => {
-        const url = `${location.pathname}${location.search}#${cm.stateToHash(this.state)}`;
-        history.replaceState(history.state, "", url);
+        // Resolved against the document's own address, not its base: inside a notebook's frame
+        // (about:srcdoc) the base is the notebook's page, which the frame may not take as its address.
+        const url = new URL(`#${cm.stateToHash(this.state)}`, location.href).href;
+        try {
+          history.replaceState(history.state, "", url);
+        } catch (error) {
+          // A frame whose history cannot change (sandboxed) keeps its state in the page only.
+        }
       }, HASH_DELAY_MS);
       this.updateSaveStatus();
     }
