@@ -91,15 +91,32 @@ def test_a_view_saves_the_page_that_it_shows(graph, tmp_path):
         (42, {}, "cannot show a int"),
         ({"nodes": []}, {}, "a viewer document needs"),
         ("graph", {"supernodes": [["lonely"]]}, "at least one member"),
-        ("graph", {"supernodes": [["ghost", "99_1_1"]]}, "99_1_1 is not a node of the shown graph"),
-        ("graph", {"pinned": ["99_1_1"]}, "cannot pin 99_1_1"),
+        ("graph", {"supernodes": [["ghost", "99_1_1"]]}, "supernode 'ghost': unknown node ids '99_1_1'"),
+        ("graph", {"pinned": ["99_1_1"]}, "pinned: unknown node ids '99_1_1'"),
+        ("document", {"supernodes": [["ghost", "99_1_1"]]}, "99_1_1 is not a node of the shown graph"),
+        ("document", {"pinned": ["99_1_1"]}, "cannot pin 99_1_1"),
         ("graph", {"height": 10}, "height"),
     ],
 )
 def test_bad_input_gets_one_line(graph, source, options, message):
+    shown = (
+        {"graph": graph, "document": graph_json(graph)}.get(source, source)
+        if isinstance(source, str)
+        else source
+    )
     with pytest.raises(CircuitmapError, match=re.escape(message)) as error:
-        show(graph if source == "graph" else source, **options)
+        show(shown, **options)
     assert "\n" not in str(error.value)
+
+
+def test_a_graph_keeps_the_supernode_members_and_pins_that_pruning_drops(graph):
+    pruned_ids = {node["node_id"] for node in graph_json(graph)["nodes"]}
+    dropped = [graph.node_id(n) for n in range(graph.n_features) if graph.node_id(n) not in pruned_ids][:3]
+    assert len(dropped) == 3
+    document = show(graph, supernodes=[["kept", dropped[0], dropped[1]]], pinned=[dropped[2]]).document
+    assert set(dropped) <= {node["node_id"] for node in document["nodes"]}
+    assert document["qParams"]["supernodes"] == [["kept", dropped[0], dropped[1]]]
+    assert set(dropped) <= set(document["qParams"]["pinnedIds"])
 
 
 def test_a_missing_folder_is_a_one_line_error(tmp_path):

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from circuitmap.errors import CircuitmapError
+from circuitmap.errors import CircuitmapError, GraphExportError
 from circuitmap.graphs import Graph, GraphFolder, PruneConfig
 from circuitmap.graphs.export import graph_json
 from circuitmap.graphs.folder import viewer_document
-from circuitmap.graphs.grouping import Grouping, group_features, with_groups
+from circuitmap.graphs.grouping import Grouping, group_features
 from circuitmap.graphs.pruning import prune
 from circuitmap.validation import check_number
 
@@ -92,7 +92,8 @@ def show(
 ) -> GraphView:
     """A graph as the explorer's read-only view, for a notebook cell (see the module docstring).
 
-    ``graph``: a ``Graph`` (pruned here with ``pruning``), a ``ComputedGraph``, a ``GraphFolder`` or its path,
+    ``graph``: a ``Graph`` (pruned here with ``pruning``, every supernode member and pinned node kept), a
+    ``ComputedGraph``, a ``GraphFolder`` or its path,
     a ``graph.json`` or ``.safetensors`` file, or a viewer document. ``supernodes``: the groups to show, as
     ``group_features`` returns them or as ``[label, node id, …]`` lists; they replace the document's own
     (``[]`` shows none). ``None`` keeps the document's, or groups a ``Graph``'s features automatically.
@@ -100,11 +101,15 @@ def show(
     labels name unlabelled features. The source is never modified.
     """
     check_number("height", height, low=100, high=10_000, whole=True)
-    document = _document(graph, pruning, automatic_groups=supernodes is None)
-    if supernodes is not None:
-        _set_supernodes(document, supernodes)
-    if pinned:
-        _pin(document, list(pinned))
+    groups = None if supernodes is None else _supernode_lists(supernodes)
+    if isinstance(graph, Graph):
+        document = _graph_document(graph, pruning, groups, list(pinned))
+    else:
+        document = _document(graph, pruning)
+        if groups is not None:
+            _set_supernodes(document, groups)
+        if pinned:
+            _pin(document, list(pinned))
     if features is not None:
         from circuitmap.features.graph_labels import add_feature_labels
 
@@ -112,17 +117,24 @@ def show(
     return GraphView(document, height)
 
 
-def _document(source, pruning: PruneConfig | None, *, automatic_groups: bool) -> dict:
+def _graph_document(
+    graph: Graph, pruning: PruneConfig | None, groups: list[list[str]] | None, pinned: list[str]
+) -> dict:
+    """A graph's viewer document, pruned, with ``groups`` (automatic ones when None) and ``pinned`` kept
+    even where pruning would drop them."""
+    kept = prune(graph, pruning)
+    if groups is None:
+        groups = [group.as_supernode() for group in group_features(graph, kept).groups]
+    try:
+        return graph_json(graph, pruning, kept=kept, pinned=pinned, supernodes=groups)
+    except GraphExportError as error:
+        raise CircuitmapError(f"cannot show the graph: {error}") from None
+
+
+def _document(source, pruning: PruneConfig | None) -> dict:
     """A fresh viewer document of ``source`` (a copy: showing never changes what the caller holds)."""
     from circuitmap.pipeline import ComputedGraph
 
-    if isinstance(source, Graph):
-        kept = prune(source, pruning)
-        document = graph_json(source, pruning, kept=kept)
-        if automatic_groups:
-            labels = {node["node_id"]: node["clerp"] for node in document["nodes"]}
-            with_groups(document, group_features(source, kept, labels=labels))
-        return document
     if isinstance(source, ComputedGraph):
         return copy.deepcopy(source.document)
     if isinstance(source, GraphFolder):
@@ -139,23 +151,30 @@ def _document(source, pruning: PruneConfig | None, *, automatic_groups: bool) ->
     )
 
 
-def _set_supernodes(document: dict, supernodes: Grouping | Sequence[Sequence[str]]) -> None:
+def _supernode_lists(supernodes: Grouping | Sequence[Sequence[str]]) -> list[list[str]]:
+    """Supernodes as ``[label, node id, …]`` lists, each checked for its form."""
     groups = (
         [group.as_supernode() for group in supernodes.groups]
         if isinstance(supernodes, Grouping)
         else [list(group) for group in supernodes]
     )
-    known = {node["node_id"] for node in document["nodes"]}
     for group in groups:
         if len(group) < 2 or not all(isinstance(part, str) for part in group):
             raise CircuitmapError(
                 f"a supernode is [label, node id, …] with at least one member, not {group!r}"
             )
+    return groups
+
+
+def _set_supernodes(document: dict, groups: list[list[str]]) -> None:
+    """Replace a document's supernodes by ``groups`` (whose members must be nodes of it), members pinned."""
+    known = {node["node_id"] for node in document["nodes"]}
+    for group in groups:
         missing = [member for member in group[1:] if member not in known]
         if missing:
             raise CircuitmapError(
-                f"supernode {group[0]!r}: {missing[0]} is not a node of the shown graph (pruned away? lower "
-                "the pruning thresholds or pin it)"
+                f"supernode {group[0]!r}: {missing[0]} is not a node of the shown graph (pruned away? show "
+                "the Graph itself, which keeps every member)"
             )
     params = document["qParams"]
     grouped = {member for group in params["supernodes"] for member in group[1:]}
