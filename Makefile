@@ -11,7 +11,7 @@ LOCK_VENV := .venv-lock
 
 BROWSER := /usr/bin/chromium
 
-.PHONY: demo test lint install browser clean interventions-report persona-report lock
+.PHONY: demo test lint install browser clean interventions-report persona-report superposition-report lock
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ interventions-report: $(STAMP)
 # docs/persona.md: persona vectors of the three shipped traits (trains the quick transcoders on first use)
 persona-report: $(STAMP)
 	$(BIN)/python examples/persona_report.py
+
+# docs/superposition.md and its figures: toy models of superposition (CPU, one thread, a few minutes)
+superposition-report: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python examples/superposition_report.py
 
 # Debian's Chromium for the browser tests; without root they are skipped (CI installs it).
 browser:

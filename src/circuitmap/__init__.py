@@ -59,7 +59,7 @@ from circuitmap.persona import (
     sweep_steering,
 )
 from circuitmap.pipeline import ComputedGraph, compute_graph, compute_graph_folder
-from circuitmap.toy import ToyConfig, train_toy_models
+from circuitmap.toy import DictionaryConfig, ToyConfig, train_sparse_dictionary, train_toy_models
 from circuitmap.transcoders import (
     CrossLayerTranscoder,
     PerLayerTranscoders,
@@ -76,6 +76,7 @@ __all__ = [
     "ComputedGraph",
     "AlignedFeature",
     "CrossLayerTranscoder",
+    "DictionaryConfig",
     "Direction",
     "EditHandle",
     "ExtractConfig",
@@ -127,5 +128,6 @@ __all__ = [
     "subgraph_scores",
     "sweep_steering",
     "supported_families",
+    "train_sparse_dictionary",
     "train_toy_models",
 ]
