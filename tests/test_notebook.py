@@ -4,6 +4,7 @@ and pins asked for; feature dashboards, interventions and checks as HTML tables 
 from __future__ import annotations
 
 import html
+import json
 import re
 
 import pytest
@@ -30,7 +31,7 @@ def graph(engine):
 def srcdoc(markup: str) -> str:
     """The page inside a frame's ``srcdoc`` attribute."""
     match = re.fullmatch(
-        r'<iframe srcdoc="([^"]*)" title="[^"]*" style="[^"]*" loading="eager"></iframe>', markup
+        r"""<iframe srcdoc='([^']*)' title="[^"]*" style="[^"]*" loading="eager"></iframe>""", markup
     )
     assert match, markup[:200]
     return html.unescape(match.group(1))
@@ -181,3 +182,14 @@ def test_a_check_report_shows_one_row_per_node_and_its_agreement():
     markup = CheckReport("The cat", " sat", rows)._repr_html_()
     assert markup.count("<tr>") == 3 and "&lt;g&gt;" in markup
     assert ">ok<" in markup and ">WRONG<" in markup and "sign agreement 0.50" in markup
+
+
+def test_quotes_and_ampersands_in_labels_survive_the_frame_attribute(graph):
+    document = graph_json(graph)
+    feature = next(n["node_id"] for n in document["nodes"] if n["feature_type"] == "cross layer transcoder")
+    label = """it's "France" & <b>co</b> &amp; </script>"""
+    document = graph_json(graph, labels={feature: label})
+    view = show(document)
+    page = srcdoc(view._repr_html_())
+    assert page == render_html(view.document)
+    assert json.dumps(label)[1:-1].replace("<", "\\u003c") in page

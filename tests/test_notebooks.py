@@ -70,4 +70,4 @@ def test_the_notebook_runs_top_to_bottom_at_its_small_size(name, scratch, monkey
         if output.output_type in ("execute_result", "display_data") and "text/html" in output.get("data", {})
     ]
     if name in ("01_first_graph", "02_interventions", "03_training_transcoders"):
-        assert any(html.startswith("<iframe srcdoc=") for html in shown), "the notebook shows a graph inline"
+        assert any(html.startswith("<iframe srcdoc='") for html in shown), "the notebook shows a graph inline"

