@@ -164,8 +164,7 @@ def feature_norms(W: torch.Tensor) -> torch.Tensor:
 def _overlaps(W: torch.Tensor) -> torch.Tensor:
     """``(Ŵ_i · W_j)²`` ``[..., n, n]``."""
     W = W.detach()
-    unit = W / W.norm(dim=-2, keepdim=True).clamp_min(1e-12)
-    return (unit.transpose(-1, -2) @ W) ** 2
+    return (_unit_columns(W).transpose(-1, -2) @ W) ** 2
 
 
 def superposition(W: torch.Tensor) -> torch.Tensor:
