@@ -40,6 +40,7 @@ from circuitmap.validation import check_text
 COMMAND_GROUPS = (
     "model",
     "attribute",
+    "batch",
     "demo",
     "serve",
     "compare",

@@ -1,4 +1,8 @@
-"""``features``: build a transcoder set's feature database, and read, search, label and export it."""
+"""``features``: build a transcoder set's feature database, and read, search, label and export it.
+
+``features build`` also runs under torchrun, one process per device: the processes share the corpus's
+batches and the main one writes the database (``circuitmap.features.build``).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from circuitmap.errors import CircuitmapError
 from circuitmap.features import BuildConfig, FeatureStore, build_features
 from circuitmap.features.llm_labels import build_prompt, label_features
 from circuitmap.features.neuronpedia import export_neuronpedia
+from circuitmap.training.distributed import ProcessGroup, process_device
 from circuitmap.transcoders import load_transcoders
 from circuitmap.validation import check_number
 
@@ -134,24 +139,33 @@ def _build(args: argparse.Namespace) -> int:
     check_number("--checkpoint-minutes", args.checkpoint_minutes, low=0, low_open=True)
     if args.db:
         check_writable(args.db, "the feature database")
+    args.device = process_device(args.device)
     model = load_model_from_args(args)
     transcoders = load_transcoders(args.transcoders, device=model.device)
     path = Path(args.db) if args.db else default_database_path(transcoders)
     check_writable(path, "the feature database")
-    print(f"feature database: {path}", file=sys.stderr)
-    with stop_on_signals() as stop:
-        report = build_features(
-            model,
-            transcoders,
-            args.corpus,
-            path,
-            config,
-            model_name=args.model,
-            transcoders_name=str(args.transcoders),
-            checkpoint_seconds=args.checkpoint_minutes * 60,
-            stop=stop,
-            rebuild=args.rebuild,
-        )
+    group = ProcessGroup.from_environment(model.device)
+    try:
+        if group.main:
+            print(f"feature database: {path}", file=sys.stderr)
+        with stop_on_signals() as stop:
+            report = build_features(
+                model,
+                transcoders,
+                args.corpus,
+                path,
+                config,
+                model_name=args.model,
+                transcoders_name=str(args.transcoders),
+                checkpoint_seconds=args.checkpoint_minutes * 60,
+                stop=stop,
+                rebuild=args.rebuild,
+                group=group,
+            )
+    finally:
+        group.close()
+    if not group.main:
+        return 0
     if report.already_complete:
         print(f"{path} is already complete ({report.tokens:,} tokens); pass --rebuild to build it again")
         return 0

@@ -6,6 +6,13 @@ random sample, the histogram and the counts. Every few minutes the running state
 database in one transaction, so a killed build resumes from its last checkpoint and never leaves a corrupt
 file. At the end the logit lens, the input tokens and the automatic labels are computed and everything is
 written in a single transaction.
+
+Under torchrun the processes share the work batch by batch: every process reads the whole corpus (so all
+agree on the batches), batch k is run through the model and counted by process k mod N, and each checkpoint
+and the end merge every process's statistics into the main process's, which alone writes the database.
+Merging is exact and independent of the order of the contexts (see ``bookkeeping``), and the batches (with
+the random keys of each, seeded by its first context) are those of one process, so N processes build the
+database that one process builds from the same contexts, given the same arithmetic (device and threads).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
@@ -39,6 +47,7 @@ from circuitmap.features.store import now, refresh_search_labels
 from circuitmap.models import Model
 from circuitmap.training.activations import pack_contexts
 from circuitmap.training.corpus import iter_documents
+from circuitmap.training.distributed import ProcessGroup
 from circuitmap.transcoders import Transcoders
 from circuitmap.validation import check_number, check_seed
 
@@ -95,7 +104,8 @@ class BuildConfig(Settings):
 
 @dataclass(frozen=True)
 class BuildReport:
-    """What a build did: tokens and contexts read, features without a full top list, time spent."""
+    """What a build did: tokens and contexts read, features without a full top list, time spent (in a
+    distributed build, the processes other than the main one report tokens and contexts only)."""
 
     path: Path
     tokens: int
@@ -121,6 +131,7 @@ def build_features(
     checkpoint_seconds: float = 300.0,
     stop: threading.Event | None = None,
     rebuild: bool = False,
+    group: ProcessGroup | None = None,
 ) -> BuildReport:
     """Build (or resume building) the feature database of ``transcoders`` at ``path`` from ``corpus``.
 
@@ -129,6 +140,10 @@ def build_features(
     the settings given. Setting ``stop`` ends the build at the next batch boundary after saving a
     checkpoint, with ``Interrupted``; running again resumes it. Settings, the model's context and the corpus
     (that it holds at least one context) are checked before anything is written.
+
+    ``group``: the processes that share the build (default: those torchrun started, else this one alone);
+    see the module docstring. Every process calls this with the same arguments, its model on its own
+    device; a stop seen by any process stops them all, and a build resumes with any number of processes.
     """
     config.check()
     check_number("checkpoint_seconds", checkpoint_seconds, low=0)
@@ -158,6 +173,7 @@ def build_features(
         checkpoint_seconds=checkpoint_seconds,
         stop=stop,
         rebuild=rebuild,
+        group=group or ProcessGroup.from_environment(model.device),
     )
 
 
@@ -216,6 +232,7 @@ def build_features_from_activations(
         checkpoint_seconds=float("inf"),
         stop=None,
         rebuild=True,
+        group=ProcessGroup(),
     )
 
 
@@ -244,13 +261,22 @@ def _build(
     checkpoint_seconds: float,
     stop: threading.Event | None,
     rebuild: bool,
+    group: ProcessGroup,
 ) -> BuildReport:
     """The build loop of both entry points: ``batches(skip)`` yields the batches after the first ``skip``
-    contexts."""
+    contexts; each round hands one batch to each process of ``group``."""
     path = Path(path)
     started = time.perf_counter()
     settings = json.dumps({**asdict(config), "corpus": sources}, sort_keys=True)
-    meta = _open_or_create(path, model, transcoders, settings, model_name, transcoders_name, config, rebuild)
+    device = _collective_device(group, model)
+    meta = _opened(
+        group,
+        device,
+        path,
+        lambda: _open_or_create(
+            path, model, transcoders, settings, model_name, transcoders_name, config, rebuild
+        ),
+    )
     if meta["status"] == "complete":
         return BuildReport(
             path,
@@ -262,7 +288,7 @@ def _build(
             time.perf_counter() - started,
             already_complete=True,
         )
-    connection = schema.connect(path, readonly=False)
+    connection = schema.connect(path, readonly=False) if group.main else None
     try:
         state = _load_state(connection, transcoders.n_layers, transcoders.d_features, config)
         contexts_done = int(meta["contexts_done"])
@@ -274,7 +300,7 @@ def _build(
             unit="tok",
             unit_scale=True,
             desc="features",
-            disable=not progress,
+            disable=not (progress and group.main),
             dynamic_ncols=True,
         )
         pending: list[tuple[int, torch.Tensor]] = []
@@ -282,35 +308,36 @@ def _build(
         exhausted = False
         with bar:
             while contexts_done < needed:
-                if stop is not None and stop.is_set():
-                    _checkpoint(connection, state, pending, contexts_done, config)
+                stopping, saving = _agreed(
+                    group,
+                    device,
+                    stop is not None and stop.is_set(),
+                    time.monotonic() - last_save >= checkpoint_seconds,
+                )
+                if stopping or saving:
+                    _save(group, device, connection, state, pending, contexts_done, config)
+                    last_save = time.monotonic()
+                if stopping:
                     tokens = contexts_done * (config.context_length - 1)
                     raise Interrupted(
                         f"stopped after {tokens:,} tokens, saved in {path}; run the same command to resume"
                     )
-                batch, inputs = next(source, (None, None))
-                if batch is None:
+                round_batches = _next_round(source, group.world, contexts_done, needed)
+                if not round_batches:
                     exhausted = True
                     break
-                batch = batch[: needed - contexts_done]
-                ids = torch.arange(contexts_done, contexts_done + len(batch))
-                _process(
-                    model,
-                    transcoders,
-                    state,
-                    batch,
-                    None if inputs is None else inputs[: len(batch)],
-                    ids,
-                    config,
-                )
-                pending.extend(zip(ids.tolist(), batch, strict=True))
-                contexts_done += len(batch)
-                bar.update(len(batch) * (config.context_length - 1))
-                if time.monotonic() - last_save >= checkpoint_seconds:
-                    _checkpoint(connection, state, pending, contexts_done, config)
-                    last_save = time.monotonic()
-        _checkpoint(connection, state, pending, contexts_done, config)
+                for rank, (ids, batch, inputs) in enumerate(round_batches):
+                    if rank == group.rank:
+                        _process(model, transcoders, state, batch, inputs, ids, config)
+                    if group.main:
+                        pending.extend(zip(ids.tolist(), batch, strict=True))
+                    contexts_done += len(batch)
+                    bar.update(len(batch) * (config.context_length - 1))
+        _save(group, device, connection, state, pending, contexts_done, config)
         tokens = contexts_done * (config.context_length - 1)
+        seconds = time.perf_counter() - started
+        if not group.main:
+            return BuildReport(path, tokens, contexts_done, 0, 0, exhausted, seconds)
         if exhausted:
             print(
                 f"the corpus has only {tokens:,} tokens ({config.tokens:,} asked for); "
@@ -322,9 +349,110 @@ def _build(
         connection.execute("VACUUM")  # gives back the space the build state held
         finish_seconds = time.perf_counter() - finishing
     finally:
-        connection.close()
+        if connection is not None:
+            connection.close()
     seconds = time.perf_counter() - started
     return BuildReport(path, tokens, contexts_done, short, dead, exhausted, seconds, finish_seconds)
+
+
+def _next_round(
+    source: Iterator[Batch], world: int, done: int, needed: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The next batches as (context ids, contexts, MLP inputs or None), one for each of ``world`` processes
+    in rank order; fewer where the corpus ends or the build reaches ``needed`` contexts (after ``done``)."""
+    batches = []
+    while len(batches) < world and done < needed:
+        batch, inputs = next(source, (None, None))
+        if batch is None:
+            break
+        batch = batch[: needed - done]
+        ids = torch.arange(done, done + len(batch))
+        batches.append((ids, batch, None if inputs is None else inputs[: len(batch)]))
+        done += len(batch)
+    return batches
+
+
+def _collective_device(group: ProcessGroup, model: Model) -> torch.device:
+    """Where the tensors the processes exchange live: the GPU under NCCL, else the CPU."""
+    if group.world > 1 and dist.get_backend() == "nccl":
+        return model.device
+    return torch.device("cpu")
+
+
+def _opened(
+    group: ProcessGroup, device: torch.device, path: Path, open_database: Callable[[], dict[str, str]]
+) -> dict[str, str]:
+    """The database's metadata from ``open_database``, which the main process alone calls; the others
+    learn the status and progress it found, or that it refused the database."""
+    if group.world == 1:
+        return open_database()
+    meta: dict[str, str] = {}
+    refusal = None
+    if group.main:
+        try:
+            meta = open_database()
+        except Exception as error:  # the others must hear of it before it is raised
+            refusal = error
+    found = [
+        refusal is not None,
+        meta.get("status") == "complete",
+        int(meta.get("contexts_done", "0")),
+        int(meta.get("tokens_done", "0")),
+    ]
+    values = torch.tensor(found, dtype=torch.long, device=device)
+    dist.broadcast(values, src=0)
+    if refusal is not None:
+        raise refusal
+    refused, complete, contexts_done, tokens_done = values.tolist()
+    if refused:
+        raise CircuitmapError(f"{path}: the main process refused the database (its error says why)")
+    if group.main:
+        return meta
+    status = "complete" if complete else "building"
+    return {"status": status, "contexts_done": str(contexts_done), "tokens_done": str(tokens_done)}
+
+
+def _agreed(group: ProcessGroup, device: torch.device, *flags: bool) -> list[bool]:
+    """Each flag, raised if any process raised it."""
+    if group.world == 1:
+        return list(flags)
+    raised = group.max(torch.tensor([float(flag) for flag in flags], device=device))
+    return [bool(value) for value in raised.tolist()]
+
+
+def _save(
+    group: ProcessGroup,
+    device: torch.device,
+    connection: sqlite3.Connection | None,
+    state: list[LayerStatistics],
+    pending: list[tuple[int, torch.Tensor]],
+    contexts_done: int,
+    config: BuildConfig,
+) -> None:
+    """A checkpoint: every process's statistics merged into the main process's, which saves them with the
+    contexts read and the progress; the other processes start their share of the statistics anew."""
+    if group.world > 1:
+        for layer, statistics in enumerate(state):
+            shares = {name: _gathered(group, device, tensor) for name, tensor in statistics.tensors().items()}
+            if not group.main:
+                state[layer] = LayerStatistics.empty(
+                    statistics.active.shape[0], config.top, config.samples, config.window
+                )
+                continue
+            for rank in range(1, group.world):
+                statistics.combine(
+                    LayerStatistics.from_tensors({name: parts[rank] for name, parts in shares.items()})
+                )
+    if connection is not None:
+        _checkpoint(connection, state, pending, contexts_done, config)
+
+
+def _gathered(group: ProcessGroup, device: torch.device, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``tensor`` in rank order, on the main process's CPU (nothing elsewhere)."""
+    local = tensor.to(device)
+    parts = [torch.empty_like(local) for _ in range(group.world)] if group.main else None
+    dist.gather(local, parts, dst=0)
+    return [part.cpu() for part in parts] if parts is not None else []
 
 
 def _open_or_create(
@@ -435,9 +563,11 @@ def _process(
 
 
 def _load_state(
-    connection: sqlite3.Connection, n_layers: int, d_features: int, config: BuildConfig
+    connection: sqlite3.Connection | None, n_layers: int, d_features: int, config: BuildConfig
 ) -> list[LayerStatistics]:
-    blobs = dict(connection.execute("SELECT layer, tensors FROM build_state"))
+    """The saved running statistics, or empty ones for a new build and for the processes other than the
+    main one (``connection`` None), which count only what they read from now on."""
+    blobs = {} if connection is None else dict(connection.execute("SELECT layer, tensors FROM build_state"))
     if not blobs:
         return [
             LayerStatistics.empty(d_features, config.top, config.samples, config.window)
