@@ -12,7 +12,17 @@ in a notebook (``show``).
 
 __version__ = "0.1.0"
 
-from circuitmap.attribution import AttributionConfig, Direction, attribute
+from circuitmap.attribution import (
+    AttributionConfig,
+    Direction,
+    HeadLoadings,
+    QKAttribution,
+    attribute,
+    head_loadings,
+    qk_attribution,
+    salient_heads,
+)
+from circuitmap.batch import BatchConfig, attribute_batch
 from circuitmap.errors import CircuitmapError, Interrupted
 from circuitmap.features import BuildConfig, FeatureStore, build_features
 from circuitmap.graphs import (
@@ -71,6 +81,7 @@ from circuitmap.transcoders import (
 __all__ = [
     "DEFAULT_MODEL",
     "AttributionConfig",
+    "BatchConfig",
     "BuildConfig",
     "CircuitmapError",
     "ComputedGraph",
@@ -85,18 +96,21 @@ __all__ = [
     "Graph",
     "GraphFolder",
     "GraphView",
+    "HeadLoadings",
     "Interrupted",
     "InterventionResult",
     "Model",
     "PerLayerTranscoders",
     "PersonaVector",
     "PruneConfig",
+    "QKAttribution",
     "ResidualEdit",
     "Supernode",
     "ToyConfig",
     "Transcoders",
     "apply_edits",
     "attribute",
+    "attribute_batch",
     "build_features",
     "aligned_features",
     "check_graph",
@@ -110,6 +124,7 @@ __all__ = [
     "generate_with",
     "graph_scores",
     "group_features",
+    "head_loadings",
     "intervene",
     "load_graph",
     "load_model",
@@ -120,7 +135,9 @@ __all__ = [
     "project",
     "projection_difference",
     "prune",
+    "qk_attribution",
     "rank_samples",
+    "salient_heads",
     "save_transcoders",
     "show",
     "steer",
