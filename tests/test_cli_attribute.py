@@ -14,7 +14,9 @@ from helpers.transcoders import random_transcoders
 from circuitmap import Graph, load_model
 from circuitmap.attribution import attribute
 from circuitmap.attribution.estimate import estimate_attribution
+from circuitmap.attribution.heads import top_cross_position_edges
 from circuitmap.cli import main
+from circuitmap.graphs import GraphFolder
 from circuitmap.graphs.export import json_schema
 
 
@@ -130,3 +132,23 @@ def test_out_must_be_a_folder(setup, tmp_path, capsys):
     existing.write_text("x")
     assert main(_args(setup, "--out", str(existing))) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_head_loadings_are_stored_beside_the_graph(setup, tmp_path, capsys):
+    """``--head-loadings N`` splits the N most influential cross-position edges (into a logit difference
+    too) over heads, exactly, and stores them in the graph folder."""
+    out = tmp_path / "out"
+    assert main(_args(setup, "--out", str(out), "--head-loadings", "4", "--logit-diff", "e", "o")) == 0
+    printed = capsys.readouterr().out
+    assert "head loadings: 4 cross-position edges split over 3 layers of 4 heads" in printed
+    assert f"and {out / 'heads.safetensors'}" in printed
+    folder = GraphFolder(out)
+    graph, loadings = folder.read_graph(), folder.read_head_loadings()
+    np.testing.assert_array_equal(loadings.edges, top_cross_position_edges(graph, 4, by="influence"))
+    np.testing.assert_allclose(loadings.remainder, 0, atol=1e-5 * np.abs(loadings.weight).max())
+    page = tmp_path / "page.html"
+    assert main(["export-html", str(out), "-o", str(page)]) == 0
+    assert 'id="circuitmap-heads"' in page.read_text(encoding="utf-8")
+    with pytest.raises(SystemExit, match="2"):
+        main(_args(setup, "--out", str(tmp_path / "bad"), "--head-loadings", "-1"))
+    assert "--head-loadings: must be zero or more" in capsys.readouterr().err

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from helpers.graphs import random_graph
 
+from circuitmap.attribution.heads import HeadLoadings, top_cross_position_edges
 from circuitmap.errors import GraphFileError
 from circuitmap.graphs import GraphFolder, graph_json, viewer_document
 from circuitmap.graphs import folder as folder_module
-from circuitmap.graphs.folder import DOCUMENT_FILE, GRAPH_FILE
+from circuitmap.graphs.files import save_head_loadings
+from circuitmap.graphs.folder import DOCUMENT_FILE, GRAPH_FILE, HEADS_FILE
 
 
 def _written(tmp_path, seed: int = 0, name: str = "paris") -> tuple[GraphFolder, object, dict]:
@@ -104,3 +107,52 @@ def test_a_folder_without_a_graph_and_a_file_in_the_way(tmp_path):
     graph = random_graph(0)
     with pytest.raises(GraphFileError, match="is not a folder"):
         GraphFolder(tmp_path / "taken").write(graph, graph_json(graph))
+
+
+def _with_loadings(seed: int, graph_id: str) -> tuple[object, HeadLoadings]:
+    """A random graph with id ``graph_id`` and made-up loadings of its three largest cross-position edges
+    over two heads of every layer, split by key position for the first edge."""
+    graph = replace(random_graph(seed), info={"graph_id": graph_id})
+    edges = top_cross_position_edges(graph, 3)
+    rng = np.random.default_rng(seed)
+    edge, layer, head = (column.ravel() for column in np.meshgrid(edges, range(graph.n_layers), range(2)))
+    key_position = np.where(edge == edges[0], rng.integers(0, 3, len(edge)), -1)
+    value = rng.normal(size=len(edge))
+    weight = graph.weights[edges].astype(np.float64)
+    sums = np.array([value[edge == e].sum() for e in edges])
+    loadings = HeadLoadings(
+        edges, weight, weight - sums, edge, layer, head, key_position, value, graph.n_layers, 2
+    )
+    return graph, loadings
+
+
+def test_head_loadings_round_trip_and_belong_to_their_graph(tmp_path):
+    graph, loadings = _with_loadings(0, "first")
+    folder = GraphFolder(tmp_path / "paris")
+    folder.write(graph, graph_json(graph, slug="paris"), loadings)
+    assert sorted(p.name for p in folder.path.iterdir()) == [DOCUMENT_FILE, GRAPH_FILE, HEADS_FILE]
+    read = folder.read_head_loadings()
+    for name in ("edges", "weight", "remainder", "edge", "layer", "head", "key_position", "value"):
+        np.testing.assert_array_equal(getattr(read, name), getattr(loadings, name))
+    assert (read.n_layers, read.n_heads) == (graph.n_layers, 2)
+    np.testing.assert_array_equal(
+        read.matrix(int(loadings.edges[0])), loadings.matrix(int(loadings.edges[0]))
+    )
+
+    other, elsewhere = _with_loadings(1, "second")
+    folder.write(other, graph_json(other, slug="paris"))
+    assert not folder.has_head_loadings(), "a rewrite without loadings drops the old ones"
+    with pytest.raises(GraphFileError, match="holds no head loadings"):
+        folder.read_head_loadings()
+    save_head_loadings(loadings, folder.heads_file, "first")
+    with pytest.raises(GraphFileError, match="come from different graphs"):
+        folder.read_head_loadings()
+    folder.heads_file.write_bytes(b"not safetensors")
+    with pytest.raises(GraphFileError, match="not a readable safetensors file"):
+        folder.read_head_loadings()
+    beyond = replace(elsewhere, edges=elsewhere.edges + other.n_edges)
+    with pytest.raises(GraphFileError, match="split edges that the graph lacks"):
+        folder.write(other, graph_json(other, slug="paris"), beyond)
+    twisted = replace(elsewhere, layer=elsewhere.layer + other.n_layers)
+    with pytest.raises(GraphFileError, match="heads must lie within"):
+        folder.write(other, graph_json(other, slug="paris"), twisted)

@@ -8,7 +8,10 @@
 4. label the feature nodes from a feature database, when one is given;
 5. group the kept features into named supernodes (``circuitmap.group_features``), saved in the document
    as ordinary supernodes that the user can edit, split or merge;
-6. write the graph folder (``graph.safetensors`` and ``graph.json``) as one unit.
+6. when asked to, split the graph's N most influential cross-position edges over the attention heads that
+   carry them (``attribution.heads.head_loadings``; the cost grows with the number of edges' targets);
+7. write the graph folder (``graph.safetensors``, ``graph.json`` and, from step 6, ``heads.safetensors``) as
+   one unit.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import numpy as np
 import torch
 
 from circuitmap.attribution import AttributionConfig, attribute, check_fits, estimate_attribution
+from circuitmap.attribution.heads import HeadLoadings, head_loadings, top_cross_position_edges
 from circuitmap.attribution.progress import Progress
 from circuitmap.attribution.targets import TargetSpec
+from circuitmap.errors import CircuitmapError, Interrupted
 from circuitmap.features import FeatureStore, add_logit_lens
 from circuitmap.features.graph_labels import add_feature_labels, unlabelled_features
 from circuitmap.features.labels import model_namer, name_stored_concepts
@@ -41,6 +46,8 @@ LENS_TOKENS = 10
 """Tokens listed in each feature's logit lens, on each side."""
 PRUNING_STAGE = "pruning, scores and logit lens"
 """The stage a progress callback hears of after attribution."""
+HEADS_STAGE = "head loadings"
+"""The stage a progress callback hears of while edges are split over heads."""
 
 
 @dataclass
@@ -48,8 +55,13 @@ class ComputedGraph:
     """A graph, its viewer document and how long each part took (seconds)."""
 
     graph: Graph
+    """The full graph."""
     document: dict
+    """Its pruned viewer document."""
     seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds taken by attribution, pruning and (when computed) head loadings."""
+    heads: HeadLoadings | None = None
+    """The head loadings of the graph's most influential cross-position edges, when asked for."""
 
     def summary(self, top: int = 10) -> str:
         """Counts before and after pruning, both scores, the ``top`` most influential features (with their
@@ -88,9 +100,15 @@ class ComputedGraph:
                 f"influence {influence[node]:.4f}, activation {graph.activation[node]:.3f}"
                 + (f", label {label!r}" if label else "")
             )
+        if self.heads is not None:
+            lines.append(
+                f"head loadings: {len(self.heads.edges):,} cross-position edges split over "
+                f"{self.heads.n_layers} layers of {self.heads.n_heads} heads"
+            )
+        timed = f", head loadings {self.seconds['heads']:.1f} s" if "heads" in self.seconds else ""
         lines.append(
             f"time: attribution {self.seconds['attribution']:.1f} s, pruning and scores "
-            f"{self.seconds['pruning']:.1f} s"
+            f"{self.seconds['pruning']:.1f} s{timed}"
         )
         return "\n".join(lines)
 
@@ -117,18 +135,23 @@ def compute_graph(
     features: FeatureStore | None = None,
     slug: str | None = None,
     groups: bool = True,
+    head_edges: int = 0,
     check_memory: bool = False,
     progress: Progress = True,
     stop: threading.Event | None = None,
 ) -> ComputedGraph:
-    """Steps 1–5 of the module docstring: the graph of ``prompt`` and its labelled viewer document.
+    """Steps 1–6 of the module docstring: the graph of ``prompt``, its labelled viewer document and, with
+    ``head_edges`` above 0, the head loadings of its ``head_edges`` most influential cross-position edges
+    (none when the graph has no such edge).
 
     ``features``: the feature database whose labels name the feature nodes (its set must be
     ``transcoders``). ``slug`` names the document (default: made from the prompt). ``groups``: add the
     automatic supernodes. ``check_memory``: refuse
     a run whose estimated peak memory exceeds the free memory. ``progress`` and ``stop`` are ``attribute``'s;
-    a progress callback also hears of the stage after attribution.
+    a progress callback also hears of the stages after attribution.
     """
+    if head_edges < 0:
+        raise CircuitmapError(f"the number of edges to split over heads must be 0 or more, got {head_edges}")
     if check_memory:
         n_targets = None if targets is None else len(targets) if isinstance(targets, list) else 1
         estimate = estimate_attribution(
@@ -152,7 +175,20 @@ def compute_graph(
     if callable(progress):
         progress(PRUNING_STAGE, 1, 1)
     seconds = {"attribution": float(graph.info["seconds"]), "pruning": time.perf_counter() - started}
-    return ComputedGraph(graph, document, seconds)
+    heads = None
+    edges = top_cross_position_edges(graph, head_edges, by="influence") if head_edges else []
+    if len(edges):
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopped before the head loadings: nothing was written")
+        started = time.perf_counter()
+        if callable(progress):
+            progress(HEADS_STAGE, 0, 1)
+        batch_size = (attribution or AttributionConfig()).batch_size
+        heads = head_loadings(model, transcoders, graph, edges, targets=targets, batch_size=batch_size)
+        if callable(progress):
+            progress(HEADS_STAGE, 1, 1)
+        seconds["heads"] = time.perf_counter() - started
+    return ComputedGraph(graph, document, seconds, heads)
 
 
 def compute_graph_folder(
@@ -166,11 +202,13 @@ def compute_graph_folder(
     targets: Sequence[TargetSpec] | TargetSpec | None = None,
     features: FeatureStore | None = None,
     groups: bool = True,
+    head_edges: int = 0,
     check_memory: bool = False,
     progress: Progress = True,
     stop: threading.Event | None = None,
 ) -> ComputedGraph:
-    """The whole pipeline: ``compute_graph``, then the graph folder ``out`` written as one unit."""
+    """The whole pipeline: ``compute_graph``, then the graph folder ``out`` written as one unit (with
+    ``heads.safetensors`` when ``head_edges`` is above 0)."""
     computed = compute_graph(
         model,
         transcoders,
@@ -180,9 +218,10 @@ def compute_graph_folder(
         targets=targets,
         features=features,
         groups=groups,
+        head_edges=head_edges,
         check_memory=check_memory,
         progress=progress,
         stop=stop,
     )
-    GraphFolder(out).write(computed.graph, computed.document)
+    GraphFolder(out).write(computed.graph, computed.document, computed.heads)
     return computed

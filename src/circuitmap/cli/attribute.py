@@ -14,6 +14,7 @@ from circuitmap.cli import (
     add_settings,
     feature_database,
     load_model_from_args,
+    non_negative_int,
     positive_int,
     settings_from,
     stop_on_signals,
@@ -56,6 +57,14 @@ def register(commands) -> None:
         metavar="yes|no",
         help="group the kept features into named supernodes (default: yes)",
     )
+    parser.add_argument(
+        "--head-loadings",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="split the N most influential cross-position edges over the attention heads that carry them, "
+        "stored beside the graph as heads.safetensors (default: 0, none)",
+    )
     parser.add_argument("--top", type=positive_int, default=10, help="how many influential features to list")
     parser.add_argument("--out", required=True, help="graph folder to write (graph.safetensors, graph.json)")
     add_feature_database_option(parser, "whose labels name the feature nodes")
@@ -93,12 +102,18 @@ def _attribute(args: argparse.Namespace) -> int:
             targets=targets or None,
             features=store,
             groups=args.groups,
+            head_edges=args.head_loadings,
             check_memory=not args.force,
             stop=stop,
         )
     print(computed.summary(args.top))
     print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    print(f"wrote {folder.graph_file} and {folder.document_file}")
+    files = [
+        folder.graph_file,
+        folder.document_file,
+        *([folder.heads_file] if computed.heads is not None else []),
+    ]
+    print(f"wrote {', '.join(map(str, files[:-1]))} and {files[-1]}")
     return 0
 
 

@@ -20,6 +20,7 @@ from circuitmap.features import FeatureStore
 from circuitmap.features.graph_labels import add_feature_labels
 from circuitmap.graphs import PruneConfig, viewer_document
 from circuitmap.server import Engine, export_html, run_explorer
+from circuitmap.server.heads import folder_heads
 from circuitmap.server.launch import DEFAULT_GRAPHS
 from circuitmap.server.personas import load_personas
 from circuitmap.transcoders import load_transcoders
@@ -98,6 +99,6 @@ def _export_html(args: argparse.Namespace) -> int:
     if args.features:
         with FeatureStore(args.features) as store:
             add_feature_labels(document, store)
-    path = export_html(document, out)
+    path = export_html(document, out, heads=folder_heads(args.graph))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): open it in any browser, no server needed")
     return 0

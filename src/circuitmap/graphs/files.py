@@ -11,6 +11,11 @@ File names: a path whose name does not end in ``.safetensors`` gets that suffix 
 rule when the path as given does not exist. Writes are atomic (``circuitmap.atomic``), so a crash never
 leaves a half-written graph under the final name.
 
+Head loadings (``attribution.heads.HeadLoadings``: chosen edges of a graph split over attention heads) have a
+file of their own, laid out the same way: each array a tensor of the same name, and ``n_layers``, ``n_heads``
+and the id of the graph whose edges they split as JSON under ``HEADS_METADATA_KEY``
+(``HEADS_FILE_VERSION``).
+
 Never pickle: a graph file holds only tensors and JSON, so loading one cannot run code.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -26,6 +32,9 @@ from safetensors.numpy import save_file
 from circuitmap.atomic import atomic_write
 from circuitmap.errors import GraphFileError
 from circuitmap.graphs.graph import Graph, NodeKind
+
+if TYPE_CHECKING:
+    from circuitmap.attribution.heads import HeadLoadings
 
 GRAPH_FILE_VERSION = 1
 METADATA_KEY = "circuitmap.graph"
@@ -49,6 +58,14 @@ _METADATA_FIELDS: dict[str, type] = {
     "info": dict,
 }
 _LIST_ITEMS: dict[str, type] = {"tokens": int, "token_strings": str, "target_names": str}
+
+HEADS_FILE_VERSION = 1
+HEADS_METADATA_KEY = "circuitmap.heads"
+HEAD_EDGE_ARRAYS = ("edges", "weight", "remainder")
+"""Arrays with one entry per split edge."""
+HEAD_LOADING_ARRAYS = ("edge", "layer", "head", "key_position", "value")
+"""Arrays with one entry per loading."""
+_HEAD_FLOAT_ARRAYS = ("weight", "remainder", "value")
 
 
 def graph_file_path(path: str | Path) -> Path:
@@ -203,4 +220,94 @@ def _inconsistency(
         )
     if len(tokens) != len(token_strings):
         return f"{len(tokens)} tokens but {len(token_strings)} token strings"
+    return None
+
+
+def save_head_loadings(loadings: HeadLoadings, path: str | Path, graph_id: str | None) -> Path:
+    """Write ``loadings`` to one ``.safetensors`` file (atomically), recording ``graph_id``, the id of the
+    graph whose edges they split; returns the path written."""
+    path = Path(path)
+    arrays = {
+        name: np.ascontiguousarray(getattr(loadings, name))
+        for name in (*HEAD_EDGE_ARRAYS, *HEAD_LOADING_ARRAYS)
+    }
+    problem = _loadings_inconsistency(arrays, loadings.n_layers, loadings.n_heads)
+    if problem:
+        raise GraphFileError(f"{path}: cannot save inconsistent head loadings: {problem}")
+    document = {
+        "schema_version": HEADS_FILE_VERSION,
+        "graph_id": graph_id,
+        "n_layers": int(loadings.n_layers),
+        "n_heads": int(loadings.n_heads),
+    }
+    metadata = {HEADS_METADATA_KEY: json.dumps(document)}
+    atomic_write(path, lambda temporary: save_file(arrays, str(temporary), metadata=metadata))
+    return path
+
+
+def load_head_loadings(path: str | Path) -> tuple[HeadLoadings, str | None]:
+    """Head loadings written by ``save_head_loadings`` and the graph id they record; any problem with the file
+    raises ``GraphFileError``."""
+    from circuitmap.attribution.heads import HeadLoadings  # graphs sit below attribution: imported on use
+
+    path = Path(path)
+    names = (*HEAD_EDGE_ARRAYS, *HEAD_LOADING_ARRAYS)
+    try:
+        with safe_open(str(path), framework="np") as reader:
+            header = reader.metadata() or {}
+            arrays = {name: reader.get_tensor(name) for name in names if name in set(reader.keys())}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GraphFileError(
+            f"{path}: not a readable safetensors file (truncated or another format): {exc}"
+        ) from exc
+    if HEADS_METADATA_KEY not in header:
+        raise GraphFileError(f"{path}: safetensors file without circuitmap head-loading metadata")
+    try:
+        document = json.loads(header[HEADS_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise GraphFileError(f"{path}: head-loading metadata is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise GraphFileError(f"{path}: head-loading metadata is not a JSON object")
+    version = document.get("schema_version")
+    if version != HEADS_FILE_VERSION:
+        raise GraphFileError(
+            f"{path}: head-loading file version {version!r} is not the one this circuitmap reads "
+            f"({HEADS_FILE_VERSION})"
+        )
+    sizes = [document.get(name) for name in ("n_layers", "n_heads")]
+    if not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+        raise GraphFileError(f"{path}: head-loading metadata lacks positive n_layers and n_heads")
+    graph_id = document.get("graph_id")
+    if graph_id is not None and not isinstance(graph_id, str):
+        raise GraphFileError(f"{path}: head-loading metadata has a graph_id that is not a string")
+    missing = [name for name in names if name not in arrays]
+    if missing:
+        raise GraphFileError(f"{path}: missing arrays: {', '.join(missing)}")
+    problem = _loadings_inconsistency(arrays, *sizes)
+    if problem:
+        raise GraphFileError(f"{path}: inconsistent head loadings: {problem}")
+    return HeadLoadings(**arrays, n_layers=sizes[0], n_heads=sizes[1]), graph_id
+
+
+def _loadings_inconsistency(arrays: dict[str, np.ndarray], n_layers: int, n_heads: int) -> str | None:
+    """What is wrong with the shapes, dtypes and values of head loadings' arrays, or None when they fit."""
+    for name, array in arrays.items():
+        if array.ndim != 1:
+            return f"{name} has {array.ndim} dimensions, expected 1"
+        wanted = np.floating if name in _HEAD_FLOAT_ARRAYS else np.integer
+        if not np.issubdtype(array.dtype, wanted):
+            return f"{name} has dtype {array.dtype}, expected {wanted.__name__}"
+    for group in (HEAD_EDGE_ARRAYS, HEAD_LOADING_ARRAYS):
+        lengths = {len(arrays[name]) for name in group}
+        if len(lengths) > 1:
+            return f"{', '.join(group)} must have one length, got {sorted(lengths)}"
+    if len(np.unique(arrays["edges"])) != len(arrays["edges"]) or arrays["edges"].min(initial=0) < 0:
+        return "edges must be distinct edge indices"
+    if not np.isin(arrays["edge"], arrays["edges"]).all():
+        return "a loading names an edge that is not among the split edges"
+    layer, head = arrays["layer"], arrays["head"]
+    if len(layer) and (layer.min() < 0 or layer.max() >= n_layers or head.min() < 0 or head.max() >= n_heads):
+        return f"heads must lie within {n_layers} layers of {n_heads} heads"
+    if arrays["key_position"].min(initial=-1) < -1:
+        return "key positions must be -1 (every position) or a position"
     return None

@@ -2,11 +2,14 @@
 
 - ``graph.safetensors``: the full graph (``graphs.files``), which makes subgraph scores and checks exact;
 - ``graph.json``: the pruned viewer document (``graphs.export``), with the explorer's saved state (pins,
-  supernodes, labels) in its ``qParams``.
+  supernodes, labels) in its ``qParams``;
+- ``heads.safetensors``, when asked for (``circuitmap attribute --head-loadings N``): some of the full
+  graph's cross-position edges split over the attention heads that carry them
+  (``attribution.heads.HeadLoadings``, stored by ``graphs.files.save_head_loadings``).
 
-A folder is written as one unit: both files go into a hidden sibling folder, which then takes the place of
-the old one, so a reader never finds a new document beside an old graph. Both files also carry the graph's
-id (``info.graph_id``, given by ``attribute``), and readers refuse a pair whose ids differ.
+A folder is written as one unit: its files go into a hidden sibling folder, which then takes the place of
+the old one, so a reader never finds a new document beside an old graph. Every file also carries the graph's
+id (``info.graph_id``, given by ``attribute``), and readers refuse files whose ids differ.
 """
 
 from __future__ import annotations
@@ -14,16 +17,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from circuitmap.atomic import replace_folder
 from circuitmap.errors import GraphFileError
 from circuitmap.graphs.export import graph_json, write_graph_json
-from circuitmap.graphs.files import load_graph, save_graph
+from circuitmap.graphs.files import (
+    load_graph,
+    load_head_loadings,
+    read_graph_info,
+    save_graph,
+    save_head_loadings,
+)
 from circuitmap.graphs.graph import Graph
 from circuitmap.graphs.pruning import PruneConfig
 
+if TYPE_CHECKING:
+    from circuitmap.attribution.heads import HeadLoadings
+
 GRAPH_FILE = "graph.safetensors"
 DOCUMENT_FILE = "graph.json"
+HEADS_FILE = "heads.safetensors"
 
 
 @dataclass(frozen=True)
@@ -43,11 +57,18 @@ class GraphFolder:
     def document_file(self) -> Path:
         return self.path / DOCUMENT_FILE
 
+    @property
+    def heads_file(self) -> Path:
+        return self.path / HEADS_FILE
+
     def has_graph(self) -> bool:
         return self.graph_file.is_file()
 
     def has_document(self) -> bool:
         return self.document_file.is_file()
+
+    def has_head_loadings(self) -> bool:
+        return self.heads_file.is_file()
 
     def _repr_html_(self) -> str:
         """In a notebook: the explorer's read-only view of the folder's document (``circuitmap.show``)."""
@@ -76,14 +97,37 @@ class GraphFolder:
             return []
         return document_supernodes(self.read_document())
 
-    def write(self, graph: Graph, document: dict) -> None:
-        """Write the full graph and the document as one unit, replacing what the folder held."""
+    def read_head_loadings(self) -> HeadLoadings:
+        """The stored head loadings; a one-line error when the folder has none, or when they split the edges
+        of another graph than its full graph."""
+        if not self.has_head_loadings():
+            raise GraphFileError(
+                f"{self.path} holds no head loadings ({HEADS_FILE}): compute the graph with --head-loadings N"
+            )
+        loadings, recorded = load_head_loadings(self.heads_file)
+        graph = graph_id(read_graph_info(self.graph_file)) if self.has_graph() else None
+        if recorded is not None and graph is not None and recorded != graph:
+            raise GraphFileError(
+                f"{HEADS_FILE} and {GRAPH_FILE} in {self.path} come from different graphs (one was copied in "
+                "by hand): compute the graph again"
+            )
+        return loadings
+
+    def write(self, graph: Graph, document: dict, heads: HeadLoadings | None = None) -> None:
+        """Write the full graph, the document and, when given, the head loadings of some of the graph's edges
+        as one unit, replacing what the folder held."""
         if self.path.exists() and not self.path.is_dir():
             raise GraphFileError(f"{self.path} exists and is not a folder")
+        if heads is not None and heads.edges.max(initial=-1) >= graph.n_edges:
+            raise GraphFileError(
+                f"the head loadings split edges that the graph lacks (it has {graph.n_edges})"
+            )
 
         def fill(staging: Path) -> None:
             save_graph(graph, staging / GRAPH_FILE)
             write_graph_json(document, staging / DOCUMENT_FILE)
+            if heads is not None:
+                save_head_loadings(heads, staging / HEADS_FILE, graph_id(graph.info))
 
         replace_folder(self.path, fill)
 

@@ -14,6 +14,14 @@ at start-up, never a path from the request). The API:
   ``DELETE /api/jobs/<id>`` (cancel), and ``POST /api/graphs/<name>/intervene`` (edit the graph's feature
   nodes and compare the next tokens and greedy continuations, ``server.interventions``). Graphs carry their
   features' logit lens, computed with them;
+- attention (``server.heads``; the graph needs its full graph): ``GET /api/graphs/<name>/heads`` (the head
+  loadings stored with the graph, ``{n_layers, n_heads, computable, edges}``, each edge ``{source, target,
+  weight, remainder, heads}`` with ``heads`` a list of ``[layer, head, loading]``, largest first);
+  ``POST /api/graphs/<name>/heads`` (``{source, target}``: one cross-position edge's loadings, stored or,
+  with an engine, computed; ``stored`` says which); with an engine, ``POST /api/graphs/<name>/qk``
+  (``{layer, head, query, key, top?}``: the head's attention pattern on the prompt, its score at (query,
+  key), the ``top`` strongest query/key node pairs and nodes, and their features' labels from the feature
+  database);
 - with a feature database: ``GET /api/features/<layer>/<feature>`` (the feature's dashboard),
   ``GET /api/features/search?q=<text>`` (features by label or token; ``12/3071`` names one directly) and
   ``PUT /api/features/<layer>/<feature>/label`` (a manual label, ``{"text": ..., "author": ...}``; empty text
@@ -66,6 +74,7 @@ from circuitmap.features.store import FeatureStore, current_label
 from circuitmap.graphs.compare import LoadedGraph, compare_loaded
 from circuitmap.graphs.folder import DOCUMENT_FILE
 from circuitmap.persona import PersonaVector
+from circuitmap.server.heads import edge_heads, head_qk, stored_heads
 from circuitmap.server.interventions import run_on_graph
 from circuitmap.server.jobs import Engine, Jobs
 from circuitmap.server.personas import Personas
@@ -245,6 +254,20 @@ def create_app(
         result = await run_in_threadpool(run_on_graph, store, request.path_params["name"], engine, body)
         return JSONResponse(result, headers={"Cache-Control": "no-store"})
 
+    async def list_heads(request: Request) -> JSONResponse:
+        result = await run_in_threadpool(stored_heads, store, request.path_params["name"], engine)
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    async def split_edge(request: Request) -> JSONResponse:
+        body = await _json_object(request, {"source", "target"})
+        result = await run_in_threadpool(edge_heads, store, request.path_params["name"], engine, body)
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+    async def qk(request: Request) -> JSONResponse:
+        body = await _json_object(request, {"layer", "head", "query", "key", "top"})
+        result = await run_in_threadpool(head_qk, store, request.path_params["name"], engine, features, body)
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
     def needs_personas() -> Personas:
         if persona_set is None:
             raise StoreError("this server has no persona vectors (start it with --persona FILE)", 404)
@@ -326,6 +349,9 @@ def create_app(
         Route("/api/graphs/{name}/links", links, methods=["GET"]),
         Route("/api/graphs/{name}/scores", scores, methods=["POST"]),
         Route("/api/graphs/{name}/intervene", intervene, methods=["POST"]),
+        Route("/api/graphs/{name}/heads", list_heads, methods=["GET"]),
+        Route("/api/graphs/{name}/heads", split_edge, methods=["POST"]),
+        Route("/api/graphs/{name}/qk", qk, methods=["POST"]),
         Route("/api/graphs/{name}/persona/{persona}", graph_persona, methods=["GET"]),
         Route("/api/personas", list_personas, methods=["GET"]),
         Route("/api/personas/{persona}/project", project_persona, methods=["POST"]),

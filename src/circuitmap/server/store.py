@@ -1,7 +1,8 @@
 """The folder of graphs the explorer serves: one graph folder (``graphs.folder``) per graph.
 
 Layout: ``<root>/<name>/`` holds the viewer document and, when the full graph was kept, the full graph,
-which makes subgraph scores exact. This is what ``circuitmap attribute --out <root>/<name>`` writes.
+which makes subgraph scores exact, and maybe the head loadings of some of its edges. This is what
+``circuitmap attribute --out <root>/<name>`` writes.
 
 Names are 1–100 letters, digits, ``.``, ``_`` or ``-``, not starting with ``.``; a graph folder or file that
 is a symbolic link is refused, so nothing outside ``root`` is ever read or written. Writes are atomic (a
@@ -21,10 +22,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from circuitmap.atomic import remove_stale
-from circuitmap.errors import CircuitmapError, StoreError
+from circuitmap.attribution.heads import HeadLoadings
+from circuitmap.errors import CircuitmapError, GraphFileError, StoreError
 from circuitmap.graphs.export import FEATURE_TYPES, document_links, write_graph_json
-from circuitmap.graphs.files import load_graph, read_graph_info
-from circuitmap.graphs.folder import DOCUMENT_FILE, GRAPH_FILE, GraphFolder, check_pair, graph_id
+from circuitmap.graphs.files import load_graph, load_head_loadings, read_graph_info
+from circuitmap.graphs.folder import (
+    DOCUMENT_FILE,
+    GRAPH_FILE,
+    HEADS_FILE,
+    GraphFolder,
+    check_pair,
+    graph_id,
+)
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.pruning import Scores, subgraph_scores
 from circuitmap.validation import check_text
@@ -219,11 +228,12 @@ class GraphStore:
             return new_name
 
     def delete(self, name: str) -> None:
-        """Delete graph ``name``: its document and full graph, then its folder if nothing else is in it."""
+        """Delete graph ``name``: its document, full graph and head loadings, then its folder if nothing else
+        is in it."""
         with self._lock:
             folder = self.folder(name)
             self._document_path(name)
-            for file_name in (DOCUMENT_FILE, GRAPH_FILE):
+            for file_name in (DOCUMENT_FILE, GRAPH_FILE, HEADS_FILE):
                 path = folder / file_name
                 if path.is_file() or path.is_symlink():
                     path.unlink()
@@ -288,6 +298,28 @@ class GraphStore:
                     self._graphs.popitem(last=False)
             self._graphs.move_to_end(key)
             return self._graphs[key]
+
+    def head_loadings(self, name: str) -> HeadLoadings | None:
+        """The head loadings stored with graph ``name`` (None when it has none), checked to split edges of its
+        full graph (404 without one; 409 for loadings of another graph; 500 for an unreadable file)."""
+        graph = self.full_graph(name)
+        path = self._file(name, HEADS_FILE)
+        if path is None:
+            return None
+        try:
+            loadings, recorded = load_head_loadings(path)
+        except GraphFileError as error:
+            raise StoreError(str(error), 500) from None
+        ours = graph_id(graph.info)
+        if (recorded is not None and ours is not None and recorded != ours) or (
+            loadings.edges.max(initial=-1) >= graph.n_edges
+        ):
+            raise StoreError(
+                f"graph {name!r}: its {HEADS_FILE} splits the edges of another graph than its {GRAPH_FILE}; "
+                "compute it again",
+                409,
+            )
+        return loadings
 
     def _pairs(self, document: dict, full: Path) -> bool:
         """Whether the full graph at ``full`` is the one ``document`` was made from (graphs without ids

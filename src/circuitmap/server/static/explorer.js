@@ -12,6 +12,7 @@
   const HASH_DELAY_MS = 150;
   const SCORE_DELAY_MS = 200;
   const DOCUMENT_EDGES = "on the document's edges";
+  const HEADS_ID = "circuitmap-heads";
   const TARGET_CLERP = /^Output "(.*)" \(p=[0-9.]+\)$/s;
   const NO_DATABASE =
     "No feature database on this server: build one with circuitmap features build and serve with " +
@@ -78,6 +79,7 @@
         note: this.served ? NO_MODEL : "",
         graphName: this.name,
       });
+      this.setUpHeads();
       this.setUpPersona();
       this.applyState();
       this.setMode(this.state.supernodes.length ? "grouped" : "full");
@@ -125,6 +127,24 @@
         onOpen: (layer, feature) => this.openFeature(layer, feature),
         inGraph: (layer, feature) => this.nodesOfFeature(layer, feature).length > 0,
       });
+    }
+
+    // The heads panel: the attention heads that carry a cross-position edge. Its edges show a "heads" button
+    // once the stored loadings are read (and, on a server with the model, on every cross-position edge).
+    setUpHeads() {
+      const embedded = $(HEADS_ID);
+      this.heads = new cm.HeadsPanel($("heads"), {
+        served: this.served,
+        graphName: this.name,
+        stored: embedded ? JSON.parse(embedded.textContent) : null,
+        tokens: this.graph.tokens,
+        nLayers: this.graph.nLayers,
+        nameOf: (id) => (this.graph.index.has(id) ? this.displayName(this.graph.index.get(id)) : null),
+      });
+      this.heads
+        .start()
+        .then(() => this.renderPanel())
+        .catch((error) => this.notify(`Could not read the stored head loadings: ${error.message}`, "error"));
     }
 
     // The persona panel (served pages only); it shows itself once the server lists a vector.
@@ -696,6 +716,7 @@
       $("node-details").hidden = i === undefined;
       $("node-edges").hidden = i === undefined;
       $("supernode-details").hidden = group === null;
+      this.heads.followNode(this.state.clicked);
       if (i === undefined) {
         this.panelNode = undefined;
         this.dashboard.show(browsed && { ...browsed, activation: NaN, inGraph: false });
@@ -740,7 +761,7 @@
       $(`${direction}-count`).textContent = `(${links.length.toLocaleString("en-US")})`;
       const shown = this.shownAll[direction] ? links : links.slice(0, EDGE_ROWS);
       const other = (e) => (direction === "incoming" ? g.src[e] : g.dst[e]);
-      const rows = shown.map((e) => el("li", {}, [this.edgeButton(e, other(e))]));
+      const rows = shown.map((e) => this.edgeRow(e, other(e)));
       if (!links.length) rows.push(el("li", { class: "empty" }, [`no ${direction} edges`]));
       if (shown.length < links.length) {
         const all = `show all ${links.length.toLocaleString("en-US")}`;
@@ -752,6 +773,36 @@
         rows.push(el("li", {}, [more]));
       }
       $(`${direction}-edges`).replaceChildren(...rows);
+    }
+
+    // One edge's row: its button, and for a cross-position edge whose heads can be shown, a button that shows
+    // them.
+    edgeRow(e, other) {
+      const g = this.graph;
+      const row = el("li", {}, [this.edgeButton(e, other)]);
+      const [source, target] = [g.ids[g.src[e]], g.ids[g.dst[e]]];
+      if (g.pos[g.src[e]] === g.pos[g.dst[e]] || !this.heads.canShow(source, target)) return row;
+      const props = {
+        type: "button",
+        class: `edge-heads${this.heads.isShown(source, target) ? " selected" : ""}`,
+        title: "The attention heads that carry this edge between positions",
+        data: { testid: "edge-heads", nodeId: g.ids[other] },
+      };
+      const button = el("button", props, ["heads"]);
+      button.addEventListener("click", () => this.showEdgeHeads(e));
+      row.append(button);
+      return row;
+    }
+
+    // Show the heads that carry edge e, and mark its rows.
+    showEdgeHeads(e) {
+      const g = this.graph;
+      const [s, t] = [g.src[e], g.dst[e]];
+      const edge = { source: g.ids[s], target: g.ids[t], sourcePos: g.pos[s], targetPos: g.pos[t] };
+      this.heads.showEdge(Object.assign(edge, { weight: g.weight[e] }));
+      const i = this.graph.index.get(this.state.clicked);
+      this.renderEdges(i, "incoming");
+      this.renderEdges(i, "outgoing");
     }
 
     // One edge row: signed share of the target's input, the other node's label and place; selects it.
