@@ -7,6 +7,10 @@ the graph, choose which features to keep by estimated influence; then compute ev
 the kept sources (``sources.py``), with dropped features folded into the error nodes of their layer and
 position, and store the rows as a sparse graph. Under a cap, rows visited while selecting (``selection.py``)
 are reused; only those whose candidate pool missed a kept feature are computed again.
+
+A model spread over several devices by a device map is traced as it runs: each layer's transcoder computes
+on its own device (by default the device of the model layer it serves), every row's gradients are taken
+where they arrive, and the rows are gathered on the first layer's device.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def feature_rows(transcoders: Transcoders, features: ActiveFeatures) -> RowSpec:
     )
     for layer in features.layer.unique().tolist():
         members = features.layer == layer
-        vectors[members] = transcoders.encoder_vectors(layer, features.index[members])
+        vectors[members] = transcoders.encoder_vectors(layer, features.index[members]).to(vectors.device)
     return RowSpec(["mlp_in"] * len(features), features.layer, features.position, vectors)
 
 
@@ -88,13 +92,14 @@ def _target_rows(targets: Sequence[Target], n_tokens: int, n_layers: int) -> Row
 
 
 def _target_values(run: ReplacementRun, targets: Sequence[Target]) -> torch.Tensor:
-    return torch.tensor(
-        [
-            float(run.readouts[t.point].detach()[0, -1] @ t.vector.to(run.embed.dtype)) + t.offset
-            for t in targets
-        ],
-        dtype=torch.float64,
-    )
+    """Each target's value: its read-out vector (moved to its read-out's device) dotted with the read-out at
+    the last position, plus its offset."""
+    values = []
+    for target in targets:
+        readout = run.readouts[target.point].detach()[0, -1]
+        vector = target.vector.to(device=readout.device, dtype=run.embed.dtype)
+        values.append(float(readout @ vector) + target.offset)
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def _error_column(features: ActiveFeatures, n_tokens: int) -> torch.Tensor:
@@ -154,7 +159,8 @@ def attribute(
     ``config`` holds the settings (``AttributionConfig``: salient logits, the cap on feature nodes, the batch
     size); the keywords of the same names override it. ``progress``: a terminal bar (``True``), nothing, or
     a ``callback(stage, done, total)``. Setting ``stop`` ends the computation after the current batch with
-    ``Interrupted``. The transcoders are moved to the model's device and dtype.
+    ``Interrupted``. The transcoders are cast to the model's dtype and each layer is moved to the device of
+    the model layer it serves, unless ``Transcoders.place`` holds the set on devices of its own.
     """
     started = time.perf_counter()
     config = (config or AttributionConfig()).with_changes(
@@ -166,7 +172,7 @@ def attribute(
     ids = model.encode(prompt)
     check_inputs(model, transcoders, ids, config)
     reporter = Reporter(progress, stop)
-    transcoders.to(device=model.device, dtype=model.dtype)
+    transcoders.follow(model.layer_devices(), model.dtype)
     n_tokens = ids.shape[1]
     max_feature_nodes = config.max_feature_nodes
     batch_size = config.batch_size or default_batch_size(model, n_tokens)

@@ -114,7 +114,7 @@ def estimate_attribution(
     )
     ids = model.encode(prompt)
     compute.check_inputs(model, transcoders, ids, config)
-    transcoders.to(device=model.device, dtype=model.dtype)
+    transcoders.follow(model.layer_devices(), model.dtype)
     n_tokens, itemsize = ids.shape[1], model.dtype.itemsize
     max_feature_nodes = config.max_feature_nodes
     n_targets = n_targets or config.max_n_logits

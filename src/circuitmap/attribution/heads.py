@@ -310,7 +310,7 @@ def _source_values(gradients: Sequence[torch.Tensor | None], sources: Sources, n
         if gradient is None:
             continue
         for position, columns, vectors in sources.writes[out_layer]:
-            values.index_add_(1, columns, gradient[:, 0, position] @ vectors.T)
+            values.index_add_(1, columns, (gradient[:, 0, position] @ vectors.T).to(values.device))
     if gradients[-1] is not None:
         n_written = sources.n_features + sources.n_errors
         values[:, n_written:] = torch.einsum("btd,td->bt", gradients[-1][:, 0], embed)
@@ -549,7 +549,7 @@ def head_loadings(
     chosen_heads = _checked_heads(heads, model.n_layers, n_heads)
     ids = graph_ids(model, transcoders, graph)
     transcoders.check_model(model.n_layers, model.d_model)
-    transcoders.to(device=model.device, dtype=model.dtype)
+    transcoders.follow(model.layer_devices(), model.dtype)
     batch_size = batch_size or default_batch_size(model, ids.shape[1])
     edge_target = edge_targets(graph, edges)
     edge_source = graph.indices[edges].astype(np.int64)

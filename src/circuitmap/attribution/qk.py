@@ -247,7 +247,7 @@ def _side(
             continue
         for written, columns, vectors in sources.writes[out_layer]:
             if written == position:
-                parts.index_add_(0, columns, vectors @ gradient[rows, 0, position].T)
+                parts.index_add_(0, columns, (vectors @ gradient[rows, 0, position].T).to(parts.device))
     embed_gradient = gradients[-1]
     n_written = sources.n_features + sources.n_errors
     parts[n_written + position] = embed_gradient[rows, 0, position] @ sources.embed[position]
@@ -279,7 +279,7 @@ def qk_attribution(
         raise CircuitmapError(f"QK attribution explains one prompt at a time, got a batch of {ids.shape[0]}")
     _check_site(model, ids.shape[1], layer, head, query_position, key_position)
     transcoders.check_model(model.n_layers, model.d_model)
-    transcoders.to(device=model.device, dtype=model.dtype)
+    transcoders.follow(model.layer_devices(), model.dtype)
     calls: dict[int, AttentionCall] = {}
     leaves: dict[int, torch.Tensor] = {}
     with (

@@ -11,6 +11,9 @@ more with three changes made through hook points:
 
 With those freezes the map from any node's output to any later MLP input or read-out is linear, so one
 backward pass per batch of target rows yields exact direct effects.
+
+On a model spread over several devices each hook works on its layer's device: the transcoders compute where
+their layer's weights are, and their reconstruction and skip path come back to the layer's device.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class ReplacementRun:
     the graph tensors where targets are injected. ``pre``/``acts`` [T, f] hold feature pre-activations and
     activations, ``errors`` [T, d] the MLP output minus the transcoders' reconstruction (skip included), all
     detached. ``last_logits`` [vocab] are the model's last-position logits, soft-capped like its output.
+    Per-layer tensors are on their layer's device (``pre`` and ``acts`` on its transcoder's).
     """
 
     embed: torch.Tensor
@@ -73,13 +77,13 @@ def replacement_run(model: Model, transcoders: Transcoders, ids: torch.Tensor) -
             acts.append(transcoders.encode(layer, clean_x))
             skip = transcoders.skip(layer, clean_x)
             reconstruction = transcoders.decode(acts + [None] * (n_layers - layer - 1), layer) + skip
-            errors.append(output.detach()[0] - reconstruction)
+            errors.append(output.detach()[0] - reconstruction.to(output.device))
             leaf = torch.zeros_like(output).requires_grad_(True)
             leaves.append(leaf)
             result = output.detach() + leaf
             if transcoders.has_skip:
                 skip_path = transcoders.skip(layer, x)
-                result = result + (skip_path - skip_path.detach())
+                result = result + (skip_path - skip_path.detach()).to(result.device)
             return result
 
         return replace

@@ -5,7 +5,8 @@ and position, or a target's vector at a read-out point at the last position. One
 ``is_grads_batched`` gives, for every row of a batch, the gradient at every MLP output below the batch's
 highest layer and at the embedding;
 dotting those with the sources' outputs (``Sources.writes``) gives the row's direct effects. Rows are
-processed in order of layer so a batch only goes as deep as its highest layer.
+processed in order of layer so a batch only goes as deep as its highest layer. On a model spread over several
+devices each product is taken where its gradient arrives and gathered on the first layer's device.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def row_values(run: ReplacementRun, sources: Sources, spec: RowSpec, rows: slice
             continue
         for position, columns, vectors in sources.writes[out_layer]:
             if position <= last:
-                values.index_add_(1, columns, gradient[:, 0, position] @ vectors.T)
+                values.index_add_(1, columns, (gradient[:, 0, position] @ vectors.T).to(values.device))
     embed_gradient = gradients[-1]
     if embed_gradient is not None:
         values[:, n_written:] = torch.einsum("btd,td->bt", embed_gradient[:, 0], sources.embed)
@@ -96,10 +97,12 @@ def batched_rows(
 
 
 def concat_specs(specs: Sequence[RowSpec]) -> RowSpec:
-    """One RowSpec holding the rows of several, in order."""
+    """One RowSpec holding the rows of several, in order (the vectors on the first one's device: feature rows
+    come from the transcoders, target rows from the unembedding, which a device map may put elsewhere)."""
+    device = specs[0].vectors.device
     return RowSpec(
         [point for spec in specs for point in spec.point],
         torch.cat([spec.layer for spec in specs]),
         torch.cat([spec.position for spec in specs]),
-        torch.cat([spec.vectors for spec in specs]),
+        torch.cat([spec.vectors.to(device) for spec in specs]),
     )

@@ -10,6 +10,9 @@ position.
 Active features that are not kept as nodes are folded into the error node of their layer and position: the
 error node's output becomes the error vector plus those features' outputs, so every row still sums to the
 true value.
+
+Devices: the outputs written onto MLP output ``m`` are kept where that output's gradient arrives (layer
+``m``'s device), their column ids where rows are gathered (the first layer's device, with the tokens').
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ class Sources:
 
     ``feature_layer`` holds the kept features' layers (graph order); error nodes are
     every (layer, position ≥ first_position); tokens are every position. ``writes[m]`` lists, per position,
-    the columns writing onto MLP output ``m`` there and their output vectors; ``embed`` [T, d] holds the
-    tokens' outputs. ``column_layer``/``column_position`` give every column's layer (-1 for tokens) and
-    position.
+    the columns writing onto MLP output ``m`` there (on the first layer's device) and their output vectors (on
+    layer ``m``'s device); ``embed`` [T, d] holds the tokens' outputs. ``column_layer``/``column_position``
+    give every column's layer (-1 for tokens) and position.
     """
 
     feature_layer: torch.Tensor
@@ -111,7 +114,7 @@ def build_sources(
     error_layer = torch.arange(n_layers).repeat_interleave(len(error_positions))
     error_position = error_positions.repeat(n_layers)
     n_errors = len(error_layer)
-    dtype, device = run.embed.dtype, run.embed.device
+    dtype, home = run.embed.dtype, run.embed.device
 
     columns = {}
     for out_layer in range(n_layers):
@@ -130,13 +133,10 @@ def build_sources(
             ids.append(len(kept_features) + torch.arange(n_errors)[error_layer == layer])
             positions.append(error_positions)
             vectors.append(folded[error_positions.to(folded.device)])
-        vectors = torch.cat([block.to(device) for block in vectors])
+        vectors = torch.cat([block.to(run.leaves[out_layer].device) for block in vectors])
         columns[out_layer] = _by_position(torch.cat(ids), torch.cat(positions), vectors, n_tokens)
     writes = [
-        [
-            (position, ids.to(device), vectors.to(device=device, dtype=dtype))
-            for position, ids, vectors in blocks
-        ]
+        [(position, ids.to(home), vectors.to(dtype=dtype)) for position, ids, vectors in blocks]
         for blocks in columns.values()
     ]
     column_layer = torch.cat([kept_features.layer, error_layer, torch.full((n_tokens,), -1)])
@@ -173,7 +173,7 @@ def _folded_outputs(
 ) -> torch.Tensor:
     """Sum of the outputs onto MLP output ``out_layer`` of the dropped features of ``layer``, per position."""
     in_layer = dropped.layer == layer
-    folded = torch.zeros(n_tokens, d_model, dtype=transcoders.dtype, device=transcoders.device)
+    folded = torch.zeros(n_tokens, d_model, dtype=transcoders.dtype, device=transcoders.layer_device(layer))
     if in_layer.any():
         decoders = transcoders.decoder_vectors(layer, dropped.index[in_layer], out_layer)
         outputs = decoders * dropped.activation[in_layer, None].to(decoders)

@@ -77,8 +77,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    """``--model``, ``--tokenizer``, ``--device`` and ``--dtype``; with ``optional`` the model defaults to
-    None (the command decides, e.g. from a graph)."""
+    """``--model``, ``--tokenizer``, ``--device``, ``--device-map`` and ``--dtype``; with ``optional`` the
+    model defaults to None (the command decides, e.g. from a graph)."""
     parser.add_argument(
         "--model",
         default=None if optional else DEFAULT_MODEL,
@@ -88,13 +88,21 @@ def add_model_args(parser: argparse.ArgumentParser, *, optional: bool = False) -
         "--tokenizer", help="tokenizer file for a llama2.c checkpoint (default: found beside it)"
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    parser.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread the model over several devices instead: auto (or balanced, balanced_low_0, sequential) "
+        "to fill the GPUs, then the CPU, or a JSON file mapping module names to devices",
+    )
     parser.add_argument("--dtype", help="float32 (default), bfloat16, float16 or float64")
 
 
 def load_model_from_args(args: argparse.Namespace) -> Model:
     """The model the model options name, with the load time on stderr."""
     start = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    model = load_model(
+        args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, device_map=args.device_map
+    )
     print(f"loaded {model} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
 

@@ -9,6 +9,9 @@ graph describes. Positions are absolute: ``offset`` shifts them when a KV cache 
 
 ``EditHandle`` keeps the hooks installed until ``remove()`` (or the end of a ``with`` block); ``intervene``,
 ``generate_with`` and the explorer all apply their edits through it.
+
+On a model spread over several devices the hooks work on each layer's device: feature edits are computed
+where the edited layer's transcoder is, and what they add comes to the device of the MLP output it reaches.
 """
 
 from __future__ import annotations
@@ -119,9 +122,9 @@ class EditHooks:
             if self.constrained is not None:
                 clean_in = self.constrained.mlp_in[layer]
                 change = self.transcoders.skip(layer, x) - self.transcoders.skip(layer, clean_in)
-                output = self.constrained.mlp_out[layer].to(output.dtype) + change.to(output.dtype)
+                output = self.constrained.mlp_out[layer].to(output) + change.to(output)
             extra = self.pending.pop(layer, None)
-            return output if extra is None else output + extra.to(output.dtype)
+            return output if extra is None else output + extra.to(output)
 
         return replace
 
@@ -145,7 +148,9 @@ class EditHooks:
             for out_layer in tc.output_layers(layer):
                 contribution = delta @ tc.decoder_vectors(layer, indices, out_layer)
                 previous = self.pending.get(out_layer)
-                self.pending[out_layer] = contribution if previous is None else previous + contribution
+                self.pending[out_layer] = (
+                    contribution if previous is None else previous + contribution.to(previous)
+                )
         if self.record:
             self.pre[layer] = pre.detach()[0].cpu()
             used = acts if self.constrained is None else old
@@ -225,7 +230,7 @@ def prepare_edits(
             raise CircuitmapError("feature edits need the transcoder set whose features they name")
         return [], residual
     transcoders.check_model(model.n_layers, model.d_model)
-    transcoders.to(device=model.device, dtype=model.dtype)
+    transcoders.follow(model.layer_devices(), model.dtype)
     features = resolve_feature_edits(edits, transcoders.n_layers, transcoders.d_features, n_tokens)
     largest = torch.finfo(model.dtype).max
     for edit in features:

@@ -216,7 +216,7 @@ def _check_match(graph: Graph, model: Model, transcoders: Transcoders, nodes: Se
     transcoders.check_fingerprint(graph.info.get("transcoders_fingerprint"), "the graph")
     if max(graph.tokens) >= model.d_vocab:
         raise CircuitmapError("the graph's token ids are outside the model's vocabulary: another model")
-    transcoders.to(device=model.device, dtype=model.dtype)
+    transcoders.follow(model.layer_devices(), model.dtype)
     _, clean = clean_run(model, transcoders, torch.tensor([graph.tokens], device=model.device))
     for node in nodes:
         layer, position, index = int(graph.layer[node]), int(graph.position[node]), int(graph.index[node])

@@ -16,10 +16,17 @@ Controls: attention patterns and normalisation denominators can be recorded on a
 constants (so gradients flow only through values and the numerators of norms), and any point can be
 observed or rewritten by a function. Attention runs through a function registered in transformers'
 attention registry under the name ``circuitmap``; everything else uses ordinary module hooks.
+
+Devices: a model placed by a device map (``load_model(..., device_map=...)``) runs each module on its own
+device through accelerate's hooks, and an offloaded module keeps its weights in CPU memory (its parameters on
+the meta device) between calls. A hook function sees, and returns, tensors on the device where the module it
+is installed on computes (``execution_device``); the norm controls read weights through ``resident_tensor``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -113,6 +120,42 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, eager_mask)
 
 
+def _accelerate_hooks(module: nn.Module) -> list:
+    """The accelerate hooks attached to ``module`` itself (several when they are chained)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", [hook]))
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """Where ``module`` computes: on a model dispatched by accelerate, the execution device of the first
+    accelerate hook on it or on a module inside it (an offloaded module's parameters wait on the meta device);
+    otherwise the device of its first parameter or buffer; None for a module that has neither."""
+    for part in module.modules():
+        for hook in _accelerate_hooks(part):
+            device = getattr(hook, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return None if tensor is None else tensor.device
+
+
+def resident_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module``'s parameter or buffer ``name`` (None when it has none) with its values: a tensor that
+    accelerate offloaded (on the meta device between calls) is read from the offloading hook's weights, on the
+    device they are kept on."""
+    tensor = getattr(module, name, None)
+    if tensor is None or tensor.device.type != "meta":
+        return tensor
+    for hook in _accelerate_hooks(module):
+        weights = getattr(hook, "weights_map", None)
+        if weights is not None:
+            with contextlib.suppress(KeyError):
+                return weights[name]
+    raise CircuitmapError(f"the {name} of a {type(module).__name__} is on the meta device, with no values")
+
+
 def _first_tensor(value):
     return value[0] if isinstance(value, tuple) else value
 
@@ -122,16 +165,21 @@ def _replace_first(value, tensor: torch.Tensor):
 
 
 def hook_input(
-    module: nn.Module, fn: TensorFn, name: str = "hidden_states"
+    module: nn.Module, fn: TensorFn, name: str = "hidden_states", device: torch.device | None = None
 ) -> torch.utils.hooks.RemovableHandle:
-    """Call ``fn`` on a module's first input; a returned tensor replaces that input."""
+    """Call ``fn`` on a module's first input, moved to ``device`` when given; a returned tensor replaces that
+    input. The input of a module may come from another device (accelerate's own hook moves it only after this
+    one runs); a moved input is passed on, so it crosses devices once."""
 
     def pre_hook(_module, args, kwargs):
         from_kwargs = not args
-        tensor = kwargs[name] if from_kwargs else args[0]
+        arrived = kwargs[name] if from_kwargs else args[0]
+        tensor = arrived if device is None else arrived.to(device)
         new = fn(tensor)
         if new is None:
-            return None
+            if tensor is arrived:
+                return None
+            new = tensor
         if from_kwargs:
             return args, {**kwargs, name: new}
         return (new, *args[1:]), kwargs
@@ -219,7 +267,7 @@ class HookPoints:
         """Install ``fn`` at ``point`` (of ``layer`` for per-layer points)."""
         if point in MODEL_POINTS:
             if point == "resid_final":
-                return hook_input(self.final_norm, fn)
+                return hook_input(self.final_norm, fn, device=execution_device(self.final_norm))
             return hook_output(self.final_norm, fn)
         if point not in LAYER_POINTS:
             raise CircuitmapError(
@@ -229,11 +277,12 @@ class HookPoints:
             raise CircuitmapError(f"layer {layer} is out of range for a model with {len(self.layers)} layers")
         block = self.layers[layer]
         if point == "resid_pre":
-            return hook_input(block, fn)
+            return hook_input(block, fn, device=execution_device(block))
         if point == "resid_post":
             return hook_output(block, fn)
         if point == "mlp_in":
-            return hook_input(self.layer_module(layer, self.adapter.mlp), fn)
+            mlp = self.layer_module(layer, self.adapter.mlp)
+            return hook_input(mlp, fn, device=execution_device(mlp))
         if point == "mlp_out":
             return hook_output(self.layer_module(layer, self.adapter.mlp_out), fn)
         return hook_output(self.layer_module(layer, self.adapter.attn_out), fn)
@@ -248,9 +297,10 @@ class _NormControl:
     mode: str = "record"
     inverse: torch.Tensor | None = None
 
-    def __call__(self, _module, args, _output):
-        """Recompute the norm with the recorded scale, in at least float32 (some models round to float32)."""
-        x = args[0]
+    def __call__(self, _module, args, output):
+        """Recompute the norm with the recorded scale, in at least float32 (some models round to float32), on
+        the device its output is on (its input may still be on the previous module's)."""
+        x = args[0].to(_first_tensor(output).device)
         work = x.to(_compute_dtype(x.dtype))
         is_layer_norm = isinstance(self.module, nn.LayerNorm)
         centred = work - work.mean(-1, keepdim=True) if is_layer_norm else work
@@ -262,11 +312,11 @@ class _NormControl:
         elif self.inverse.shape[1:] != x.shape[1:-1] + (1,):
             raise CircuitmapError("frozen norms were recorded for another input length; freeze again")
         normed = centred * self.inverse.to(work.dtype)
-        weight = self.module.weight.to(work.dtype) + self.weight_offset
+        weight = resident_tensor(self.module, "weight").to(work) + self.weight_offset
         result = normed * weight
-        bias = getattr(self.module, "bias", None)
+        bias = resident_tensor(self.module, "bias")
         if bias is not None:
-            result = result + bias.to(work.dtype)
+            result = result + bias.to(work)
         return result.to(x.dtype)
 
 

@@ -21,8 +21,10 @@ from circuitmap.models.hooks import (
     HookPoints,
     TensorFn,
     add_vector,
+    execution_device,
     freeze,
     register_attention,
+    resident_tensor,
 )
 from circuitmap.validation import check_text
 
@@ -31,9 +33,18 @@ Inputs = str | torch.Tensor
 
 def _shallow_module(module: nn.Module) -> nn.Module:
     """A copy of ``module`` that shares its parameters, buffers and submodules, with its own table of
-    submodules (replacing one in the copy leaves the original alone)."""
+    submodules (replacing one in the copy leaves the original alone). An accelerate hook on ``module`` (a
+    model placed by a device map) is attached to the copy afresh, since the hooked ``forward`` the copy
+    inherits calls the original."""
     twin = copy.copy(module)
     twin._modules = dict(module._modules)
+    hook = module.__dict__.get("_hf_hook")
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        for attribute in ("_hf_hook", "_old_forward", "forward"):
+            twin.__dict__.pop(attribute, None)
+        add_hook_to_module(twin, hook)
     return twin
 
 
@@ -106,7 +117,22 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go and outputs come back: the device the input embedding computes on."""
+        return execution_device(self.hf_model.get_input_embeddings())
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device layer ``layer`` computes on, where hooks at its points see and return tensors (one
+        device for all layers unless the model was loaded with a ``device_map``)."""
+        return execution_device(self.points.layers[layer])
+
+    def layer_devices(self) -> list[torch.device]:
+        """``layer_device`` of every layer, in order."""
+        return [self.layer_device(layer) for layer in range(self.n_layers)]
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether accelerate runs the model over a device map (``load_model(..., device_map=...)``)."""
+        return hasattr(self.hf_model, "_hf_hook")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -114,12 +140,13 @@ class Model:
 
     @property
     def unembedding(self) -> torch.Tensor:
-        """The unembedding matrix, ``d_vocab × d_model`` (rows are output-token directions)."""
-        return get_module(self.hf_model, self.adapter.unembed).weight
+        """The unembedding matrix, ``d_vocab × d_model`` (rows are output-token directions); where a device
+        map offloads it, the copy its offloading keeps."""
+        return resident_tensor(get_module(self.hf_model, self.adapter.unembed), "weight")
 
     @property
     def unembedding_bias(self) -> torch.Tensor | None:
-        return getattr(get_module(self.hf_model, self.adapter.unembed), "bias", None)
+        return resident_tensor(get_module(self.hf_model, self.adapter.unembed), "bias")
 
     @property
     def logit_softcap(self) -> float | None:
@@ -127,6 +154,9 @@ class Model:
         return getattr(self.hf_model.config.get_text_config(), "final_logit_softcapping", None)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Model:
+        """Move and/or cast the model; a model placed by a device map stays as it was loaded."""
+        if self.dispatched:
+            raise CircuitmapError("a model loaded with a device_map cannot be moved or cast; load it again")
         self.hf_model.to(device=device, dtype=dtype)
         return self
 

@@ -52,7 +52,7 @@ class Engine:
 
     def __post_init__(self) -> None:
         self.transcoders.check_model(self.model.n_layers, self.model.d_model)
-        self.transcoders.to(device=self.model.device, dtype=self.model.dtype)
+        self.transcoders.follow(self.model.layer_devices(), self.model.dtype)
 
 
 @dataclass

@@ -78,7 +78,7 @@ def evaluate_transcoders(
 ) -> Evaluation:
     """Measure ``transcoders`` on up to ``n_tokens`` tokens of ``contexts`` (equal-length token id rows)."""
     transcoders.check_model(model.n_layers, model.d_model)
-    transcoders.to(device=model.device, dtype=model.dtype)
+    transcoders.follow(model.layer_devices(), model.dtype)
     n_layers = model.n_layers
     residual = torch.zeros(n_layers, dtype=torch.float64)
     total = torch.zeros(n_layers, dtype=torch.float64)

@@ -4,12 +4,17 @@ A transcoder reads an MLP's input x and predicts its output: `a = σ(W_enc x + b
 `ŷ = a W_dec + b_dec (+ x @ W_skip.T)`. Weights are frozen buffers (circuitmap reads transcoders, it does not
 train them). Each layer's decoder sits in a `LazyTensor`: a set loaded from safetensors files keeps W_dec on
 disk until first use, so decoders are not part of `state_dict()`; `save()` writes them.
+
+Devices: each layer's weights may sit on a device of their own. A layer's encoding and skip term compute where
+its weights are (inputs are moved there), and a decoder output is summed where the output layer's bias is.
+By default attribution and interventions move each layer to the device of the model layer it serves
+(`follow`); `place` fixes the devices instead, e.g. to keep a large set on other GPUs than the model.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -174,6 +179,7 @@ class Transcoders(nn.Module):
         self.output_hook = output_hook
         weights = zip(W_enc, b_enc, W_dec, b_dec, activations, skips, strict=True)
         self.layers = nn.ModuleList(_Layer(*layer) for layer in weights)
+        self._placed = False
         self._check_shapes(sources)
 
     @staticmethod
@@ -250,7 +256,52 @@ class Transcoders(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Layer 0's device (see ``layer_device`` for the others)."""
         return self.layers[0].W_enc.device
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device of layer ``layer``'s weights, where its encoding and skip term compute."""
+        return self._layer(layer).W_enc.device
+
+    @property
+    def placement(self) -> tuple[torch.device, ...] | None:
+        """Every layer's device while ``place`` holds the set where it is, else None (the set follows the
+        model)."""
+        return tuple(self.layer_device(i) for i in range(self.n_layers)) if self._placed else None
+
+    def place(
+        self,
+        devices: str | torch.device | Sequence[str | torch.device] | Mapping[int, str | torch.device] | None,
+    ) -> Transcoders:
+        """Move layers to devices of their own and hold the set there: ``attribute``, ``intervene`` and
+        ``generate_with`` then only cast it to the model's dtype, and move each layer's inputs to it and its
+        outputs to the model layer it serves. ``devices`` is one device for every layer, a sequence of one per
+        layer, or a mapping ``{layer: device}`` (the layers it leaves out stay where they are). None releases
+        the set: each layer moves again to the device its model layer runs on."""
+        from circuitmap.models.loading import resolve_device  # the models package imports transcoders
+
+        if devices is None:
+            self._placed = False
+            return self
+        if isinstance(devices, (str, torch.device)):
+            devices = [devices] * self.n_layers
+        if not isinstance(devices, Mapping):
+            if len(devices) != self.n_layers:
+                raise CircuitmapError(
+                    f"place needs one device per layer ({self.n_layers}), got {len(devices)}"
+                )
+            devices = dict(enumerate(devices))
+        for layer, device in devices.items():
+            self._layer(layer).to(resolve_device(device))
+        self._placed = True
+        return self
+
+    def follow(self, layer_devices: Sequence[torch.device], dtype: torch.dtype) -> Transcoders:
+        """Make the set ready for a model whose layer i computes on ``layer_devices[i]`` in ``dtype``: cast
+        every layer to ``dtype`` and, unless ``place`` holds the set, move it to its model layer's device."""
+        for layer, device in enumerate(layer_devices):
+            self._layer(layer).to(device=None if self._placed else device, dtype=dtype)
+        return self
 
     def extra_repr(self) -> str:
         return (
@@ -272,7 +323,7 @@ class Transcoders(nn.Module):
                 f"a transcoder set can be cut after 1..{self.n_layers} layers, not {n_layers}"
             )
         layers = [self._layer(i) for i in range(n_layers)]
-        return type(self)(
+        cut = type(self)(
             W_enc=[layer.W_enc for layer in layers],
             b_enc=[layer.b_enc for layer in layers],
             W_dec=[self._first_decoder(i, n_layers) for i in range(n_layers)],
@@ -283,6 +334,8 @@ class Transcoders(nn.Module):
             input_hook=self.input_hook,
             output_hook=self.output_hook,
         )
+        cut._placed = self._placed
+        return cut
 
     def _first_decoder(self, layer: int, n_layers: int) -> Tensor | LazyTensor:
         """Layer ``layer``'s decoder in the set cut after ``n_layers`` layers."""
@@ -297,13 +350,14 @@ class Transcoders(nn.Module):
             )
 
     def pre_activations(self, layer: int, x: Tensor) -> Tensor:
-        """`W_enc x + b_enc` for MLP inputs x [..., d_model] (cast to the set's dtype) → [..., d_features]."""
+        """`W_enc x + b_enc` for MLP inputs x [..., d_model] (moved to the layer's device and dtype) →
+        [..., d_features]."""
         weights = self._layer(layer)
         if x.shape[-1] != self.d_model:
             raise IncompatibleTranscodersError(
                 f"input has width {x.shape[-1]} but the transcoders have d_model {self.d_model}"
             )
-        return F.linear(x.to(weights.W_enc.dtype), weights.W_enc, weights.b_enc)
+        return F.linear(x.to(weights.W_enc), weights.W_enc, weights.b_enc)
 
     def encode(self, layer: int, x: Tensor) -> Tensor:
         """Feature activations [..., d_features] of MLP inputs x [..., d_model] at `layer`."""
@@ -321,17 +375,18 @@ class Transcoders(nn.Module):
         return indices, acts[indices.unbind(-1)]
 
     def skip(self, layer: int, x: Tensor) -> Tensor:
-        """The skip term `x @ W_skip.T` [..., d_model]; zeros when the set has no skip."""
+        """The skip term `x @ W_skip.T` [..., d_model] on the layer's device; zeros when the set has none."""
         weights = self._layer(layer)
         if weights.W_skip is None:
-            return torch.zeros(*x.shape[:-1], self.d_model, dtype=self.dtype, device=x.device)
-        return x.to(weights.W_skip.dtype) @ weights.W_skip.T
+            return torch.zeros(*x.shape[:-1], self.d_model, dtype=self.dtype, device=weights.W_enc.device)
+        return x.to(weights.W_skip) @ weights.W_skip.T
 
     def decode(self, acts: Sequence[Tensor | None], out_layer: int) -> Tensor:
         """Decoder contributions to MLP output `out_layer` plus its b_dec (no skip term).
 
         `acts` holds one entry per layer ([..., d_features] or None for "no active features"); with every
-        entry that is read None, the result is b_dec alone, of shape [d_model].
+        entry that is read None, the result is b_dec alone, of shape [d_model]. Each source layer's product is
+        taken on its own device and summed on the output layer's.
         """
         if len(acts) != self.n_layers:
             raise CircuitmapError(f"decode needs one entry per layer ({self.n_layers}), got {len(acts)}")
@@ -339,7 +394,8 @@ class Transcoders(nn.Module):
         for source in self._sources_of(out_layer):
             a = acts[source]
             if a is not None:
-                out = out + a.to(self.dtype) @ self.decoder_vectors(source, slice(None), out_layer)
+                decoder = self.decoder_vectors(source, slice(None), out_layer)
+                out = out + (a.to(device=decoder.device, dtype=self.dtype) @ decoder).to(out.device)
         return out
 
     def _sources_of(self, out_layer: int) -> range:
@@ -378,7 +434,7 @@ class Transcoders(nn.Module):
             f"{self.kind} {self.n_layers} {self.d_features} {self.d_model} {self.activation_name} {self.k}"
         )
         digest.update(described.encode())
-        ends = torch.tensor([0, self.d_features - 1], device=self.device)
+        ends = torch.tensor([0, self.d_features - 1])
         with torch.no_grad():
             for layer in range(self.n_layers):
                 for tensor in (
