@@ -11,7 +11,7 @@ LOCK_VENV := .venv-lock
 
 BROWSER := /usr/bin/chromium
 
-.PHONY: demo test lint install browser clean interventions-report persona-report superposition-report lock
+.PHONY: demo test lint install browser clean interventions-report persona-report superposition-report biology-report lock
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ demo: $(STAMP)
 # docs/interventions.md and its figures (trains the quick transcoders on first use, like demo)
 interventions-report: $(STAMP)
 	$(BIN)/python examples/interventions_report.py
+
+# docs/biology.md and its figures: six case studies of the Biology paper (trains the quick transcoders on first use)
+biology-report: $(STAMP)
+	$(BIN)/python examples/biology_report.py
 
 # docs/persona.md: persona vectors of the three shipped traits (trains the quick transcoders on first use)
 persona-report: $(STAMP)

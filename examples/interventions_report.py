@@ -22,14 +22,10 @@ import numpy as np
 import torch
 
 matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
 
 from circuitmap import (  # noqa: E402
     FeatureEdit,
-    Graph,
-    InterventionResult,
     Supernode,
-    attribute,
     check_graph,
     generate_with,
     intervene,
@@ -39,88 +35,31 @@ from circuitmap import (  # noqa: E402
 )
 from circuitmap.cache import ensure_quick_transcoders  # noqa: E402
 from circuitmap.features import FeatureStore  # noqa: E402
-from circuitmap.graphs import NodeKind, PruneConfig, graph_scores  # noqa: E402
+from circuitmap.graphs import PruneConfig, graph_scores  # noqa: E402
 from circuitmap.graphs.ids import parse_feature_id  # noqa: E402
+from circuitmap.studies import (  # noqa: E402
+    GROUP_SIZE,
+    Explained,
+    Study,
+    describe_transcoders,
+    draw_graph,
+    swap,
+)
 
 MODEL = "smollm2-135m"
-GROUP_SIZE = 20
 MAX_FEATURE_NODES = 4096
 CONTINUATION_TOKENS = 12
 COLOURS = ["#d35400", "#2471a3", "#1e8449", "#8e44ad", "#b7950b"]
 
 
 @dataclass
-class Context:
-    """What every demonstration needs: the model, the transcoders, optional labels and the report."""
+class Context(Study):
+    """A study of the model and transcoders, and the report being written about it."""
 
-    model: object
-    transcoders: object
-    store: FeatureStore | None
-    figures: Path
-    lines: list[str] = field(default_factory=list)
-    summary: list[str] = field(default_factory=list)
-    checks: list[str] = field(default_factory=list)
-
-    def label(self, node_id: str) -> str:
-        if self.store is None:
-            return ""
-        layer, index, _ = parse_feature_id(node_id)
-        label = self.store.label(layer, index)
-        return label.text if label is not None else ""
-
-
-@dataclass
-class Explained:
-    """A prompt's graph, the influence of its nodes and the supernodes found in it."""
-
-    prompt: str
-    graph: Graph
-    influence: np.ndarray
-    groups: dict[str, list[str]]
-
-
-def explain(ctx: Context, prompt: str) -> Explained:
-    """The graph of ``prompt`` (at most ``MAX_FEATURE_NODES`` features, the rest folded into error nodes)
-    and its nodes' influence."""
-    graph = attribute(ctx.model, ctx.transcoders, prompt, max_feature_nodes=MAX_FEATURE_NODES, progress=False)
-    influence = prune(graph).influence
-    return Explained(prompt, graph, influence, {})
-
-
-def top_features(explained: Explained, position: int, count: int = GROUP_SIZE) -> list[str]:
-    """The ``count`` most influential feature nodes at ``position``."""
-    graph = explained.graph
-    features = graph.nodes_of(NodeKind.FEATURE)
-    here = features[graph.position[features] == position]
-    ranked = here[np.argsort(-explained.influence[here], kind="stable")][:count]
-    return [graph.node_id(int(node)) for node in ranked]
-
-
-def activations_at(ctx: Context, prompt: str, position: int) -> dict[tuple[int, int], float]:
-    """Every active feature's activation at ``position`` of ``prompt``, by (layer, index)."""
-    clean = intervene(ctx.model, ctx.transcoders, prompt, [], top_k=1)
-    found = {}
-    for layer, acts in enumerate(clean.activations_before):
-        for index in acts[position].nonzero().flatten().tolist():
-            found[(layer, index)] = float(acts[position, index])
-    return found
-
-
-def transplant(ctx: Context, donor: Explained, position: int, factor: float, at: int) -> list[FeatureEdit]:
-    """Add the donor prompt's group at ``position`` (its top features there, ``factor`` × their donor
-    activations) to the recipient's position ``at``."""
-    acts = activations_at(ctx, donor.prompt, position)
-    edits = []
-    for node_id in top_features(donor, position):
-        layer, index, _ = parse_feature_id(node_id)
-        edits.append(FeatureEdit.add((layer, at, index), factor * acts[(layer, index)]))
-    return edits
-
-
-def probability(ctx: Context, result: InterventionResult, token: str, after: bool = True) -> float:
-    token_id = ctx.model.tokenizer(token, add_special_tokens=False).input_ids[0]
-    logits = result.logits_after if after else result.logits_before
-    return float(logits.double().softmax(-1)[token_id])
+    figures: Path = field(kw_only=True)
+    lines: list[str] = field(default_factory=list, kw_only=True)
+    summary: list[str] = field(default_factory=list, kw_only=True)
+    checks: list[str] = field(default_factory=list, kw_only=True)
 
 
 @dataclass
@@ -149,18 +88,18 @@ def run_trials(
         "|---|" + "---:|" * len(watch) + "---|---|",
     ]
     clean = intervene(ctx.model, ctx.transcoders, prompt, [], top_k=1)
-    cells = " | ".join(f"{probability(ctx, clean, token, after=False):.3f}" for token in watch)
+    cells = " | ".join(f"{ctx.probability(clean, token, after=False):.3f}" for token in watch)
     top, p = clean.top_before[0]
     ctx.lines.append(f"| none | {cells} | `{top!r}` ({p:.2f}) | {_quote(original)} |")
     for trial in trials:
         result = intervene(ctx.model, ctx.transcoders, prompt, trial.edits, top_k=1)
         continuation = generate_with(ctx.model, ctx.transcoders, prompt, trial.edits, CONTINUATION_TOKENS)
-        cells = " | ".join(f"{probability(ctx, result, token):.3f}" for token in watch)
+        cells = " | ".join(f"{ctx.probability(result, token):.3f}" for token in watch)
         top, p = result.top_after[0]
         ctx.lines.append(f"| {trial.name} | {cells} | `{top!r}` ({p:.2f}) | {_quote(continuation)} |")
         before, after = (
-            probability(ctx, result, trial.token, after=False),
-            probability(ctx, result, trial.token),
+            ctx.probability(result, trial.token, after=False),
+            ctx.probability(result, trial.token),
         )
         if trial.expect == "top":
             expectation = f"`{trial.token!r}` becomes the top token"
@@ -208,83 +147,6 @@ def describe_graph(ctx: Context, explained: Explained, slug: str) -> None:
     draw_graph(graph, pruned, explained.groups, ctx.figures / f"{slug}-graph.png")
 
 
-def draw_graph(graph: Graph, pruned, groups: dict[str, list[str]], path: Path, shown: int = 60) -> None:
-    """The core of the pruned graph: its ``shown`` most influential features and error nodes, the supernode
-    members, tokens and targets; tokens along x, layers up y, size by influence, supernodes coloured."""
-    members = {member for group in groups.values() for member in group}
-    candidates = np.flatnonzero(pruned.node_mask & np.isin(graph.kind, [NodeKind.FEATURE, NodeKind.ERROR]))
-    top = candidates[np.argsort(-pruned.influence[candidates], kind="stable")][:shown]
-    keep = set(top.tolist()) | {node for node in range(graph.n_nodes) if graph.node_id(node) in members}
-    keep |= set(np.flatnonzero(np.isin(graph.kind, [NodeKind.TOKEN, NodeKind.TARGET])).tolist())
-    keep = np.array(sorted(keep))
-    kind = graph.kind[keep]
-    layer = np.where(kind == NodeKind.TOKEN, -1, graph.layer[keep]).astype(float)
-    x = graph.position[keep].astype(float)
-    offset = np.zeros(len(keep))
-    for cell in set(zip(x.tolist(), layer.tolist(), strict=True)):
-        same = np.flatnonzero((x == cell[0]) & (layer == cell[1]))
-        if len(same) > 1:
-            offset[same] = np.linspace(-0.35, 0.35, len(same))
-    xy = {int(node): (x[i] + offset[i], layer[i]) for i, node in enumerate(keep)}
-    figure, axes = plt.subplots(figsize=(10, 6.5), dpi=110)
-    live = pruned.edge_mask & np.isin(graph.indices, keep) & np.isin(graph.target_indices(), keep)
-    rows, sources, weights = graph.target_indices()[live], graph.indices[live], graph.weights[live]
-    strongest = np.argsort(-np.abs(weights))[:300]
-    scale = float(np.abs(weights[strongest]).max()) if len(strongest) else 1.0
-    for edge in strongest:
-        (x0, y0), (x1, y1) = xy[int(sources[edge])], xy[int(rows[edge])]
-        colour = "#c0392b" if weights[edge] > 0 else "#2e86c1"
-        alpha = min(0.7, 0.08 + abs(float(weights[edge])) / scale)
-        axes.plot([x0, x1], [y0, y1], color=colour, alpha=alpha, lw=0.7, zorder=1)
-    colour_of = {}
-    for number, group in enumerate(groups.values()):
-        for member in group:
-            colour_of[member] = COLOURS[number % len(COLOURS)]
-    influence = pruned.influence[keep]
-    sizes = 10 + 300 * influence / max(float(influence[kind != NodeKind.TARGET].max()), 1e-12)
-    sizes = np.where(kind == NodeKind.TARGET, 60, sizes)
-    colours = [
-        "#34495e" if graph.kind[n] == NodeKind.TARGET else colour_of.get(graph.node_id(int(n)), "#95a5a6")
-        for n in keep
-    ]
-    markers = np.where(kind == NodeKind.ERROR, "s", "o")
-    for marker in ("o", "s"):
-        chosen = markers == marker
-        axes.scatter(
-            [xy[int(n)][0] for n in keep[chosen]],
-            [xy[int(n)][1] for n in keep[chosen]],
-            s=sizes[chosen],
-            c=[c for c, m in zip(colours, chosen, strict=True) if m],
-            marker=marker,
-            zorder=3,
-        )
-    targets = graph.nodes_of(NodeKind.TARGET)
-    for number, node in enumerate(targets[:5]):
-        name = graph.target_names[number]
-        axes.annotate(
-            repr(name)[1:-1],
-            xy[int(node)],
-            fontsize=7,
-            xytext=(4, 3 + 8 * number),
-            textcoords="offset points",
-        )
-    axes.set_xticks(range(len(graph.tokens)), [repr(t)[1:-1] for t in graph.token_strings], rotation=40)
-    axes.set_ylabel("layer (tokens at −1, logits at the top)")
-    handles = [
-        plt.Line2D([], [], marker="o", ls="", color=COLOURS[i % len(COLOURS)]) for i in range(len(groups))
-    ]
-    handles.append(plt.Line2D([], [], marker="s", ls="", color="#95a5a6"))
-    axes.legend(handles, [*groups, "error node"], loc="upper left", fontsize=8)
-    axes.set_title(
-        f"{graph.prompt!r}: the {shown} most influential nodes of the pruned graph, the supernodes, "
-        "tokens and logits\nedges: the strongest among them (red excites, blue inhibits)",
-        fontsize=9,
-    )
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
 def run_check(ctx: Context, explained: Explained, slug: str) -> None:
     """``check_graph`` with the supernodes: the table and the plot."""
     supernodes = [Supernode(name, members) for name, members in explained.groups.items()]
@@ -318,23 +180,18 @@ def introduce(ctx: Context, explained: Explained, title: str, rule: str, slug: s
     describe_graph(ctx, explained, slug)
 
 
-def swap(group: Supernode, transplanted: list[FeatureEdit]) -> list[FeatureEdit]:
-    """Replace a group by another prompt's: the group × −1, the other group added (see ``transplant``)."""
-    return [FeatureEdit.scale(group, -1.0), *transplanted]
-
-
 def capital(ctx: Context) -> None:
-    france = explain(ctx, "The capital of France is")
+    france = ctx.explain("The capital of France is")
     country, last = 3, len(france.graph.tokens) - 1
     others = {"Germany": " Berlin", "Italy": " Rome", "Japan": " Tokyo", "Spain": " Madrid"}
-    donors = {name: explain(ctx, f"The capital of {name} is") for name in others}
-    candidates = top_features(france, last, 2 * GROUP_SIZE)
+    donors = {name: ctx.explain(f"The capital of {name} is") for name in others}
+    candidates = france.top_features(last, 2 * GROUP_SIZE)
     shared = set(candidates)
     for donor in donors.values():
-        active = activations_at(ctx, donor.prompt, last)
+        active = ctx.activations(donor.prompt, last)
         shared = {m for m in shared if parse_feature_id(m)[:2] in active}
     france.groups = {
-        "France": top_features(france, country),
+        "France": france.top_features(country),
         "say a capital": [m for m in candidates if m in shared],
     }
     rule = (
@@ -361,7 +218,7 @@ def capital(ctx: Context) -> None:
         "",
     ]
     for name, answer in others.items():
-        edits = swap(group["France"], transplant(ctx, donors[name], country, 2.0, country))
+        edits = swap(group["France"], ctx.transplant(donors[name], country, 2.0, country))
         run_trials(
             ctx,
             france,
@@ -374,12 +231,12 @@ def capital(ctx: Context) -> None:
 
 def indirect_object(ctx: Context) -> None:
     prompt = "When Mary and John went to the store, John gave a drink to"
-    ioi = explain(ctx, prompt)
+    ioi = ctx.explain(prompt)
     last = len(ioi.graph.tokens) - 1
     ioi.groups = {
-        "Mary": top_features(ioi, 1),
-        "John (repeated)": top_features(ioi, 9),
-        "say the name": top_features(ioi, last),
+        "Mary": ioi.top_features(1),
+        "John (repeated)": ioi.top_features(9),
+        "say the name": ioi.top_features(last),
     }
     rule = (
         f"the {GROUP_SIZE} most influential features on ` Mary` (position 1), on the repeated ` John` "
@@ -387,11 +244,11 @@ def indirect_object(ctx: Context) -> None:
     )
     introduce(ctx, ioi, f"Indirect object: “{prompt}” → Mary", rule, "ioi")
     group = {name: Supernode(name, members) for name, members in ioi.groups.items()}
-    donor = explain(ctx, prompt.replace("Mary", "Anna"))
+    donor = ctx.explain(prompt.replace("Mary", "Anna"))
     trials = [Trial(f"ablate {name}", [FeatureEdit.ablate(g)], "drop", " Mary") for name, g in group.items()]
     trials += [
         Trial("say the name × −1", [FeatureEdit.scale(group["say the name"], -1.0)], "drop", " Mary"),
-        Trial("Mary → Anna", swap(group["Mary"], transplant(ctx, donor, 1, 2.0, 1)), "top", " Anna"),
+        Trial("Mary → Anna", swap(group["Mary"], ctx.transplant(donor, 1, 2.0, 1)), "top", " Anna"),
     ]
     run_trials(ctx, ioi, "Interventions", trials, [" Mary", " John", " Anna"])
     ctx.lines += [
@@ -404,12 +261,12 @@ def indirect_object(ctx: Context) -> None:
 
 def acronym(ctx: Context) -> None:
     prompt = "The National Digital Analytics Group (N"
-    explained = explain(ctx, prompt)
+    explained = ctx.explain(prompt)
     last = len(explained.graph.tokens) - 1
     explained.groups = {
-        "Digital": top_features(explained, 2),
-        "Analytics": top_features(explained, 3),
-        "say DA": top_features(explained, last),
+        "Digital": explained.top_features(2),
+        "Analytics": explained.top_features(3),
+        "say DA": explained.top_features(last),
     }
     rule = (
         f"the {GROUP_SIZE} most influential features on ` Digital`, on ` Analytics` and on the last "
@@ -417,23 +274,13 @@ def acronym(ctx: Context) -> None:
     )
     introduce(ctx, explained, f"Acronym: “{prompt}” → DA", rule, "acronym")
     group = {name: Supernode(name, members) for name, members in explained.groups.items()}
-    donor = explain(ctx, prompt.replace("Digital", "Marketing"))
+    donor = ctx.explain(prompt.replace("Digital", "Marketing"))
     trials = [Trial(f"ablate {name}", [FeatureEdit.ablate(g)], "drop", "DA") for name, g in group.items()]
     trials.append(
-        Trial("Digital → Marketing", swap(group["Digital"], transplant(ctx, donor, 2, 2.0, 2)), "top", "MA")
+        Trial("Digital → Marketing", swap(group["Digital"], ctx.transplant(donor, 2, 2.0, 2)), "top", "MA")
     )
     run_trials(ctx, explained, "Interventions", trials, ["DA", "MA", "DE"])
     run_check(ctx, explained, "acronym")
-
-
-def describe_transcoders(transcoders, quick: bool) -> str:
-    """The set in words: kind, width, activation, and whether it is the project's quick set."""
-    kind = "cross-layer" if transcoders.kind == "clt" else "per-layer"
-    activation = {"topk": "TopK", "jumprelu": "JumpReLU", "relu": "ReLU"}[transcoders.activation_name]
-    if transcoders.k is not None:
-        activation += f" (k = {transcoders.k})"
-    origin = "the project's quick set (`make demo` trains it), " if quick else ""
-    return f"{origin}{kind} {activation}, {transcoders.d_features:,} features per layer"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     figures = out / "interventions"
     figures.mkdir(parents=True, exist_ok=True)
-    ctx = Context(model, transcoders, store, figures)
+    ctx = Context(model, transcoders, store, MAX_FEATURE_NODES, figures=figures)
     for demo in (capital, indirect_object, acronym):
         demo(ctx)
         print(f"{demo.__name__} done after {time.perf_counter() - started:.0f} s")

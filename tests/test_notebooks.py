@@ -21,6 +21,7 @@ CASES = [
     pytest.param("02_interventions", marks=needs_smollm2),
     pytest.param("03_training_transcoders", marks=needs_shared(STORIES)),
     pytest.param("04_superposition"),
+    pytest.param("05_biology_two_hop", marks=needs_smollm2),
 ]
 
 
