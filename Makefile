@@ -11,7 +11,7 @@ LOCK_VENV := .venv-lock
 
 BROWSER := /usr/bin/chromium
 
-.PHONY: demo test lint install browser clean interventions-report persona-report superposition-report biology-report lock
+.PHONY: demo test lint install browser clean interventions-report persona-report superposition-report biology-report attention-report lock
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ interventions-report: $(STAMP)
 # docs/biology.md and its figures: six case studies of the Biology paper (trains the quick transcoders on first use)
 biology-report: $(STAMP)
 	$(BIN)/python examples/biology_report.py
+
+# docs/attention.md and its figures: the heads of the indirect-object prompt and their QK attribution
+attention-report: $(STAMP)
+	$(BIN)/python examples/attention_report.py
 
 # docs/persona.md: persona vectors of the three shipped traits (trains the quick transcoders on first use)
 persona-report: $(STAMP)
