@@ -55,7 +55,7 @@ from circuitmap.features import FeatureStore  # noqa: E402
 from circuitmap.graphs import Graph, NodeKind, PruneConfig, graph_scores, prune  # noqa: E402
 from circuitmap.graphs.ids import is_feature_id  # noqa: E402
 from circuitmap.graphs.pruning import normalized_weights  # noqa: E402
-from circuitmap.studies import GROUP_SIZE, Explained, Study, describe_transcoders  # noqa: E402
+from circuitmap.studies import GROUP_SIZE, Explained, Study, describe_transcoders, quote  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -207,10 +207,6 @@ def node_name(ctx: Report, graph: Graph, node: str) -> str:
 
 def where(graph: Graph, position: int) -> str:
     return f"`{graph.token_strings[position]!r}`@{position}"
-
-
-def _quote(text: str) -> str:
-    return "“" + text.replace("\n", "⏎").replace("|", "\\|") + "”"
 
 
 def describe_graph(ctx: Report, explained: Explained) -> None:
@@ -630,7 +626,7 @@ def run_trials(
     ctx.lines.append(
         f"| — | none | {cells} | {ctx.probability(clean.result, ANSWER, after=False):.3f} | "
         f"{ctx.probability(clean.result, OTHER, after=False):.3f} | `{top!r}` ({p:.2f}) | "
-        f"{_quote(continuation)} | |"
+        f"{quote(continuation)} | |"
     )
     for trial, reading, held in answers:
         continuation = generate_with(ctx.model, ctx.transcoders, PROMPT, trial.edits(), CONTINUATION_TOKENS)
@@ -639,7 +635,7 @@ def run_trials(
         ctx.lines.append(
             f"| {trial.head.name} | {trial.side} side {trial.edit} | {cells} | "
             f"{ctx.probability(reading.result, ANSWER):.3f} | {ctx.probability(reading.result, OTHER):.3f} | "
-            f"`{top!r}` ({p:.2f}) | {_quote(continuation)} | {_verdict(held)} |"
+            f"`{top!r}` ({p:.2f}) | {quote(continuation)} | {_verdict(held)} |"
         )
     ctx.lines.append("")
     return readings

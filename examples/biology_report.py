@@ -47,6 +47,7 @@ from circuitmap.studies import (  # noqa: E402
     Study,
     describe_transcoders,
     draw_graph,
+    quote,
     swap,
 )
 
@@ -219,10 +220,6 @@ class Report(Study):
         if not prompt.startswith(prefix):
             raise ValueError(f"{prefix!r} does not begin {prompt!r}")
         return len(self.model.encode(prefix)[0]) - 1
-
-
-def quote(text: str) -> str:
-    return "“" + text.replace("\n", "⏎").replace("|", "\\|") + "”"
 
 
 def becomes_top(study: Study, tokens: Sequence[str]) -> Callable[[InterventionResult], bool]:

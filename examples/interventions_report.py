@@ -43,6 +43,7 @@ from circuitmap.studies import (  # noqa: E402
     Study,
     describe_transcoders,
     draw_graph,
+    quote,
     swap,
 )
 
@@ -90,13 +91,13 @@ def run_trials(
     clean = intervene(ctx.model, ctx.transcoders, prompt, [], top_k=1)
     cells = " | ".join(f"{ctx.probability(clean, token, after=False):.3f}" for token in watch)
     top, p = clean.top_before[0]
-    ctx.lines.append(f"| none | {cells} | `{top!r}` ({p:.2f}) | {_quote(original)} |")
+    ctx.lines.append(f"| none | {cells} | `{top!r}` ({p:.2f}) | {quote(original)} |")
     for trial in trials:
         result = intervene(ctx.model, ctx.transcoders, prompt, trial.edits, top_k=1)
         continuation = generate_with(ctx.model, ctx.transcoders, prompt, trial.edits, CONTINUATION_TOKENS)
         cells = " | ".join(f"{ctx.probability(result, token):.3f}" for token in watch)
         top, p = result.top_after[0]
-        ctx.lines.append(f"| {trial.name} | {cells} | `{top!r}` ({p:.2f}) | {_quote(continuation)} |")
+        ctx.lines.append(f"| {trial.name} | {cells} | `{top!r}` ({p:.2f}) | {quote(continuation)} |")
         before, after = (
             ctx.probability(result, trial.token, after=False),
             ctx.probability(result, trial.token),
@@ -111,10 +112,6 @@ def run_trials(
         verdict = "yes" if held else "**no**"
         ctx.summary.append(f"| {prompt} | {trial.name} | {expectation} | {outcome} | {verdict} |")
     ctx.lines.append("")
-
-
-def _quote(text: str) -> str:
-    return "“" + text.replace("\n", "⏎").replace("|", "\\|") + "”"
 
 
 def describe_graph(ctx: Context, explained: Explained, slug: str) -> None:

@@ -190,6 +190,11 @@ class Study:
         ]
 
 
+def quote(text: str) -> str:
+    """``text`` in curly quotes for a Markdown table cell: line breaks shown as ⏎, pipes escaped."""
+    return "“" + text.replace("\n", "⏎").replace("|", "\\|") + "”"
+
+
 def swap(group: Supernode, transplanted: list[FeatureEdit]) -> list[FeatureEdit]:
     """Replace a group by another prompt's: the group × −1, the other group added (see ``transplant``)."""
     return [FeatureEdit.scale(group, -1.0), *transplanted]
