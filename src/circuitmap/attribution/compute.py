@@ -28,7 +28,7 @@ from circuitmap.attribution.config import AttributionConfig
 from circuitmap.attribution.edges import EdgeWriter
 from circuitmap.attribution.progress import Progress, Reporter
 from circuitmap.attribution.replacement import ReplacementRun, replacement_run
-from circuitmap.attribution.rows import RowSpec, batched_rows, concat_specs
+from circuitmap.attribution.rows import RowComputer, RowSpec, concat_specs, rows_per_pass
 from circuitmap.attribution.selection import Selection, select_features
 from circuitmap.attribution.sources import ActiveFeatures, Sources, active_features, build_sources
 from circuitmap.attribution.targets import Target, TargetSpec, resolve_targets
@@ -39,15 +39,14 @@ from circuitmap.transcoders import Transcoders
 
 FIRST_POSITION = 1
 POOL_FACTOR = 4
-POOL_BUDGET_BYTES = 2**30
-GRADIENT_BUDGET_BYTES = 4 * 2**30
+POOL_BUDGET_BYTES = 2**28
 MAX_BATCH_SIZE = 512
 
 
 def default_batch_size(model: Model, n_tokens: int) -> int:
-    """Rows per backward pass: as many as keep the batch's gradients within about 4 GiB, at most 512."""
-    per_row = n_tokens * model.d_model * (model.n_layers + 2) * model.dtype.itemsize * 2
-    return int(min(MAX_BATCH_SIZE, max(1, GRADIENT_BUDGET_BYTES // per_row)))
+    """Rows per batch (a selection step, a progress step): the most whole backward passes within 512 rows."""
+    per_pass = rows_per_pass(model, n_tokens)
+    return per_pass * max(1, MAX_BATCH_SIZE // per_pass)
 
 
 def check_inputs(
@@ -109,13 +108,13 @@ def _error_column(features: ActiveFeatures, n_tokens: int) -> torch.Tensor:
 
 def pool_extra(max_feature_nodes: int, n_targets: int, dtype: torch.dtype) -> int:
     """Candidates each visited row keeps beyond the visited features: a multiple of the cap, or as many as
-    about 1 GiB holds over all visited rows, whichever is larger."""
+    about 256 MiB holds over all visited rows, whichever is larger."""
     affordable = POOL_BUDGET_BYTES // ((max_feature_nodes + n_targets) * dtype.itemsize)
     return max(POOL_FACTOR * max_feature_nodes, affordable)
 
 
 def _final_batches(
-    run: ReplacementRun,
+    computer: RowComputer,
     sources: Sources,
     spec: RowSpec,
     selection: Selection | None,
@@ -124,17 +123,12 @@ def _final_batches(
 ):
     """Yield ``(rows, values)`` for every row of ``spec``: known rows from the selection, others computed."""
     if selection is None:
-        yield from batched_rows(run, sources, spec, batch_size, reporter, "attribution")
+        yield from computer.batches(sources, spec, reporter, "attribution", batch_size)
         return
     missing = (~selection.complete).nonzero(as_tuple=True)[0]
-    sub = RowSpec(
-        [spec.point[i] for i in missing.tolist()],
-        spec.layer[missing],
-        spec.position[missing],
-        spec.vectors[missing],
-    )
     rows = selection.rows
-    for chunk, values in batched_rows(run, sources, sub, batch_size, reporter, "recomputing rows"):
+    batches = computer.batches(sources, spec.subset(missing), reporter, "recomputing rows", batch_size)
+    for chunk, values in batches:
         rows[missing[chunk]] = values.cpu().to(rows.dtype)
     yield slice(0, len(spec)), rows
 
@@ -177,6 +171,7 @@ def attribute(
     max_feature_nodes = config.max_feature_nodes
     batch_size = config.batch_size or default_batch_size(model, n_tokens)
     with replacement_run(model, transcoders, ids) as run:
+        computer = RowComputer(model, transcoders, run, ids, min(batch_size, rows_per_pass(model, n_tokens)))
         resolved = resolve_targets(model, run.last_logits, targets, config)
         weights = torch.tensor([t.weight for t in resolved], dtype=torch.float64)
         features = collect_features(run)
@@ -184,10 +179,10 @@ def attribute(
         selection = None
         if max_feature_nodes is not None and len(features) > max_feature_nodes:
             selection = select_features(
-                run,
+                computer,
                 build_sources(run, transcoders, features, None, FIRST_POSITION),
                 features,
-                feature_rows(transcoders, features),
+                lambda chosen: feature_rows(transcoders, features.subset(chosen)),
                 target_spec,
                 weights,
                 _error_column(features, n_tokens),
@@ -201,7 +196,7 @@ def attribute(
             run, transcoders, features, None if selection is None else selection.kept, FIRST_POSITION
         )
         spec = concat_specs([feature_rows(transcoders, kept_features), target_spec])
-        batches = _final_batches(run, sources, spec, selection, batch_size, reporter)
+        batches = _final_batches(computer, sources, spec, selection, batch_size, reporter)
         target_values = _target_values(run, resolved)
         values = torch.cat([kept_features.pre_activation.double(), target_values])
         edges = EdgeWriter(spec, sources, values, model.dtype)

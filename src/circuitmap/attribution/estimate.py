@@ -1,9 +1,11 @@
 """Predict an attribution's peak memory and time before running it.
 
 The model runs once on the prompt (cheap next to attribution) to count active features; the number of rows
-and the edges each row keeps follow from that exactly (up to which features a cap keeps). Time comes from one
-measured batch of rows of the median layer, scaled to the number of batches (rows recomputed after a
-selection that missed are not foreseen); memory adds the model, the transcoders, the edge arrays, one
+and the edges each row keeps follow from that exactly (up to which features a cap keeps). Time comes from the
+backward passes the run will make: they are laid out as ``attribute`` lays them out (under a cap, for a
+random sample of the active features standing for the visited ones), one pass and one graph build are timed
+at the shortest, the median and the longest prefix among them, and the rest are interpolated (rows
+recomputed after a selection that missed are not foreseen); memory adds the model, the transcoders, the edge arrays, one
 batch's gradients and, under a cap, the rows kept while selecting.
 """
 
@@ -19,7 +21,7 @@ import torch
 from circuitmap.attribution import compute
 from circuitmap.attribution.config import AttributionConfig
 from circuitmap.attribution.replacement import replacement_run
-from circuitmap.attribution.rows import row_values
+from circuitmap.attribution.rows import RowComputer, rows_per_pass
 from circuitmap.attribution.sources import build_sources
 from circuitmap.errors import CircuitmapError
 from circuitmap.models import Model
@@ -124,7 +126,12 @@ def estimate_attribution(
         capped = max_feature_nodes is not None and len(features) > max_feature_nodes
         n_kept = max_feature_nodes if capped else len(features)
         sources = build_sources(run, transcoders, features, None, compute.FIRST_POSITION)
-        batch_seconds = _time_one_batch(run, transcoders, features, sources, batch_size) if timed else None
+        computer = RowComputer(model, transcoders, run, ids, min(batch_size, rows_per_pass(model, n_tokens)))
+        seconds = (
+            _predicted_seconds(computer, transcoders, features, sources, n_kept, capped, batch_size)
+            if timed
+            else None
+        )
         share = n_kept / len(features)
         is_feature = torch.arange(sources.n_columns) < sources.n_features
         feature_support = _support_sizes(
@@ -148,8 +155,11 @@ def estimate_attribution(
             vectors.numel() * itemsize for blocks in sources.writes for _, _, vectors in blocks
         )
     n_rows = n_kept + n_targets
-    n_batches = -(-n_rows // batch_size)
-    gradients = batch_size * n_tokens * model.d_model * (model.n_layers + 2) * itemsize * 2
+    per_pass = computer.rows_per_pass
+    graphs = per_pass * model.d_model * itemsize * sum(
+        computer.prefix_of(position) for position in range(0, n_tokens, computer.step)
+    )
+    gradients = graphs + 6 * per_pass * n_tokens * model.d_model * itemsize
     values = batch_size * sources.n_columns * itemsize * 2
     pool = min(len(features), n_kept + compute.pool_extra(n_kept, n_targets, model.dtype))
     per_visited_row = pool + sources.n_errors * 2 + sources.n_tokens
@@ -164,15 +174,57 @@ def estimate_attribution(
         + values
         + selection
     )
-    seconds = None if batch_seconds is None else batch_seconds * n_batches
     return Estimate(n_tokens, len(features), n_kept, n_rows, n_edges, int(peak), seconds)
 
 
-def _time_one_batch(run, transcoders: Transcoders, features, sources, batch_size: int) -> float:
-    """Seconds for one batch of rows of the median layer (rows are processed in layer order)."""
-    median_layer = int(features.layer.median())
-    sample = (features.layer == median_layer).nonzero(as_tuple=True)[0][:batch_size]
-    spec = compute.feature_rows(transcoders, features.subset(sample))
-    started = time.perf_counter()
-    row_values(run, sources, spec, slice(0, len(spec)))
-    return time.perf_counter() - started
+def _predicted_seconds(
+    computer: RowComputer,
+    transcoders: Transcoders,
+    features,
+    sources,
+    n_kept: int,
+    capped: bool,
+    batch_size: int,
+) -> float:
+    """Seconds of the backward passes and graph builds of the run (see the module docstring)."""
+    if capped:
+        generator = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(features), generator=generator)[:n_kept]
+    else:
+        order = torch.arange(len(features))
+    spec = compute.feature_rows(transcoders, features)
+    passes = []
+    for start in range(0, len(order), batch_size):
+        visit = spec.subset(order[start : start + batch_size])
+        for members in computer.passes(visit):
+            passes.append((computer.prefix_of(int(visit.position[members].max())), visit.subset(members)))
+    lengths = sorted({length for length, _ in passes})
+    timed_lengths = sorted({lengths[0], lengths[len(lengths) // 2], lengths[-1]})
+    pass_seconds, build_seconds = {}, {}
+    for length in timed_lengths:
+        sample = max((part for other, part in passes if other == length), key=len)
+        started = time.perf_counter()
+        graph = computer.graph(length)
+        build_seconds[length] = time.perf_counter() - started
+        started = time.perf_counter()
+        graph.compute(sources, sample)
+        pass_seconds[length] = time.perf_counter() - started
+        del computer.graphs[length]
+    known = torch.tensor(timed_lengths, dtype=torch.float64)
+
+    def interpolate(table: dict[int, float], length: int) -> float:
+        values = torch.tensor([table[other] for other in timed_lengths], dtype=torch.float64)
+        return float(_interpolate(torch.tensor(float(length)), known, values))
+
+    total = sum(interpolate(pass_seconds, length) for length, _ in passes)
+    return total + sum(interpolate(build_seconds, length) for length in lengths)
+
+
+def _interpolate(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of the points (xs, ys) at x (xs increasing; constant for one point)."""
+    if len(xs) == 1:
+        return ys[0]
+    segment = int(torch.searchsorted(xs, x).clamp(1, len(xs) - 1))
+    left, right = xs[segment - 1], xs[segment]
+    weight = (x - left) / (right - left)
+    return ys[segment - 1] + weight * (ys[segment] - ys[segment - 1])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from circuitmap.models import Model
+from circuitmap.models.hooks import FrozenState
 from circuitmap.transcoders import Transcoders
 
 
@@ -35,7 +36,8 @@ class ReplacementRun:
     ``embed`` [1, T, d] and ``leaves`` [1, T, d] are differentiable inputs; ``mlp_in`` and ``readouts`` are
     the graph tensors where targets are injected. ``pre``/``acts`` [T, f] hold feature pre-activations and
     activations, ``errors`` [T, d] the MLP output minus the transcoders' reconstruction (skip included), all
-    detached. ``last_logits`` [vocab] are the model's last-position logits, soft-capped like its output.
+    detached. ``last_logits`` [vocab] are the model's last-position logits, soft-capped like its output;
+``frozen`` holds the replayed constants, which stay in force while the run's context is open.
     Per-layer tensors are on their layer's device (``pre`` and ``acts`` on its transcoder's).
     """
 
@@ -47,6 +49,7 @@ class ReplacementRun:
     acts: list[torch.Tensor]
     errors: list[torch.Tensor]
     last_logits: torch.Tensor
+    frozen: FrozenState
 
 
 @contextmanager
@@ -101,6 +104,7 @@ def replacement_run(model: Model, transcoders: Transcoders, ids: torch.Tensor) -
         ("resid_final", None, keep_readout("resid_final")),
         ("final_norm", None, keep_readout("final_norm")),
     ]
-    with model.freeze(ids), model.hooks(*hooks), torch.enable_grad():
-        logits = model.forward(ids).detach()[0, -1]
-        yield ReplacementRun(embed[0], leaves, mlp_in, readouts, pre, acts, errors, logits)
+    with model.freeze(ids) as frozen, torch.enable_grad():
+        with model.hooks(*hooks):
+            logits = model.forward(ids).detach()[0, -1]
+        yield ReplacementRun(embed[0], leaves, mlp_in, readouts, pre, acts, errors, logits, frozen)

@@ -1,17 +1,32 @@
 """Rows of the adjacency matrix: batched backward passes through the replacement model.
 
-A row is a target's read-out vector injected at one place: a feature's encoder row at its layer's MLP input
-and position, or a target's vector at a read-out point at the last position. One backward pass with
-``is_grads_batched`` gives, for every row of a batch, the gradient at every MLP output below the batch's
-highest layer and at the embedding;
-dotting those with the sources' outputs (``Sources.writes``) gives the row's direct effects. Rows are
-processed in order of layer so a batch only goes as deep as its highest layer. On a model spread over several
-devices each product is taken where its gradient arrives and gathered on the first layer's device.
+A row is a read-out vector injected at one place: a feature's encoder row at its layer's MLP input and
+position, or a target's vector at a read-out point at the last position. Its direct effects are the
+gradients it sends to the places where sources write (every MLP output below it, and the embedding), dotted
+with what the sources write there (``Sources``).
+
+With attention patterns and norm scales frozen, the map from those places to a row is linear, and causal: a
+row at position p depends on positions ≤ p only. So rows are computed on *row graphs*: the replacement model
+rebuilt over a prefix of the prompt as a batch of copies, one copy per row, keeping only the linear path
+(the MLPs, queries, keys and unembedding are bypassed: their values play no part in a gradient). Then:
+
+1. sort the rows by position, cut them into batches, and give each batch the graph of the shortest prefix
+   (a multiple of ``prefix_step``) that holds its last position;
+2. inject each row's vector into its own copy at its place (``_Seed``) and run one ordinary backward pass
+   from the batch's highest injection down to the embedding;
+3. as the gradient passes each layer's output (which is the gradient at its MLP output), multiply it with
+   what that layer's sources write there, a few batched products per layer (``Sources.tiers``), and let it
+   go; the gradient reaching the embedding gives the token columns.
+
+A graph is built once per prefix length and reused by every batch that needs it; it holds one copy of the
+embedding per row and views of the frozen constants. On a model spread over several devices each product is
+taken where its gradient arrives and gathered on the first layer's device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +34,16 @@ import torch
 from circuitmap.attribution.progress import Reporter
 from circuitmap.attribution.replacement import ReplacementRun
 from circuitmap.attribution.sources import Sources
+from circuitmap.hardware import release_free_memory
+from circuitmap.models import Model
+from circuitmap.models.adapters import get_module
+from circuitmap.models.hooks import bypass
+from circuitmap.transcoders import Transcoders
+
+PASS_BUDGET_BYTES = 8 * 2**20
+MAX_ROWS_PER_PASS = 512
+N_PREFIXES = 16
+MIN_PREFIX_STEP = 32
 
 
 @dataclass
@@ -34,66 +59,14 @@ class RowSpec:
     def __len__(self) -> int:
         return len(self.point)
 
-    def depth(self, rows: slice, n_layers: int) -> int:
-        """How many layers' MLP outputs can reach these rows (a feature of layer l reads layers below l)."""
-        if any(point != "mlp_in" for point in self.point[rows]):
-            return n_layers
-        return int(self.layer[rows].max())
-
-
-def _injection_tensor(run: ReplacementRun, point: str, layer: int) -> torch.Tensor:
-    return run.mlp_in[layer] if point == "mlp_in" else run.readouts[point]
-
-
-def row_values(run: ReplacementRun, sources: Sources, spec: RowSpec, rows: slice) -> torch.Tensor:
-    """Direct effects [n_rows, n_columns] of every source on the rows ``rows`` of ``spec``."""
-    points, layers = spec.point[rows], spec.layer[rows].tolist()
-    positions, vectors = spec.position[rows], spec.vectors[rows]
-    batch = len(points)
-    groups: dict[tuple[str, int], list[int]] = {}
-    for row, key in enumerate(zip(points, layers, strict=True)):
-        groups.setdefault(key if key[0] == "mlp_in" else (key[0], -1), []).append(row)
-    outputs, grads = [], []
-    for (point, layer), members in groups.items():
-        tensor = _injection_tensor(run, point, layer)
-        grad = torch.zeros(batch, *tensor.shape, dtype=tensor.dtype, device=tensor.device)
-        index = torch.tensor(members)
-        grad[index.to(grad.device), 0, positions[index].to(grad.device)] = vectors[index].to(grad)
-        outputs.append(tensor)
-        grads.append(grad)
-    inputs = [*run.leaves[: spec.depth(rows, len(run.leaves))], run.embed]
-    gradients = torch.autograd.grad(
-        outputs, inputs, grads, retain_graph=True, is_grads_batched=True, allow_unused=True
-    )
-    n_written = sources.n_features + sources.n_errors
-    last = int(positions.max())
-    values = torch.zeros(batch, sources.n_columns, dtype=run.embed.dtype, device=run.embed.device)
-    for out_layer, gradient in enumerate(gradients[:-1]):
-        if gradient is None:
-            continue
-        for position, columns, vectors in sources.writes[out_layer]:
-            if position <= last:
-                values.index_add_(1, columns, (gradient[:, 0, position] @ vectors.T).to(values.device))
-    embed_gradient = gradients[-1]
-    if embed_gradient is not None:
-        values[:, n_written:] = torch.einsum("btd,td->bt", embed_gradient[:, 0], sources.embed)
-    return values
-
-
-def batched_rows(
-    run: ReplacementRun,
-    sources: Sources,
-    spec: RowSpec,
-    batch_size: int,
-    reporter: Reporter,
-    description: str,
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(rows, values)`` for consecutive batches of ``spec``'s rows."""
-    with reporter.stage(len(spec), description) as advance:
-        for start in range(0, len(spec), batch_size):
-            rows = slice(start, min(start + batch_size, len(spec)))
-            yield rows, row_values(run, sources, spec, rows)
-            advance(rows.stop - rows.start)
+    def subset(self, rows: torch.Tensor) -> RowSpec:
+        """The rows at indices ``rows``, in that order."""
+        return RowSpec(
+            [self.point[i] for i in rows.tolist()],
+            self.layer[rows],
+            self.position[rows],
+            self.vectors[rows.to(self.vectors.device)],
+        )
 
 
 def concat_specs(specs: Sequence[RowSpec]) -> RowSpec:
@@ -106,3 +79,260 @@ def concat_specs(specs: Sequence[RowSpec]) -> RowSpec:
         torch.cat([spec.position for spec in specs]),
         torch.cat([spec.vectors.to(device) for spec in specs]),
     )
+
+
+def rows_per_pass(model: Model, n_tokens: int) -> int:
+    """Rows per backward pass: as many as keep one gradient of the pass within about 8 MiB, at most 512.
+    Larger passes buy no speed (the products are already large) but put every buffer of the pass above
+    the size that the C allocator returns to the system, so that it is mapped and zeroed again each time."""
+    per_row = n_tokens * model.d_model * model.dtype.itemsize
+    return int(min(MAX_ROWS_PER_PASS, max(1, PASS_BUDGET_BYTES // per_row)))
+
+
+def prefix_step(n_tokens: int) -> int:
+    """Granularity of the prefixes that row graphs are built on: at most 16 graphs, none shorter than 32."""
+    return max(MIN_PREFIX_STEP, -(-n_tokens // N_PREFIXES))
+
+
+class _Seed(torch.autograd.Function):
+    """Identity on a tensor, plus a scalar handle: a backward pass started at the handle adds the rows'
+    vectors that are waiting under this point's key (``seeds[key]``, [B, n, d]) to the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seeds: dict, key: tuple[str, int]):
+        ctx.seeds, ctx.key = seeds, key
+        ctx.set_materialize_grads(False)
+        return x.view_as(x), x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None, _handle: torch.Tensor | None):
+        seed = ctx.seeds.get(ctx.key)
+        if seed is not None:
+            grad = seed if grad is None else grad + seed
+        return grad, None, None
+
+
+class RowGraph:
+    """The linear part of the replacement model over the first ``length`` positions, ``batch`` copies."""
+
+    def __init__(
+        self,
+        model: Model,
+        transcoders: Transcoders,
+        run: ReplacementRun,
+        ids: torch.Tensor,
+        length: int,
+        batch: int,
+    ):
+        self.length, self.batch = length, batch
+        self.seeds: dict[tuple[str, int], torch.Tensor] = {}
+        self.handles: dict[tuple[str, int], torch.Tensor] = {}
+        self.sources: Sources | None = None
+        self.values: torch.Tensor | None = None
+        mlp_inputs: dict[int, torch.Tensor] = {}
+        embed: list[torch.Tensor] = []
+
+        def embedding_leaf(hidden: torch.Tensor) -> torch.Tensor:
+            leaf = hidden.detach().clone().requires_grad_(True)
+            embed.append(leaf)
+            return leaf
+
+        def seed_point(key: tuple[str, int], keep: bool = False):
+            def seed(hidden: torch.Tensor) -> torch.Tensor:
+                output, self.handles[key] = _Seed.apply(hidden, self.seeds, key)
+                if keep:
+                    mlp_inputs[key[1]] = output
+                return output
+
+            return seed
+
+        def cut_mlp(layer: int):
+            def cut(output: torch.Tensor) -> torch.Tensor:
+                result = output.detach()
+                if transcoders.has_skip:
+                    result = result + transcoders.skip(layer, mlp_inputs.pop(layer)).to(result.device)
+                return result
+
+            return cut
+
+        def watch_layer(layer: int):
+            def watch(hidden: torch.Tensor) -> None:
+                hidden.register_hook(lambda gradient: self._take(layer, gradient))
+
+            return watch
+
+        hooks = [("resid_pre", 0, embedding_leaf)]
+        for layer in range(model.n_layers):
+            hooks += [
+                ("mlp_in", layer, seed_point(("mlp_in", layer), keep=transcoders.has_skip)),
+                ("mlp_out", layer, cut_mlp(layer)),
+                ("resid_post", layer, watch_layer(layer)),
+            ]
+        hooks += [
+            ("resid_final", None, seed_point(("resid_final", -1))),
+            ("final_norm", None, seed_point(("final_norm", -1))),
+        ]
+        with (
+            run.frozen.prefix(length),
+            model.hooks(*hooks),
+            bypass(_bypassed(model)),
+            _without_parameter_gradients(model),
+            torch.enable_grad(),
+        ):
+            model.forward(ids[:, :length].expand(batch, length))
+        self.embed = embed[0]
+
+    def compute(self, sources: Sources, spec: RowSpec) -> torch.Tensor:
+        """Values [len(spec), n_columns] of rows that all lie within this graph's prefix, at most ``batch``."""
+        n_rows = len(spec)
+        keys = [
+            (point, layer if point == "mlp_in" else -1)
+            for point, layer in zip(spec.point, spec.layer.tolist(), strict=True)
+        ]
+        for key in dict.fromkeys(keys):
+            handle = self.handles[key]
+            members = torch.tensor([row for row, other in enumerate(keys) if other == key])
+            seed = torch.zeros(
+                self.batch, self.length, self.embed.shape[-1], dtype=handle.dtype, device=handle.device
+            )
+            seed[members.to(seed.device), spec.position[members].to(seed.device)] = spec.vectors[
+                members.to(spec.vectors.device)
+            ].to(seed)
+            self.seeds[key] = seed
+        home = sources.embed.device
+        self.sources = sources
+        self.values = torch.zeros(self.batch, sources.n_columns, dtype=sources.embed.dtype, device=home)
+        handles = [self.handles[key] for key in self.seeds]
+        try:
+            (embed_gradient,) = torch.autograd.grad(
+                handles,
+                [self.embed],
+                [torch.ones_like(handle) for handle in handles],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            values = self.values
+        finally:
+            self.seeds.clear()
+            self.sources, self.values = None, None
+        if embed_gradient is not None:
+            n_written = sources.n_features + sources.n_errors
+            values[:, n_written : n_written + self.length] = torch.einsum(
+                "bpd,pd->bp", embed_gradient.to(home), sources.embed[: self.length]
+            )
+        return values[:n_rows]
+
+    def _take(self, layer: int, gradient: torch.Tensor) -> None:
+        """Products of the gradient at layer ``layer``'s output with what the sources write to its MLP
+        output, added to the rows' values."""
+        values = self.values
+        for tier in self.sources.tiers[layer]:
+            n_positions = int(torch.searchsorted(tier.positions, self.length))
+            if n_positions == 0:
+                continue
+            positions = tier.positions[:n_positions].to(gradient.device)
+            products = torch.bmm(
+                gradient.transpose(0, 1)[positions], tier.vectors[:n_positions].transpose(1, 2)
+            )
+            columns = tier.columns[:n_positions].reshape(-1)
+            written = (columns >= 0).nonzero(as_tuple=True)[0]
+            flat = products.transpose(0, 1).reshape(self.batch, -1)
+            values.index_add_(1, columns[written], flat[:, written.to(flat.device)].to(values.device))
+
+
+def _bypassed(model: Model) -> list:
+    """Modules whose values a row graph does not need: every MLP (its output is cut), the unembedding, and
+    the query and key projections where a layer has separate ones (the pattern is replayed)."""
+    points = model.points
+    replaced = [(points.layer_module(i, points.adapter.mlp), _identity) for i in range(model.n_layers)]
+    replaced.append((get_module(model.hf_model, points.adapter.unembed), _identity))
+    for attention in points.attention_modules():
+        for name in ("q_proj", "k_proj"):
+            module = getattr(attention, name, None)
+            if isinstance(module, torch.nn.Linear):
+                replaced.append((module, _zeros(module.out_features)))
+    return replaced
+
+
+@contextmanager
+def _without_parameter_gradients(model: Model) -> Iterator[None]:
+    """Context: the model's parameters do not require gradients, so a graph built inside keeps no inputs for
+    weight gradients it will never compute."""
+    parameters = [p for p in model.hf_model.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _zeros(width: int):
+    def zeros(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], width)
+
+    return zeros
+
+
+class RowComputer:
+    """Computes rows of any spec against any sources of one replacement run, on row graphs built as needed
+    and kept for reuse (one per prefix length)."""
+
+    def __init__(
+        self,
+        model: Model,
+        transcoders: Transcoders,
+        run: ReplacementRun,
+        ids: torch.Tensor,
+        rows_per_pass: int,
+    ):
+        self.model, self.transcoders, self.run, self.ids = model, transcoders, run, ids
+        self.rows_per_pass = rows_per_pass
+        self.n_tokens = ids.shape[1]
+        self.step = prefix_step(self.n_tokens)
+        self.graphs: dict[int, RowGraph] = {}
+
+    def prefix_of(self, position: int) -> int:
+        """Length of the graph that serves rows at ``position``."""
+        return min(self.n_tokens, (position // self.step + 1) * self.step)
+
+    def graph(self, length: int) -> RowGraph:
+        if length not in self.graphs:
+            self.graphs[length] = RowGraph(
+                self.model, self.transcoders, self.run, self.ids, length, self.rows_per_pass
+            )
+            release_free_memory()
+        return self.graphs[length]
+
+    def passes(self, spec: RowSpec) -> list[torch.Tensor]:
+        """Row indices of ``spec`` per backward pass: sorted by prefix, then layer, and cut into runs of
+        ``rows_per_pass`` (a pass that spans two prefixes takes the longer graph)."""
+        prefixes = torch.tensor([self.prefix_of(p) for p in spec.position.tolist()], dtype=torch.long)
+        order = torch.argsort(prefixes * (self.model.n_layers + 1) + spec.layer, stable=True)
+        return list(order.split(self.rows_per_pass))
+
+    def compute(self, sources: Sources, spec: RowSpec, advance=None) -> torch.Tensor:
+        """Values [len(spec), n_columns] of every row of ``spec``, in its order."""
+        values = torch.empty(len(spec), sources.n_columns, dtype=sources.embed.dtype, device=sources.embed.device)
+        for members in self.passes(spec):
+            part = spec.subset(members)
+            graph = self.graph(self.prefix_of(int(part.position.max())))
+            values[members.to(values.device)] = graph.compute(sources, part)
+            if advance is not None:
+                advance(len(members))
+        return values
+
+    def batches(
+        self, sources: Sources, spec: RowSpec, reporter: Reporter, description: str, batch_size: int
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield ``(rows, values)`` for consecutive batches of ``spec``'s rows of ``batch_size``."""
+        with reporter.stage(len(spec), description) as advance:
+            for start in range(0, len(spec), batch_size):
+                rows = slice(start, min(start + batch_size, len(spec)))
+                part = spec.subset(torch.arange(rows.start, rows.stop))
+                yield rows, self.compute(sources, part, advance)

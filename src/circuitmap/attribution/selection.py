@@ -16,14 +16,17 @@ feature are computed again against the folded sources.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from circuitmap.attribution.progress import Reporter
-from circuitmap.attribution.replacement import ReplacementRun
-from circuitmap.attribution.rows import RowSpec, row_values
+from circuitmap.attribution.rows import RowComputer, RowSpec
 from circuitmap.attribution.sources import ActiveFeatures, Sources
+from circuitmap.hardware import release_free_memory
+
+ESTIMATE_CHUNK = 32
 
 
 @dataclass
@@ -56,10 +59,10 @@ def _normalised(values: torch.Tensor) -> torch.Tensor:
 
 
 def select_features(
-    run: ReplacementRun,
+    computer: RowComputer,
     sources: Sources,
     features: ActiveFeatures,
-    feature_spec: RowSpec,
+    feature_rows: Callable[[torch.Tensor], RowSpec],
     target_spec: RowSpec,
     weights: torch.Tensor,
     error_of: torch.Tensor,
@@ -68,9 +71,12 @@ def select_features(
     pool_extra: int,
     reporter: Reporter,
 ) -> Selection:
-    """Visit ``max_feature_nodes`` features by estimated influence (``sources`` hold every active feature).
+    """Visit ``max_feature_nodes`` features by estimated influence (``sources`` hold every active feature),
+    ``batch_size`` at a time.
 
-    ``error_of`` maps each feature to the index of its error node; ``pool_extra`` is how many unvisited
+    ``feature_rows(ids)`` gives the rows of the features at those indices (built per batch, so the encoder
+    rows of every active feature are never held at once); ``error_of`` maps each feature to the index of its
+    error node; ``pool_extra`` is how many unvisited
     candidates each batch keeps beyond the visited ones.
     """
     n_features, n_errors = len(features), sources.n_errors
@@ -88,25 +94,24 @@ def select_features(
             in_pool[candidates.topk(min(pool_extra, n_features)).indices] = True
             in_pool[chosen] = True
             pool = in_pool.nonzero(as_tuple=True)[0]
-        values = row_values(run, sources, spec, slice(0, len(spec))).cpu()
-        estimate.add_((row_weights[:, None] * _normalised(values)[:, :n_features]).sum(0))
+        values = computer.compute(sources, spec).cpu()
+        for start in range(0, len(spec), ESTIMATE_CHUNK):
+            part = slice(start, start + ESTIMATE_CHUNK)
+            estimate.add_((row_weights[part, None] * _normalised(values[part])[:, :n_features]).sum(0))
         feature_values = values[:, :n_features]
         sums = torch.zeros(len(spec), n_errors, dtype=values.dtype).index_add_(1, error_of, feature_values)
         features_of_rows = chosen if chosen is not None else torch.full((len(spec),), -1)
-        records.append(_Record(features_of_rows, pool, feature_values[:, pool], values[:, n_features:], sums))
+        tail = values[:, n_features:].clone()
+        records.append(_Record(features_of_rows, pool, feature_values[:, pool], tail, sums))
+        del values, feature_values
+        release_free_memory()
 
     visit(target_spec, None, weights)
     with reporter.stage(max_feature_nodes, "selecting features") as advance:
         while int(visited.sum()) < max_feature_nodes:
             count = min(batch_size, max_feature_nodes - int(visited.sum()))
             chosen = estimate.masked_fill(visited, -1.0).topk(count).indices.sort().values
-            spec = RowSpec(
-                [feature_spec.point[i] for i in chosen.tolist()],
-                feature_spec.layer[chosen],
-                feature_spec.position[chosen],
-                feature_spec.vectors[chosen],
-            )
-            visit(spec, chosen, estimate[chosen])
+            visit(feature_rows(chosen), chosen, estimate[chosen])
             visited[chosen] = True
             advance(count)
     return _assemble_rows(records, visited, error_of, n_errors)

@@ -4,8 +4,9 @@ A source's direct effect on a target row is the dot product of the row's gradien
 writes with the source's output there. Features write ``activation × decoder vector`` to MLP output ``m`` at
 their position (one ``m`` for per-layer transcoders, every ``m ≥ layer`` for cross-layer ones); error nodes
 write their error vector; tokens write their embedding. For each MLP output ``m`` the feature and error
-outputs are grouped by position, so that a whole batch of rows costs one dense product per layer and
-position.
+outputs are grouped by position, and positions with about as many writers are stacked into one padded
+block (``WriteTier``: widths step by a factor of 1.25, so padding adds at most a quarter), so that a whole batch
+of rows costs a few batched products per layer whatever the prompt's length.
 
 Active features that are not kept as nodes are folded into the error node of their layer and position: the
 error node's output becomes the error vector plus those features' outputs, so every row still sums to the
@@ -17,6 +18,7 @@ Devices: the outputs written onto MLP output ``m`` are kept where that output's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,26 +26,56 @@ import torch
 from circuitmap.attribution.replacement import ReplacementRun
 from circuitmap.transcoders import Transcoders
 
+TIER_RATIO = 1.25
+EXACT_WIDTHS = 8
+
+
+@dataclass
+class WriteTier:
+    """Outputs written onto one MLP output at a set of positions, padded to a common width ``k``:
+    ``vectors`` [n, k, d] (zero where padded), ``columns`` [n, k] (-1 where padded), ``counts`` [n]."""
+
+    positions: torch.Tensor
+    columns: torch.Tensor
+    vectors: torch.Tensor
+    counts: torch.Tensor
+
 
 @dataclass
 class Sources:
     """The column nodes of a graph: kept features, error nodes and tokens, with what they write.
 
     ``feature_layer`` holds the kept features' layers (graph order); error nodes are
-    every (layer, position ≥ first_position); tokens are every position. ``writes[m]`` lists, per position,
-    the columns writing onto MLP output ``m`` there (on the first layer's device) and their output vectors (on
-    layer ``m``'s device); ``embed`` [T, d] holds the tokens' outputs. ``column_layer``/``column_position``
-    give every column's layer (-1 for tokens) and position.
+    every (layer, position ≥ first_position); tokens are every position. ``tiers[m]`` hold the columns writing
+    onto MLP output ``m`` (positions and column ids on the first layer's device, output vectors on layer
+    ``m``'s device); ``embed`` [T, d] holds the tokens' outputs. ``column_layer``/``column_position`` give
+    every column's layer (-1 for tokens) and position.
     """
 
     feature_layer: torch.Tensor
     error_layer: torch.Tensor
     error_position: torch.Tensor
     n_tokens: int
-    writes: list[list[tuple[int, torch.Tensor, torch.Tensor]]]
+    tiers: list[list[WriteTier]]
     embed: torch.Tensor
     column_layer: torch.Tensor
     column_position: torch.Tensor
+
+    @property
+    def writes(self) -> list[list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """Per MLP output, ``(position, column ids, output vectors)`` for every position written there (views
+        of the tiers, in order of position)."""
+        writes = []
+        for tiers in self.tiers:
+            blocks = [
+                (position, tier.columns[row, :count], tier.vectors[row, :count])
+                for tier in tiers
+                for row, (position, count) in enumerate(
+                    zip(tier.positions.tolist(), tier.counts.tolist(), strict=True)
+                )
+            ]
+            writes.append(sorted(blocks, key=lambda block: block[0]))
+        return writes
 
     def support(self, layer: int, position: int) -> torch.Tensor:
         """Columns that can have a direct effect on a row reading layer ``layer``'s MLP input at ``position``:
@@ -134,10 +166,10 @@ def build_sources(
             positions.append(error_positions)
             vectors.append(folded[error_positions.to(folded.device)])
         vectors = torch.cat([block.to(run.leaves[out_layer].device) for block in vectors])
-        columns[out_layer] = _by_position(torch.cat(ids), torch.cat(positions), vectors, n_tokens)
-    writes = [
-        [(position, ids.to(home), vectors.to(dtype=dtype)) for position, ids, vectors in blocks]
-        for blocks in columns.values()
+        columns[out_layer] = (torch.cat(ids), torch.cat(positions), vectors)
+    tiers = [
+        _tiers(ids.to(home), positions.to(home), vectors.to(dtype=dtype), n_tokens)
+        for ids, positions, vectors in columns.values()
     ]
     column_layer = torch.cat([kept_features.layer, error_layer, torch.full((n_tokens,), -1)])
     column_position = torch.cat([kept_features.position, error_position, torch.arange(n_tokens)])
@@ -146,26 +178,37 @@ def build_sources(
         error_layer,
         error_position,
         n_tokens,
-        writes,
+        tiers,
         run.embed.detach()[0],
         column_layer,
         column_position,
     )
 
 
-def _by_position(
-    ids: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, n_tokens: int
-) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Split columns writing to one MLP output into ``(position, column ids, output vectors)`` blocks."""
+def _tiers(ids: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, n_tokens: int) -> list[WriteTier]:
+    """Group the columns writing onto one MLP output by position, and positions into tiers of padded width
+    (their number of columns up to 8, then the smallest ``ceil(1.25^e)`` at or above it)."""
     order = torch.argsort(positions, stable=True)
-    ids, positions, vectors = ids[order], positions[order], vectors[order]
-    counts = torch.bincount(positions, minlength=n_tokens).tolist()
-    blocks = zip(range(n_tokens), ids.split(counts), vectors.split(counts), strict=True)
-    return [
-        (position, block_ids, block_vectors)
-        for position, block_ids, block_vectors in blocks
-        if len(block_ids)
-    ]
+    ids, positions = ids[order], positions[order]
+    vectors = vectors[order.to(vectors.device)]
+    counts = torch.bincount(positions, minlength=n_tokens)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(ids), device=ids.device) - starts[positions]
+    exponents = torch.ceil(torch.log(counts.clamp_min(1).double()) / math.log(TIER_RATIO) - 1e-9)
+    widths = torch.where(counts > EXACT_WIDTHS, torch.ceil(TIER_RATIO**exponents).long(), counts)
+    tiers = []
+    for width in widths[widths > 0].unique().tolist():
+        members = (widths == width).nonzero(as_tuple=True)[0]
+        row_of = torch.full((n_tokens,), -1, dtype=torch.long, device=ids.device)
+        row_of[members] = torch.arange(len(members), device=ids.device)
+        chosen = (widths[positions] == width).nonzero(as_tuple=True)[0]
+        rows, slots = row_of[positions[chosen]], slot[chosen]
+        columns = torch.full((len(members), width), -1, dtype=torch.long, device=ids.device)
+        columns[rows, slots] = ids[chosen]
+        padded = vectors.new_zeros(len(members), width, vectors.shape[-1])
+        padded[rows.to(padded.device), slots.to(padded.device)] = vectors[chosen.to(vectors.device)]
+        tiers.append(WriteTier(members, columns, padded, counts[members]))
+    return tiers
 
 
 def _folded_outputs(

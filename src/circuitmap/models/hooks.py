@@ -13,8 +13,8 @@ Model-wide points: ``resid_final`` (the residual entering the final norm) and ``
 which the unembedding reads).
 
 Controls: attention patterns and normalisation denominators can be recorded on a clean run and replayed as
-constants (so gradients flow only through values and the numerators of norms), and any point can be
-observed or rewritten by a function. Attention runs through a function registered in transformers'
+constants (so gradients flow only through values and the numerators of norms), on the whole input or, by
+causality exactly, on a prefix of it; and any point can be observed or rewritten by a function. Attention runs through a function registered in transformers'
 attention registry under the name ``circuitmap``; everything else uses ordinary module hooks.
 
 Devices: a model placed by a device map (``load_model(..., device_map=...)``) runs each module on its own
@@ -48,10 +48,12 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 @dataclass
 class _AttentionControl:
-    """Per-attention-module state: record the pattern of the next call, or replay a recorded one."""
+    """Per-attention-module state: record the pattern of the next call, or replay a recorded one (its first
+    ``prefix`` positions when set)."""
 
     mode: str = "record"
     pattern: torch.Tensor | None = None
+    prefix: int | None = None
 
 
 _attention_controls: dict[int, _AttentionControl] = {}
@@ -79,6 +81,9 @@ def circuitmap_attention(
     batch, heads, length, width = query.shape
     kv_heads = key.shape[1]
     n_rep = heads // kv_heads
+    control = _attention_controls.get(id(module))
+    if control is not None and control.mode == "replay" and not (dropout and module.training):
+        return _replayed_attention(control, value, heads)
     # Grouped-query attention without copying keys and values: the n_rep query heads that share a key head
     # are stacked along the sequence axis, so one batched product serves them all.
     grouped_query = query.reshape(batch, kv_heads, n_rep * length, width)
@@ -90,7 +95,6 @@ def circuitmap_attention(
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     pattern = torch.softmax(scores, dim=-1, dtype=_compute_dtype(query.dtype)).to(query.dtype)
-    control = _attention_controls.get(id(module))
     if control is not None:
         pattern = _apply_attention_control(control, pattern)
     if dropout and module.training:
@@ -105,13 +109,39 @@ def _apply_attention_control(control: _AttentionControl, pattern: torch.Tensor) 
     if control.mode == "record":
         control.pattern = pattern.detach()
         return pattern
+    recorded = _recorded_pattern(control, pattern.shape[-2])
+    return recorded.expand(pattern.shape[0], *recorded.shape[1:]).to(pattern.dtype)
+
+
+def _recorded_pattern(control: _AttentionControl, length: int) -> torch.Tensor:
+    """The recorded pattern [1, heads, n, n] for an input of ``length`` positions: all of it, or its first
+    ``control.prefix`` positions; an error for any other length."""
     recorded = control.pattern
-    if recorded.shape[1:] != pattern.shape[1:]:
+    if control.prefix is not None:
+        recorded = recorded[:, :, : control.prefix, : control.prefix]
+    if recorded.shape[-1] != length:
         raise CircuitmapError(
             f"frozen attention was recorded for {recorded.shape[-1]} tokens but the model now sees "
-            f"{pattern.shape[-1]}; freeze again for the new input"
+            f"{length}; freeze again for the new input"
         )
-    return recorded.expand(pattern.shape[0], *recorded.shape[1:]).to(pattern.dtype)
+    return recorded
+
+
+def _replayed_attention(control: _AttentionControl, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """Head outputs [B, n, heads, width] under a replayed pattern, without computing scores.
+
+    The pattern is the same for every batch element, so each head is one product of its [n, n] pattern with
+    the values of all batch elements side by side ([n, B·width]); neither the pattern nor the values are
+    copied per batch element, and the backward pass is the same few large products.
+    """
+    batch, kv_heads, length, width = value.shape
+    recorded = _recorded_pattern(control, length)
+    pattern = recorded[0].to(value.dtype)
+    columns = value.permute(1, 2, 0, 3).reshape(kv_heads, length, batch * width)
+    n_rep = heads // kv_heads
+    outputs = torch.stack([pattern[head] @ columns[head // n_rep] for head in range(heads)])
+    output = outputs.view(heads, length, batch, width).permute(2, 1, 0, 3).contiguous()
+    return output, recorded.expand(batch, *recorded.shape[1:]).to(value.dtype)
 
 
 def register_attention() -> None:
@@ -296,6 +326,7 @@ class _NormControl:
     weight_offset: float
     mode: str = "record"
     inverse: torch.Tensor | None = None
+    prefix: int | None = None
 
     def __call__(self, _module, args, output):
         """Recompute the norm with the recorded scale, in at least float32 (some models round to float32), on
@@ -309,9 +340,10 @@ class _NormControl:
             if eps is None:
                 eps = self.module.eps
             self.inverse = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
-        elif self.inverse.shape[1:] != x.shape[1:-1] + (1,):
+        inverse = self.inverse if self.prefix is None else self.inverse[:, : self.prefix]
+        if inverse.shape[1:] != x.shape[1:-1] + (1,):
             raise CircuitmapError("frozen norms were recorded for another input length; freeze again")
-        normed = centred * self.inverse.to(work.dtype)
+        normed = centred * inverse.to(work.dtype)
         weight = resident_tensor(self.module, "weight").to(work) + self.weight_offset
         result = normed * weight
         bias = resident_tensor(self.module, "bias")
@@ -326,6 +358,19 @@ class FrozenState:
 
     logits: torch.Tensor
     mlp_outputs: list[torch.Tensor] = field(default_factory=list)
+    controls: list[_AttentionControl | _NormControl] = field(default_factory=list)
+
+    @contextmanager
+    def prefix(self, length: int) -> Iterator[None]:
+        """Context: replay the constants of the first ``length`` positions, for inputs that are a prefix of
+        the recorded one (by causality its patterns and norm scales are exactly those of the whole input)."""
+        for control in self.controls:
+            control.prefix = length
+        try:
+            yield
+        finally:
+            for control in self.controls:
+                control.prefix = None
 
 
 @contextmanager
@@ -375,7 +420,30 @@ def freeze(
         if mlps:
             for layer, clean in enumerate(mlp_outputs):
                 stack.enter_context(points.install("mlp_out", layer, _constant(clean)))
-        yield FrozenState(logits=logits, mlp_outputs=mlp_outputs)
+        yield FrozenState(logits, mlp_outputs, [*attention_controls, *norm_controls])
+
+
+@contextmanager
+def bypass(replacements: Sequence[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]) -> Iterator[None]:
+    """Context: each module's computation is replaced by a cheap function of its first input (hooks on the
+    module still run; on a model placed by accelerate its device hooks are skipped, so the function gets the
+    input where it arrives). For passes whose values do not matter, only which tensors they depend on."""
+    saved = []
+    for module, function in replacements:
+        saved.append((module, module.__dict__.get("forward")))
+        module.forward = lambda *args, _function=function, **kwargs: _function(_first_input(args, kwargs))
+    try:
+        yield
+    finally:
+        for module, forward in saved:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def _constant(clean: torch.Tensor) -> TensorFn:
