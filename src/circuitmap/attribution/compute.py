@@ -34,6 +34,7 @@ from circuitmap.attribution.sources import ActiveFeatures, Sources, active_featu
 from circuitmap.attribution.targets import Target, TargetSpec, resolve_targets
 from circuitmap.errors import CircuitmapError
 from circuitmap.graphs.graph import Graph, NodeKind
+from circuitmap.hardware import threads_for_load
 from circuitmap.models import Model
 from circuitmap.transcoders import Transcoders
 
@@ -154,8 +155,39 @@ def attribute(
     size); the keywords of the same names override it. ``progress``: a terminal bar (``True``), nothing, or
     a ``callback(stage, done, total)``. Setting ``stop`` ends the computation after the current batch with
     ``Interrupted``. The transcoders are cast to the model's dtype and each layer is moved to the device of
-    the model layer it serves, unless ``Transcoders.place`` holds the set on devices of its own.
+    the model layer it serves, unless ``Transcoders.place`` holds the set on devices of its own. On a machine
+    where other processes keep cores busy, it computes with as many threads as there are idle cores.
     """
+    with threads_for_load():
+        return _attribute(
+            model,
+            transcoders,
+            prompt,
+            config,
+            targets=targets,
+            max_n_logits=max_n_logits,
+            desired_logit_prob=desired_logit_prob,
+            max_feature_nodes=max_feature_nodes,
+            batch_size=batch_size,
+            progress=progress,
+            stop=stop,
+        )
+
+
+def _attribute(
+    model: Model,
+    transcoders: Transcoders,
+    prompt: str | torch.Tensor,
+    config: AttributionConfig | None,
+    *,
+    targets: Sequence[TargetSpec] | TargetSpec | None,
+    max_n_logits: int | None,
+    desired_logit_prob: float | None,
+    max_feature_nodes: int | None,
+    batch_size: int | None,
+    progress: Progress,
+    stop: threading.Event | None,
+) -> Graph:
     started = time.perf_counter()
     config = (config or AttributionConfig()).with_changes(
         max_n_logits=max_n_logits,

@@ -19,7 +19,7 @@ class AttributionConfig(Settings):
     max_feature_nodes: int | None = None
     """Cap on feature nodes; the least influential beyond it fold into error nodes (unset: no cap)."""
     batch_size: int | None = None
-    """Rows per backward pass (unset: as many as about 4 GiB of gradients hold, at most 512)."""
+    """Rows per selection step and progress step, each one or more backward passes (unset: up to 512)."""
 
     def check(self) -> None:
         """A one-line error for a setting out of range."""

@@ -5,8 +5,8 @@ and the edges each row keeps follow from that exactly (up to which features a ca
 backward passes the run will make: they are laid out as ``attribute`` lays them out (under a cap, for a
 random sample of the active features standing for the visited ones), one pass and one graph build are timed
 at the shortest, the median and the longest prefix among them, and the rest are interpolated (rows
-recomputed after a selection that missed are not foreseen); memory adds the model, the transcoders, the edge arrays, one
-batch's gradients and, under a cap, the rows kept while selecting.
+recomputed after a selection that missed are not foreseen); memory adds the model, the transcoders, the
+edge arrays, the row graphs and a pass's gradients and, under a cap, the rows kept while selecting.
 """
 
 from __future__ import annotations
@@ -151,13 +151,14 @@ def estimate_attribution(
         per_row = feature_support * share + other_support
         n_final_columns = n_kept + sources.n_errors + sources.n_tokens
         n_edges = int(per_row.sum() * share) + n_targets * n_final_columns
-        source_bytes = sum(
-            vectors.numel() * itemsize for blocks in sources.writes for _, _, vectors in blocks
-        )
+        source_bytes = sum(tier.vectors.numel() for tiers in sources.tiers for tier in tiers) * itemsize
     n_rows = n_kept + n_targets
     per_pass = computer.rows_per_pass
-    graphs = per_pass * model.d_model * itemsize * sum(
-        computer.prefix_of(position) for position in range(0, n_tokens, computer.step)
+    graphs = (
+        per_pass
+        * model.d_model
+        * itemsize
+        * sum(computer.prefix_of(position) for position in range(0, n_tokens, computer.step))
     )
     gradients = graphs + 6 * per_pass * n_tokens * model.d_model * itemsize
     values = batch_size * sources.n_columns * itemsize * 2
@@ -168,7 +169,8 @@ def estimate_attribution(
         _tensor_bytes(model.hf_model)
         + _tensor_bytes(transcoders)
         + sum(math.prod(layer.decoder.shape) for layer in transcoders.layers) * itemsize
-        + source_bytes * 2
+        + source_bytes
+        + 2 * n_tokens * transcoders.d_features * transcoders.n_layers * itemsize
         + n_edges * (4 + itemsize)
         + gradients
         + values

@@ -37,7 +37,7 @@ class ReplacementRun:
     the graph tensors where targets are injected. ``pre``/``acts`` [T, f] hold feature pre-activations and
     activations, ``errors`` [T, d] the MLP output minus the transcoders' reconstruction (skip included), all
     detached. ``last_logits`` [vocab] are the model's last-position logits, soft-capped like its output;
-``frozen`` holds the replayed constants, which stay in force while the run's context is open.
+    ``frozen`` holds the replayed constants, which stay in force while the run's context is open.
     Per-layer tensors are on their layer's device (``pre`` and ``acts`` on its transcoder's).
     """
 

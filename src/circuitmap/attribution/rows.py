@@ -41,6 +41,7 @@ from circuitmap.models.hooks import bypass
 from circuitmap.transcoders import Transcoders
 
 PASS_BUDGET_BYTES = 8 * 2**20
+GPU_PASS_BUDGET_BYTES = 256 * 2**20
 MAX_ROWS_PER_PASS = 512
 N_PREFIXES = 16
 MIN_PREFIX_STEP = 32
@@ -82,11 +83,13 @@ def concat_specs(specs: Sequence[RowSpec]) -> RowSpec:
 
 
 def rows_per_pass(model: Model, n_tokens: int) -> int:
-    """Rows per backward pass: as many as keep one gradient of the pass within about 8 MiB, at most 512.
-    Larger passes buy no speed (the products are already large) but put every buffer of the pass above
-    the size that the C allocator returns to the system, so that it is mapped and zeroed again each time."""
+    """Rows per backward pass: as many as keep one gradient of the pass within about 8 MiB on a CPU (256 MiB
+    on a GPU), at most 512. On a CPU larger passes buy no speed (the products are already large) but put every
+    buffer of the pass above the size that the C allocator returns to the system, so that it is mapped and
+    zeroed again each time; a GPU's caching allocator has no such cost and wants larger products."""
+    budget = GPU_PASS_BUDGET_BYTES if model.device.type == "cuda" else PASS_BUDGET_BYTES
     per_row = n_tokens * model.d_model * model.dtype.itemsize
-    return int(min(MAX_ROWS_PER_PASS, max(1, PASS_BUDGET_BYTES // per_row)))
+    return int(min(MAX_ROWS_PER_PASS, max(1, budget // per_row)))
 
 
 def prefix_step(n_tokens: int) -> int:
@@ -183,7 +186,7 @@ class RowGraph:
         self.embed = embed[0]
 
     def compute(self, sources: Sources, spec: RowSpec) -> torch.Tensor:
-        """Values [len(spec), n_columns] of rows that all lie within this graph's prefix, at most ``batch``."""
+        """Values [len(spec), n_columns] of at most ``batch`` rows, all within this graph's prefix."""
         n_rows = len(spec)
         keys = [
             (point, layer if point == "mlp_in" else -1)
@@ -318,7 +321,9 @@ class RowComputer:
 
     def compute(self, sources: Sources, spec: RowSpec, advance=None) -> torch.Tensor:
         """Values [len(spec), n_columns] of every row of ``spec``, in its order."""
-        values = torch.empty(len(spec), sources.n_columns, dtype=sources.embed.dtype, device=sources.embed.device)
+        values = torch.empty(
+            len(spec), sources.n_columns, dtype=sources.embed.dtype, device=sources.embed.device
+        )
         for members in self.passes(spec):
             part = spec.subset(members)
             graph = self.graph(self.prefix_of(int(part.position.max())))

@@ -5,8 +5,8 @@ writes with the source's output there. Features write ``activation × decoder ve
 their position (one ``m`` for per-layer transcoders, every ``m ≥ layer`` for cross-layer ones); error nodes
 write their error vector; tokens write their embedding. For each MLP output ``m`` the feature and error
 outputs are grouped by position, and positions with about as many writers are stacked into one padded
-block (``WriteTier``: widths step by a factor of 1.25, so padding adds at most a quarter), so that a whole batch
-of rows costs a few batched products per layer whatever the prompt's length.
+block (``WriteTier``: widths step by a factor of 1.25, so padding adds at most a quarter), so that a whole
+batch of rows costs a few batched products per layer whatever the prompt's length.
 
 Active features that are not kept as nodes are folded into the error node of their layer and position: the
 error node's output becomes the error vector plus those features' outputs, so every row still sums to the
@@ -185,7 +185,9 @@ def build_sources(
     )
 
 
-def _tiers(ids: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, n_tokens: int) -> list[WriteTier]:
+def _tiers(
+    ids: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, n_tokens: int
+) -> list[WriteTier]:
     """Group the columns writing onto one MLP output by position, and positions into tiers of padded width
     (their number of columns up to 8, then the smallest ``ceil(1.25^e)`` at or above it)."""
     order = torch.argsort(positions, stable=True)

@@ -14,8 +14,9 @@ which the unembedding reads).
 
 Controls: attention patterns and normalisation denominators can be recorded on a clean run and replayed as
 constants (so gradients flow only through values and the numerators of norms), on the whole input or, by
-causality exactly, on a prefix of it; and any point can be observed or rewritten by a function. Attention runs through a function registered in transformers'
-attention registry under the name ``circuitmap``; everything else uses ordinary module hooks.
+causality exactly, on a prefix of it; and any point can be observed or rewritten by a function. Attention
+runs through a function registered in transformers' attention registry under the name ``circuitmap``;
+everything else uses ordinary module hooks.
 
 Devices: a model placed by a device map (``load_model(..., device_map=...)``) runs each module on its own
 device through accelerate's hooks, and an offloaded module keeps its weights in CPU memory (its parameters on
@@ -424,7 +425,9 @@ def freeze(
 
 
 @contextmanager
-def bypass(replacements: Sequence[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]) -> Iterator[None]:
+def bypass(
+    replacements: Sequence[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]],
+) -> Iterator[None]:
     """Context: each module's computation is replaced by a cheap function of its first input (hooks on the
     module still run; on a model placed by accelerate its device hooks are skipped, so the function gets the
     input where it arrives). For passes whose values do not matter, only which tensors they depend on."""
