@@ -40,13 +40,14 @@ def _prompt(model, n_tokens: int) -> str:
 def run_once(mode: str, n_tokens: int, transcoders_dir: str, cap: int) -> dict:
     """``estimate`` or ``attribute`` once in this process."""
     import circuitmap
+    from circuitmap.attribution import estimate_attribution
 
     model = circuitmap.load_model("smollm2-135m")
     transcoders = circuitmap.load_transcoders(transcoders_dir)
     prompt = _prompt(model, n_tokens)
     started = time.perf_counter()
     if mode == "estimate":
-        estimate = circuitmap.estimate_attribution(model, transcoders, prompt, max_feature_nodes=cap)
+        estimate = estimate_attribution(model, transcoders, prompt, max_feature_nodes=cap)
         return {
             "seconds": estimate.seconds,
             "peak_gib": estimate.peak_bytes / 2**30,

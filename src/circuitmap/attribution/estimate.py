@@ -3,9 +3,10 @@
 The model runs once on the prompt (cheap next to attribution) to count active features; the number of rows
 and the edges each row keeps follow from that exactly (up to which features a cap keeps). Time comes from the
 backward passes the run will make: they are laid out as ``attribute`` lays them out (under a cap, for a
-random sample of the active features standing for the visited ones), one pass and one graph build are timed
-at the shortest, the median and the longest prefix among them, and the rest are interpolated (rows
-recomputed after a selection that missed are not foreseen); memory adds the model, the transcoders, the
+random sample of the active features standing for the visited ones); one pass (the faster of two tries,
+the first paying for warm-up) and one graph build are timed at the shortest, the median and the longest
+prefix among them, the rest are interpolated by prefix and scaled by how many layers the pass goes down
+(rows recomputed after a selection that missed are not foreseen); memory adds the model, the transcoders, the
 edge arrays, the row graphs and a pass's gradients and, under a cap, the rows kept while selecting.
 """
 
@@ -202,15 +203,19 @@ def _predicted_seconds(
             passes.append((computer.prefix_of(int(visit.position[members].max())), visit.subset(members)))
     lengths = sorted({length for length, _ in passes})
     timed_lengths = sorted({lengths[0], lengths[len(lengths) // 2], lengths[-1]})
-    pass_seconds, build_seconds = {}, {}
+    pass_seconds, build_seconds, sampled_depth = {}, {}, {}
     for length in timed_lengths:
         sample = max((part for other, part in passes if other == length), key=len)
+        sampled_depth[length] = _depth(sample)
         started = time.perf_counter()
         graph = computer.graph(length)
         build_seconds[length] = time.perf_counter() - started
-        started = time.perf_counter()
-        graph.compute(sources, sample)
-        pass_seconds[length] = time.perf_counter() - started
+        timings = []
+        for _ in range(2):
+            started = time.perf_counter()
+            graph.compute(sources, sample)
+            timings.append(time.perf_counter() - started)
+        pass_seconds[length] = min(timings)
         del computer.graphs[length]
     known = torch.tensor(timed_lengths, dtype=torch.float64)
 
@@ -218,8 +223,14 @@ def _predicted_seconds(
         values = torch.tensor([table[other] for other in timed_lengths], dtype=torch.float64)
         return float(_interpolate(torch.tensor(float(length)), known, values))
 
-    total = sum(interpolate(pass_seconds, length) for length, _ in passes)
+    per_layer = {length: pass_seconds[length] / sampled_depth[length] for length in timed_lengths}
+    total = sum(interpolate(per_layer, length) * _depth(part) for length, part in passes)
     return total + sum(interpolate(build_seconds, length) for length in lengths)
+
+
+def _depth(spec) -> int:
+    """How many layers a pass of these rows goes down (a feature of layer l reads the layers below it)."""
+    return max(1, int(spec.layer.max()))
 
 
 def _interpolate(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
