@@ -78,8 +78,8 @@ def _own_ticks() -> int:
 
 @contextmanager
 def threads_for_load() -> Iterator[int]:
-    """Context: use no more intra-op threads than there are cores left idle by other processes (at least
-    one), and yields that number; the previous setting comes back on exit.
+    """Context (or decorator): use no more intra-op threads than there are cores left idle by other processes
+    (at least one), and yields that number; the previous setting comes back on exit.
 
     A busy loop beside a run that keeps a thread per core makes every parallel operation wait at its end for
     a thread the scheduler has set aside, which slows a run of many such operations several times over;

@@ -134,6 +134,7 @@ def _final_batches(
     yield slice(0, len(spec)), rows
 
 
+@threads_for_load()
 def attribute(
     model: Model,
     transcoders: Transcoders,
@@ -158,36 +159,6 @@ def attribute(
     the model layer it serves, unless ``Transcoders.place`` holds the set on devices of its own. On a machine
     where other processes keep cores busy, it computes with as many threads as there are idle cores.
     """
-    with threads_for_load():
-        return _attribute(
-            model,
-            transcoders,
-            prompt,
-            config,
-            targets=targets,
-            max_n_logits=max_n_logits,
-            desired_logit_prob=desired_logit_prob,
-            max_feature_nodes=max_feature_nodes,
-            batch_size=batch_size,
-            progress=progress,
-            stop=stop,
-        )
-
-
-def _attribute(
-    model: Model,
-    transcoders: Transcoders,
-    prompt: str | torch.Tensor,
-    config: AttributionConfig | None,
-    *,
-    targets: Sequence[TargetSpec] | TargetSpec | None,
-    max_n_logits: int | None,
-    desired_logit_prob: float | None,
-    max_feature_nodes: int | None,
-    batch_size: int | None,
-    progress: Progress,
-    stop: threading.Event | None,
-) -> Graph:
     started = time.perf_counter()
     config = (config or AttributionConfig()).with_changes(
         max_n_logits=max_n_logits,

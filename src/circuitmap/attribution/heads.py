@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from circuitmap.attribution.compute import FIRST_POSITION, default_batch_size
+from circuitmap.attribution.compute import FIRST_POSITION
 from circuitmap.attribution.replacement import ReplacementRun, replacement_run
 from circuitmap.attribution.rows import RowSpec
 from circuitmap.attribution.sources import ActiveFeatures, Sources, active_features, build_sources
@@ -65,6 +65,17 @@ from circuitmap.models.hooks import ATTENTION_IMPLEMENTATION
 from circuitmap.transcoders import Transcoders
 
 EDGE_ORDERS = ("weight", "influence")
+
+
+GRADIENT_BUDGET_BYTES = 4 * 2**30
+MAX_BATCH_SIZE = 512
+
+
+def _rows_per_batch(model: Model, n_tokens: int) -> int:
+    """Rows per batched backward pass over the whole prompt: as many as keep the batch's gradients (every
+    layer's MLP output and head outputs) within about 4 GiB, at most 512."""
+    per_row = n_tokens * model.d_model * (model.n_layers + 2) * model.dtype.itemsize * 2
+    return int(min(MAX_BATCH_SIZE, max(1, GRADIENT_BUDGET_BYTES // per_row)))
 
 
 @dataclass
@@ -550,7 +561,7 @@ def head_loadings(
     ids = graph_ids(model, transcoders, graph)
     transcoders.check_model(model.n_layers, model.d_model)
     transcoders.follow(model.layer_devices(), model.dtype)
-    batch_size = batch_size or default_batch_size(model, ids.shape[1])
+    batch_size = batch_size or _rows_per_batch(model, ids.shape[1])
     edge_target = edge_targets(graph, edges)
     edge_source = graph.indices[edges].astype(np.int64)
     nodes = np.unique(edge_target)

@@ -18,6 +18,7 @@ Devices: the outputs written onto MLP output ``m`` are kept where that output's 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -61,10 +62,10 @@ class Sources:
     column_layer: torch.Tensor
     column_position: torch.Tensor
 
-    @property
+    @functools.cached_property
     def writes(self) -> list[list[tuple[int, torch.Tensor, torch.Tensor]]]:
         """Per MLP output, ``(position, column ids, output vectors)`` for every position written there (views
-        of the tiers, in order of position)."""
+        of the tiers, in order of position; built on first use)."""
         writes = []
         for tiers in self.tiers:
             blocks = [
