@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from circuitmap.errors import CircuitmapError
+from circuitmap.graphs import pruning
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.pruning import (
     graph_scores,
@@ -223,20 +224,26 @@ def test_ties_keep_earlier_nodes():
 # Random DAGs against dense brute force.
 
 
-def random_graph(seed: int, token_inputs: bool = False) -> Graph:
+def random_graph(seed: int, token_inputs: bool = False, layered: bool = False) -> Graph:
     """A random DAG: features read tokens, errors and lower-index features; targets read all of those.
 
     Some edges have weight zero and some features no inputs, unless ``token_inputs`` gives every feature a
-    nonzero edge from a token.
+    nonzero edge from a token. ``layered`` lists the features by layer, as attribution does: then a feature
+    reads only features of lower layers.
     """
     rng = np.random.default_rng(seed)
     n_f, n_e, n_t, n_l = rng.integers(3, 14), rng.integers(1, 5), rng.integers(1, 4), rng.integers(1, 4)
     kind = [F] * n_f + [E] * n_e + [T] * n_t + [L] * n_l
     tokens = range(n_f + n_e, n_f + n_e + n_t)
+    feature_layer = np.sort(rng.integers(0, 3, size=n_f)) if layered else np.arange(n_f)
     edges = []
     for target in range(len(kind)):
         if kind[target] == F:
-            sources = [s for s in range(n_f + n_e + n_t) if s < target or s >= n_f]
+            sources = [
+                s
+                for s in range(n_f + n_e + n_t)
+                if s >= n_f or (s < target and feature_layer[s] < feature_layer[target])
+            ]
         elif kind[target] == L:
             sources = range(n_f + n_e + n_t)
         else:
@@ -253,9 +260,10 @@ def random_graph(seed: int, token_inputs: bool = False) -> Graph:
         kind=kind,
         edges=edges,
         target_weight=[0.0] * (n - n_l) + list(weights / weights.sum()),
-        layer=[0] * n_f + list(range(n_e)) + [-1] * n_t + [2] * n_l,
+        layer=[*(feature_layer if layered else [0] * n_f), *range(n_e), *[-1] * n_t, *[3] * n_l],
         position=[0] * n,
         index=list(range(n_f)) + [-1] * n_e + list(range(n_t)) + list(range(n_l)),
+        n_layers=3,
     )
 
 
@@ -390,6 +398,34 @@ def test_prune_matches_reference(seed):
     kept, kept_edges = reference_prune(graph, node_threshold, edge_threshold)
     assert set(np.flatnonzero(result.node_mask)) == kept
     assert set(np.flatnonzero(result.edge_mask)) == kept_edges
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_layered_graphs_read_in_small_blocks_match_dense(seed, monkeypatch):
+    """Rows listed by layer take the one-sweep path, over blocks of a few edges: same results as dense."""
+    graph = random_graph(seed, layered=True)
+    monkeypatch.setattr(pruning, "CHUNK_EDGES", 4)
+    sweeps = []
+    chunks = pruning._Flow.chunks
+
+    def counted(flow, descending=False):
+        sweeps.append(descending)
+        return chunks(flow, descending)
+
+    monkeypatch.setattr(pruning._Flow, "chunks", counted)
+    np.testing.assert_allclose(node_influence(graph), dense_influence(graph), rtol=1e-12, atol=1e-15)
+    assert sweeps == [True]
+    np.testing.assert_allclose(
+        normalized_weights(graph), dense_normalized(graph)[graph.target_indices(), graph.indices], rtol=1e-12
+    )
+    node_threshold, edge_threshold = np.random.default_rng(seed).uniform(0.3, 1.0, size=2)
+    result = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    kept, kept_edges = reference_prune(graph, node_threshold, edge_threshold)
+    assert set(np.flatnonzero(result.node_mask)) == kept
+    assert set(np.flatnonzero(result.edge_mask)) == kept_edges
+    scores = graph_scores(graph, result.node_mask, result.edge_mask)
+    expected = dense_scores(graph, result.node_mask, result.edge_mask)
+    np.testing.assert_allclose([scores.replacement, scores.completeness], expected, rtol=1e-9)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

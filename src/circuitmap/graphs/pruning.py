@@ -1,15 +1,18 @@
 """Influence, pruning, and the replacement and completeness scores of an attribution graph.
 
-Everything here works on the graph's CSR edges with NumPy vector operations: no dense ``n_nodes × n_nodes``
-matrix is ever built, and the only sorts are over node or edge scores, so 10M edges prune in seconds.
+Everything here works on the graph's CSR edges with NumPy vector operations, a block of rows at a time: no
+dense ``n_nodes × n_nodes`` matrix and no per-edge float64 array of the whole graph is ever built, and the
+only sorts are over node or edge scores, so 10M edges prune in seconds.
 
 Definitions:
 
 - **Normalised weights** ``Â``: ``|A|`` with each target row scaled to sum to 1 over the row's incoming edges
   (a row whose weights are all zero stays zero). ``Â[t, s]`` is the share of ``t``'s input due to ``s``.
 - **Influence** on the targets: ``w·(Â + Â² + Â³ + …)`` with ``w`` the targets' weights, plus each target's
-  own weight. It is computed as repeated vector–matrix products ``x ← x·Â`` starting from ``x = w``; the graph
-  is a DAG, so ``x`` becomes zero after at most ``n_nodes`` steps (more means a cycle: an error). Influence is
+  own weight. Where rows are listed by layer (as attribution writes them) it is one sweep from the last rows
+  to the first, each row passing on its complete influence; otherwise it is repeated vector–matrix products
+  ``x ← x·Â`` starting from ``x = w``: the graph is a DAG, so ``x`` becomes zero after at most ``n_nodes``
+  steps (more means a cycle: an error). Either way the edges are read in blocks of rows. Influence is
   mass flowing from the targets down to tokens and error nodes, split at each node by its row of ``Â``.
 - **Node pruning**: features and error nodes are candidates; sorted by influence (descending, ties in graph
   order), the smallest prefix whose cumulative influence reaches ``node_threshold`` × their total is kept;
@@ -46,7 +49,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +59,11 @@ from circuitmap.errors import CircuitmapError
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.ids import index_by_id
 from circuitmap.validation import check_number
+
+CHUNK_EDGES = 1 << 21
+"""Edges read at a time: per-edge arrays of the whole graph are never formed (about 16 MiB per array here)."""
+MAX_LAYER_RUNS = 4096
+"""Beyond this many changes of layer along the rows, rows are not listed by layer: blocks are cut by size."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ class Scores:
 
 def normalized_weights(graph: Graph) -> np.ndarray:
     """``Â``: ``|A|`` with each row scaled to sum to 1 (zero rows stay zero), aligned with the edges."""
-    return _normalize(graph, graph.target_indices())[0]
+    return np.concatenate([np.zeros(0), *(chunk.flow for chunk in _Flow(graph).chunks())])
 
 
 def node_influence(graph: Graph, edge_mask: np.ndarray | None = None) -> np.ndarray:
@@ -110,13 +118,9 @@ def node_influence(graph: Graph, edge_mask: np.ndarray | None = None) -> np.ndar
 
     With ``edge_mask``, only the masked-in edges carry influence; ``Â`` is still normalised over all edges.
     """
-    rows = graph.target_indices()
-    sources = graph.indices.astype(np.intp, copy=False)
-    flow = _normalize(graph, rows)[0]
     if edge_mask is not None:
-        keep = _checked_mask(edge_mask, graph.n_edges, "edge_mask")
-        rows, sources, flow = rows[keep], sources[keep], flow[keep]
-    return _propagate(rows, sources, flow, _start(graph))
+        edge_mask = _checked_mask(edge_mask, graph.n_edges, "edge_mask")
+    return _propagate(_Flow(graph, edge_mask=edge_mask), _start(graph))
 
 
 def prune(
@@ -135,19 +139,20 @@ def prune(
     )
     config.check()
     node_threshold, edge_threshold = config.node_threshold, config.edge_threshold
-    rows = graph.target_indices()
-    sources = graph.indices.astype(np.intp, copy=False)
-    flow = _normalize(graph, rows)[0]
-    influence = _propagate(rows, sources, flow, _start(graph))
+    influence = _propagate(_Flow(graph), _start(graph))
 
     node_mask = _always_kept(graph)
     candidates = np.flatnonzero(~node_mask)
     node_mask[candidates[_top_share(influence[candidates], node_threshold)]] = True
 
-    edge_ids = np.flatnonzero(node_mask[rows] & node_mask[sources])
-    scores = flow[edge_ids] * influence[rows[edge_ids]]
-    edge_ids = edge_ids[_top_share(scores, edge_threshold)]
-    node_mask, edge_ids = _drop_dangling(graph, node_mask, edge_ids, rows, sources)
+    live = list(_Flow(graph, kept=node_mask).chunks())
+    edge_ids = np.concatenate([np.zeros(0, dtype=np.int64), *(chunk.edge_ids for chunk in live)])
+    rows = np.concatenate([np.zeros(0, dtype=np.intp), *(chunk.rows for chunk in live)])
+    sources = np.concatenate([np.zeros(0, dtype=np.intp), *(chunk.sources for chunk in live)])
+    scores = np.concatenate([np.zeros(0), *(chunk.flow * influence[chunk.rows] for chunk in live)])
+    del live
+    top = _top_share(scores, edge_threshold)
+    node_mask, edge_ids = _drop_dangling(graph, node_mask, edge_ids[top], rows[top], sources[top])
 
     edge_mask = np.zeros(graph.n_edges, dtype=bool)
     edge_mask[edge_ids] = True
@@ -166,13 +171,9 @@ def graph_scores(
     if node_mask is not None:
         kept = _checked_mask(node_mask, graph.n_nodes, "node_mask").copy()
     kept |= _always_kept(graph)
-    rows = graph.target_indices()
-    sources = graph.indices.astype(np.intp, copy=False)
-    flow, row_totals = _normalize(graph, rows)
-    live = kept[rows] & kept[sources]
     if edge_mask is not None:
-        live &= _checked_mask(edge_mask, graph.n_edges, "edge_mask")
-    return _live_scores(graph, kept, rows[live], sources[live], flow[live], row_totals)
+        edge_mask = _checked_mask(edge_mask, graph.n_edges, "edge_mask")
+    return _live_scores(graph, kept, _Flow(graph, kept=kept, edge_mask=edge_mask))
 
 
 def subgraph_scores(
@@ -187,40 +188,26 @@ def subgraph_scores(
     members = [*kept, *(member for group in supernodes for member in group)]
     node_mask = _always_kept(graph)
     node_mask[_node_indices(graph, members)] = True
-    targets = np.flatnonzero(node_mask)
-    starts, ends = graph.indptr[targets], graph.indptr[targets + 1]
-    lengths = (ends - starts).astype(np.intp)
-    positions = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
-    rows = np.repeat(targets, lengths)
-    sources = graph.indices[positions].astype(np.intp, copy=False)
-    magnitude = np.abs(graph.weights[positions]).astype(np.float64)
-    row_totals = np.bincount(rows, weights=magnitude, minlength=graph.n_nodes)
-    live = node_mask[sources]
-    rows, sources, magnitude = rows[live], sources[live], magnitude[live]
-    flow = np.divide(magnitude, row_totals[rows], out=np.zeros_like(magnitude), where=row_totals[rows] > 0)
-    return _live_scores(graph, node_mask, rows, sources, flow, row_totals)
+    return _live_scores(graph, node_mask, _Flow(graph, kept=node_mask, rows=np.flatnonzero(node_mask)))
 
 
-def _live_scores(
-    graph: Graph,
-    kept: np.ndarray,
-    rows: np.ndarray,
-    sources: np.ndarray,
-    flow: np.ndarray,
-    row_totals: np.ndarray,
-) -> Scores:
-    """Both scores from the live edges (``rows``, ``sources``, normalised ``flow``) and each kept node's
-    total incoming ``|A|`` (see the module docstring)."""
-    influence = _propagate(rows, sources, flow, _start(graph))
+def _live_scores(graph: Graph, kept: np.ndarray, flow: _Flow) -> Scores:
+    """Both scores from the live edges of ``flow`` and each kept node's total incoming ``|A|`` (see the module
+    docstring)."""
+    influence = _propagate(flow, _start(graph))
     kind = graph.kind
-    live_share = np.bincount(rows, weights=flow, minlength=graph.n_nodes)
-    clean_share = np.bincount(rows, weights=flow * (kind[sources] != NodeKind.ERROR), minlength=graph.n_nodes)
+    live_share = np.zeros(graph.n_nodes)
+    clean_share = np.zeros(graph.n_nodes)
+    for chunk in flow.chunks():
+        live_share += np.bincount(chunk.rows, weights=chunk.flow, minlength=graph.n_nodes)
+        clean = chunk.flow * (kind[chunk.sources] != NodeKind.ERROR)
+        clean_share += np.bincount(chunk.rows, weights=clean, minlength=graph.n_nodes)
 
     token_mass = influence[kind == NodeKind.TOKEN].sum()
     error_mass = influence[kind == NodeKind.ERROR].sum()
     absorbing = (kind == NodeKind.FEATURE) | (kind == NodeKind.TARGET)
     lost_mass = (influence[absorbing] * (1.0 - live_share[absorbing])).sum()
-    with_input = kept & (row_totals > 0)
+    with_input = kept & (flow.row_totals > 0)
     return Scores(
         replacement=_ratio(token_mass, token_mass + error_mass + lost_mass),
         completeness=_ratio(
@@ -229,13 +216,95 @@ def _live_scores(
     )
 
 
-def _normalize(graph: Graph, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``Â`` aligned with the edges, and each row's total ``|A|`` (both float64)."""
-    magnitude = np.abs(graph.weights).astype(np.float64)
-    row_totals = np.bincount(rows, weights=magnitude, minlength=graph.n_nodes)
-    edge_totals = row_totals[rows]
-    flow = np.divide(magnitude, edge_totals, out=np.zeros_like(magnitude), where=edge_totals > 0)
-    return flow, row_totals
+@dataclass
+class _Chunk:
+    """The live edges of one block of rows: row, source, ``Â`` and position in the graph's edge arrays of
+    each; ``first_row`` is the block's lowest row."""
+
+    rows: np.ndarray
+    sources: np.ndarray
+    flow: np.ndarray
+    edge_ids: np.ndarray
+    first_row: int
+
+
+class _Flow:
+    """``Â`` read from the CSR edges one block of rows at a time, so that no per-edge array of the whole graph
+    is held: a block has about ``CHUNK_EDGES`` edges at most (more only for a single larger row) and, where
+    the graph lists its rows by layer, rows of one layer.
+
+    ``rows`` (sorted) limits the blocks to those rows; ``kept`` and ``edge_mask`` limit the edges to the live
+    ones, while every row stays normalised over all of its edges (``row_totals``: each row's total ``|A|``).
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        kept: np.ndarray | None = None,
+        edge_mask: np.ndarray | None = None,
+        rows: np.ndarray | None = None,
+    ):
+        self.graph, self.kept, self.edge_mask = graph, kept, edge_mask
+        self.has_row = np.diff(graph.indptr) > 0
+        candidates = np.flatnonzero(self.has_row) if rows is None else rows[self.has_row[rows]]
+        self.blocks = _row_blocks(graph, candidates)
+        self.row_totals = np.zeros(graph.n_nodes)
+        for block in self.blocks:
+            block_rows, positions = _edges_of(graph.indptr, block)
+            magnitude = np.abs(graph.weights[positions])
+            self.row_totals[block] = np.bincount(
+                block_rows - block[0], weights=magnitude, minlength=int(block[-1] - block[0]) + 1
+            )[block - block[0]]
+
+    def chunks(self, descending: bool = False) -> Iterator[_Chunk]:
+        """The live edges block by block, in the graph's row order or (``descending``) the reverse."""
+        graph = self.graph
+        for block in reversed(self.blocks) if descending else self.blocks:
+            rows, positions = _edges_of(graph.indptr, block)
+            sources = graph.indices[positions].astype(np.intp)
+            magnitude = np.abs(graph.weights[positions]).astype(np.float64)
+            totals = self.row_totals[rows]
+            flow = np.divide(magnitude, totals, out=np.zeros_like(magnitude), where=totals > 0)
+            edge_ids = (
+                np.arange(positions.start, positions.stop) if isinstance(positions, slice) else positions
+            )
+            live = None
+            if self.kept is not None:
+                live = self.kept[rows] & self.kept[sources]
+            if self.edge_mask is not None:
+                in_mask = self.edge_mask[positions]
+                live = in_mask if live is None else live & in_mask
+            if live is not None:
+                rows, sources, flow, edge_ids = rows[live], sources[live], flow[live], edge_ids[live]
+            yield _Chunk(rows, sources, flow, edge_ids, int(block[0]))
+
+
+def _row_blocks(graph: Graph, rows: np.ndarray) -> list[np.ndarray]:
+    """``rows`` (sorted, each with edges) cut into blocks: at every change of layer (unless the rows are not
+    listed by layer) and wherever a block's edges would pass ``CHUNK_EDGES``."""
+    if len(rows) == 0:
+        return []
+    counts = graph.indptr[rows + 1] - graph.indptr[rows]
+    layer_runs = np.flatnonzero(np.diff(graph.layer[rows])) + 1
+    if len(layer_runs) > MAX_LAYER_RUNS:
+        layer_runs = np.zeros(0, dtype=np.intp)
+    blocks = []
+    for run, run_counts in zip(np.split(rows, layer_runs), np.split(counts, layer_runs), strict=True):
+        window = (np.cumsum(run_counts) - run_counts) // CHUNK_EDGES
+        blocks += np.split(run, np.flatnonzero(np.diff(window)) + 1)
+    return blocks
+
+
+def _edges_of(indptr: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, slice | np.ndarray]:
+    """The row of each edge of ``block``'s rows, and where those edges lie in the edge arrays (a slice when
+    the rows are consecutive)."""
+    starts, ends = indptr[block], indptr[block + 1]
+    lengths = ends - starts
+    rows = np.repeat(block, lengths)
+    if block[-1] - block[0] + 1 == len(block):
+        return rows, slice(int(starts[0]), int(ends[-1]))
+    offsets = np.cumsum(lengths) - lengths
+    return rows, np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
 
 
 def _start(graph: Graph) -> np.ndarray:
@@ -243,17 +312,31 @@ def _start(graph: Graph) -> np.ndarray:
     return np.asarray(graph.target_weight, dtype=np.float64)
 
 
-def _propagate(rows: np.ndarray, sources: np.ndarray, flow: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """``start·(I + Â + Â² + …)`` over the given edges, by sparse vector–matrix products until a term is zero.
+def _propagate(flow: _Flow, start: np.ndarray) -> np.ndarray:
+    """``start·(I + Â + Â² + …)`` over the live edges of ``flow``.
 
-    In a DAG the k-th term is zero once k exceeds the longest path, so ``n_nodes + 1`` steps always suffice
-    (an empty graph included); a term still nonzero after that means the edges contain a cycle.
+    Where every live edge reads a source that has no row, or whose row lies in an earlier block (rows listed
+    by layer, as attribution writes them), one sweep over the blocks from the last to the first suffices: a
+    block's influence is complete before it is passed on. Otherwise it is computed as repeated sparse
+    vector–matrix products until a term is zero. In a DAG the k-th term is zero once k exceeds the longest
+    path, so ``n_nodes + 1`` steps always suffice (an empty graph included); a term still nonzero after that
+    means the edges contain a cycle.
     """
     n_nodes = len(start)
     total = start.copy()
+    for chunk in flow.chunks(descending=True):
+        if (flow.has_row[chunk.sources] & (chunk.sources >= chunk.first_row)).any():
+            break
+        total += np.bincount(chunk.sources, weights=total[chunk.rows] * chunk.flow, minlength=n_nodes)
+    else:
+        return total
+    total = start.copy()
     term = start
     for _ in range(n_nodes + 1):
-        term = np.bincount(sources, weights=term[rows] * flow, minlength=n_nodes)
+        following = np.zeros(n_nodes)
+        for chunk in flow.chunks():
+            following += np.bincount(chunk.sources, weights=term[chunk.rows] * chunk.flow, minlength=n_nodes)
+        term = following
         if not term.any():
             return total
         total += term
@@ -275,14 +358,18 @@ def _top_share(values: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def _drop_dangling(
-    graph: Graph, node_mask: np.ndarray, edge_ids: np.ndarray, rows: np.ndarray, sources: np.ndarray
+    graph: Graph,
+    node_mask: np.ndarray,
+    edge_ids: np.ndarray,
+    kept_rows: np.ndarray,
+    kept_sources: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Repeatedly drop features and errors without a kept outgoing edge and features without a kept incoming
-    edge, with the edges touching them, until none is left; returns the new node mask and kept edge ids."""
+    edge, with the edges touching them, until none is left; returns the new node mask and kept edge ids.
+    ``kept_rows`` and ``kept_sources`` are the ends of the edges ``edge_ids``."""
     node_mask = node_mask.copy()
     need_output = (graph.kind == NodeKind.FEATURE) | (graph.kind == NodeKind.ERROR)
     need_input = graph.kind == NodeKind.FEATURE
-    kept_rows, kept_sources = rows[edge_ids], sources[edge_ids]
     while True:
         has_output = np.bincount(kept_sources, minlength=graph.n_nodes) > 0
         has_input = np.bincount(kept_rows, minlength=graph.n_nodes) > 0
