@@ -13,7 +13,8 @@ from helpers.transcoders import random_transcoders
 from circuitmap import CircuitmapError, Supernode, check_graph, group_features
 from circuitmap.attribution import AttributionConfig, attribute
 from circuitmap.graphs import NodeKind, PruneResult, graph_json, prune
-from circuitmap.graphs.grouping import feature_effects, group_name, with_groups
+from circuitmap.graphs import graph as graph_module
+from circuitmap.graphs.grouping import _effects_node_by_node, feature_effects, group_name, with_groups
 from circuitmap.graphs.ids import node_ids
 from circuitmap.interventions.check import GraphEffects
 
@@ -29,6 +30,18 @@ def test_effects_are_the_checks_predicted_ablations(seed):
         ablated = predict([node], [-float(graph.activation[node])])[target]
         assert effects[node] == pytest.approx(-ablated, rel=1e-9, abs=1e-12)
     assert not effects[graph.kind != NodeKind.FEATURE].any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_effects_read_in_small_blocks_equal_the_node_by_node_pass(seed, monkeypatch):
+    graph = random_graph(seed, n_layers=4, n_positions=5)
+    targets = graph.nodes_of(NodeKind.TARGET)
+    target = int(targets[np.argmin(graph.target_weight[targets])])
+    monkeypatch.setattr(graph_module, "EDGE_BLOCK", 3)
+    assert len(graph.row_blocks()) > graph.n_layers
+    np.testing.assert_allclose(
+        feature_effects(graph, target), _effects_node_by_node(graph, target), rtol=1e-12, atol=1e-15
+    )
 
 
 def test_groups_hold_one_position_one_sign_and_the_kept_features_once():

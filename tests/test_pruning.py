@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from circuitmap.errors import CircuitmapError
+from circuitmap.graphs import graph as graph_module
 from circuitmap.graphs import pruning
 from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.pruning import (
@@ -404,7 +405,7 @@ def test_prune_matches_reference(seed):
 def test_layered_graphs_read_in_small_blocks_match_dense(seed, monkeypatch):
     """Rows listed by layer take the one-sweep path, over blocks of a few edges: same results as dense."""
     graph = random_graph(seed, layered=True)
-    monkeypatch.setattr(pruning, "CHUNK_EDGES", 4)
+    monkeypatch.setattr(graph_module, "EDGE_BLOCK", 4)
     sweeps = []
     chunks = pruning._Flow.chunks
 

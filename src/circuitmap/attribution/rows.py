@@ -19,8 +19,11 @@ rebuilt over a prefix of the prompt as a batch of copies, one copy per row, keep
    go; the gradient reaching the embedding gives the token columns.
 
 A graph is built once per prefix length and reused by every batch that needs it; it holds one copy of the
-embedding per row and views of the frozen constants. On a model spread over several devices each product is
-taken where its gradient arrives and gathered on the first layer's device.
+embedding per row and views of the frozen constants. Its forward pass skips the norms' own computation (the
+frozen scale replaces it) and hands freed memory back to the system after every layer: otherwise the C
+allocator keeps the batch's temporaries of every layer, about a gigabyte for 512 rows of SmolLM2. On a model
+spread over several devices each product is taken where its gradient arrives and gathered on the first
+layer's device.
 """
 
 from __future__ import annotations
@@ -161,6 +164,7 @@ class RowGraph:
         def watch_layer(layer: int):
             def watch(hidden: torch.Tensor) -> None:
                 hidden.register_hook(lambda gradient: self._take(layer, gradient))
+                release_free_memory()
 
             return watch
 
@@ -248,6 +252,7 @@ def _bypassed(model: Model) -> list:
     the query and key projections where a layer has separate ones (the pattern is replayed)."""
     points = model.points
     replaced = [(points.layer_module(i, points.adapter.mlp), _identity) for i in range(model.n_layers)]
+    replaced += [(norm, _identity) for norm in points.norm_modules()]
     replaced.append((get_module(model.hf_model, points.adapter.unembed), _identity))
     for attention in points.attention_modules():
         for name in ("q_proj", "k_proj"):

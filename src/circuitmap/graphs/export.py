@@ -187,17 +187,16 @@ def graph_json(
     full_scores = pruning.graph_scores(graph)
     exported_scores = pruning.graph_scores(graph, node_mask, edge_mask) if prune else full_scores
 
-    rows = graph.target_indices()
     edges = np.flatnonzero(edge_mask)
     shares = _influence_shares(graph, influence)
     targets = graph.nodes_of(NodeKind.TARGET)
     top_target = int(targets[np.argmax(graph.target_weight[targets])]) if len(targets) else -1
-    magnitudes = np.abs(graph.weights).astype(np.float64)
-    input_totals = np.bincount(rows, weights=magnitudes, minlength=graph.n_nodes)
+    input_totals = pruning.input_totals(graph)
     kept_edges = len(edges)
     if prune and kept_edges > config.document_links:
-        flow = magnitudes[edges] / input_totals[rows[edges]]
-        strongest = np.argsort(-(flow * influence[rows[edges]]), kind="stable")[: config.document_links]
+        rows = graph.rows_of(edges)
+        flow = np.abs(graph.weights[edges]).astype(np.float64) / input_totals[rows]
+        strongest = np.argsort(-(flow * influence[rows]), kind="stable")[: config.document_links]
         edges = np.sort(edges[strongest])
     nodes = [
         _node_json(graph, node, ids[node], labels, shares[node], node == top_target)
@@ -207,7 +206,10 @@ def graph_json(
     links = [
         {"source": ids[source], "target": ids[target], "weight": float(weight)}
         for source, target, weight in zip(
-            graph.indices[edges].tolist(), rows[edges].tolist(), graph.weights[edges].tolist(), strict=True
+            graph.indices[edges].tolist(),
+            graph.rows_of(edges).tolist(),
+            graph.weights[edges].tolist(),
+            strict=True,
         )
     ]
     metadata = {
@@ -248,7 +250,6 @@ def document_links(graph: Graph, document: dict) -> list[dict]:
         raise GraphExportError(f"the document's node {unknown[0]!r} is not in the graph")
     in_document = np.zeros(graph.n_nodes, dtype=bool)
     in_document[[index_of[node["node_id"]] for node in document["nodes"]]] = True
-    rows = graph.target_indices()
     metadata = document["metadata"]
     if metadata.get("pruned", True):
         config = pruning.PruneConfig(
@@ -257,16 +258,25 @@ def document_links(graph: Graph, document: dict) -> list[dict]:
         kept = pruning.prune(graph, config)
         extra = np.flatnonzero(in_document & ~kept.node_mask).tolist()
         _, edge_mask = _with_forced(graph, kept.node_mask, kept.edge_mask, extra)
-        edge_mask &= in_document[rows] & in_document[graph.indices]
+        edges = np.flatnonzero(edge_mask)
     else:
-        edge_mask = in_document[rows] & in_document[graph.indices]
-    edges = np.flatnonzero(edge_mask)
+        edges = graph.edges_of(np.flatnonzero(in_document))
+    rows = graph.rows_of(edges)
+    edges, rows = _between(graph, in_document, edges, rows)
     return [
         {"source": ids[source], "target": ids[target], "weight": float(weight)}
         for source, target, weight in zip(
-            graph.indices[edges].tolist(), rows[edges].tolist(), graph.weights[edges].tolist(), strict=True
+            graph.indices[edges].tolist(), rows.tolist(), graph.weights[edges].tolist(), strict=True
         )
     ]
+
+
+def _between(
+    graph: Graph, nodes: np.ndarray, edges: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The edges among ``edges`` (with their ``rows``) whose two ends are in the node mask ``nodes``."""
+    inside = nodes[rows] & nodes[graph.indices[edges]]
+    return edges[inside], rows[inside]
 
 
 def cantor_pair(layer: int, index: int) -> int:
@@ -305,9 +315,13 @@ def _with_forced(
         return node_mask, edge_mask
     node_mask = node_mask.copy()
     node_mask[forced] = True
-    rows, sources = graph.target_indices(), graph.indices
-    touches = np.isin(rows, forced) | np.isin(sources, forced)
-    return node_mask, (edge_mask | touches) & node_mask[rows] & node_mask[sources]
+    touches = np.isin(graph.indices, forced)
+    touches[graph.edges_of(np.unique(forced))] = True
+    candidates = np.flatnonzero(edge_mask | touches)
+    live, _ = _between(graph, node_mask, candidates, graph.rows_of(candidates))
+    forced_mask = np.zeros(graph.n_edges, dtype=bool)
+    forced_mask[live] = True
+    return node_mask, forced_mask
 
 
 def _influence_shares(graph: Graph, influence: np.ndarray) -> np.ndarray:

@@ -18,6 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+EDGE_BLOCK = 1 << 21
+"""Edges read at a time by code that streams a graph's edges (about 16 MiB per per-edge float64 array)."""
+MAX_LAYER_RUNS = 4096
+"""Beyond this many changes of layer along the rows, rows are not listed by layer: blocks are cut by size."""
+
 
 class NodeKind(IntEnum):
     """What a node stands for."""
@@ -97,6 +102,44 @@ class Graph:
     def target_indices(self) -> np.ndarray:
         """Row index (target) of every edge, aligned with ``indices`` and ``weights``."""
         return np.repeat(np.arange(self.n_nodes, dtype=np.int64), np.diff(self.indptr))
+
+    def row_blocks(self, rows: np.ndarray | None = None) -> list[np.ndarray]:
+        """The nodes that have incoming edges (those of ``rows``, sorted, if given), cut into blocks so that
+        the edges can be read a block at a time: at every change of layer (unless the rows are not listed by
+        layer) and wherever a block's edges would pass ``EDGE_BLOCK`` (one row may exceed it alone)."""
+        counts = np.diff(self.indptr)
+        rows = np.flatnonzero(counts) if rows is None else rows[counts[rows] > 0]
+        if len(rows) == 0:
+            return []
+        counts = counts[rows]
+        layer_runs = np.flatnonzero(np.diff(self.layer[rows])) + 1
+        if len(layer_runs) > MAX_LAYER_RUNS:
+            layer_runs = np.zeros(0, dtype=np.intp)
+        blocks = []
+        for run, run_counts in zip(np.split(rows, layer_runs), np.split(counts, layer_runs), strict=True):
+            window = (np.cumsum(run_counts) - run_counts) // EDGE_BLOCK
+            blocks += np.split(run, np.flatnonzero(np.diff(window)) + 1)
+        return blocks
+
+    def block_edges(self, block: np.ndarray) -> tuple[np.ndarray, slice | np.ndarray]:
+        """The row of each edge of the rows ``block`` (sorted), and where those edges lie in ``indices`` and
+        ``weights``: a slice when the rows are consecutive."""
+        starts, ends = self.indptr[block], self.indptr[block + 1]
+        rows = np.repeat(block, ends - starts)
+        if block[-1] - block[0] + 1 == len(block):
+            return rows, slice(int(starts[0]), int(ends[-1]))
+        return rows, self.edges_of(block)
+
+    def edges_of(self, rows: np.ndarray) -> np.ndarray:
+        """Positions in ``indices`` and ``weights`` of the edges of the nodes ``rows``, row by row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, lengths = self.indptr[rows], self.indptr[rows + 1] - self.indptr[rows]
+        offsets = np.cumsum(lengths) - lengths
+        return np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+    def rows_of(self, edges: np.ndarray) -> np.ndarray:
+        """Row index (target) of the edges at positions ``edges``, without forming every edge's."""
+        return np.searchsorted(self.indptr, edges, side="right") - 1
 
     def dense_adjacency(self) -> np.ndarray:
         """The full ``n_nodes × n_nodes`` matrix: for tests and small graphs only."""

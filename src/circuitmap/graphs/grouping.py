@@ -76,12 +76,42 @@ class Grouping:
 
 def feature_effects(graph: Graph, target: int | None = None) -> np.ndarray:
     """Signed effect of every feature node on the ``target`` node's value (default: the heaviest target),
-    through every path of the graph (step 1 of the module docstring); 0 for other nodes."""
+    through every path of the graph (step 1 of the module docstring); 0 for other nodes.
+
+    Read a block of rows at a time, from the last to the first, where the rows are listed by layer (as
+    attribution writes them); node by node in reverse graph order otherwise."""
     targets = graph.nodes_of(NodeKind.TARGET)
     if target is None:
         if not len(targets):
             raise CircuitmapError("the graph has no target node to group its features by")
         target = int(targets[np.argmax(graph.target_weight[targets])])
+    per_unit = np.zeros(graph.n_nodes)
+    per_unit[target] = 1.0
+    effects = np.zeros(graph.n_nodes)
+    is_feature = graph.kind == NodeKind.FEATURE
+    has_row = np.diff(graph.indptr) > 0
+    activation = graph.activation.astype(np.float64)
+    for block in reversed(graph.row_blocks()):
+        rows, positions = graph.block_edges(block)
+        sources = graph.indices[positions].astype(np.intp)
+        if (has_row[sources] & (sources >= block[0])).any():
+            return _effects_node_by_node(graph, target)
+        features = block[is_feature[block]]
+        per_unit[features] = np.divide(
+            effects[features],
+            activation[features],
+            out=np.zeros(len(features)),
+            where=activation[features] != 0,
+        )
+        effects += np.bincount(
+            sources, weights=graph.weights[positions] * per_unit[rows], minlength=graph.n_nodes
+        )
+    effects[~is_feature] = 0.0
+    return effects
+
+
+def _effects_node_by_node(graph: Graph, target: int) -> np.ndarray:
+    """``feature_effects`` one feature at a time in reverse graph order, over a column copy of the edges."""
     columns = csr_matrix(
         (graph.weights.astype(np.float64), graph.indices, graph.indptr), shape=(graph.n_nodes, graph.n_nodes)
     ).tocsc()
@@ -159,10 +189,11 @@ def with_groups(document: dict, grouping: Grouping) -> dict:
 
 def _role_similarity(graph: Graph, kept: np.ndarray, features: np.ndarray, effects: np.ndarray) -> np.ndarray:
     """Mean cosine similarity of the kept features' two role vectors (step 2), ``[n, n]``."""
-    rows = graph.target_indices()
-    sources = graph.indices.astype(np.intp)
-    weights = graph.weights.astype(np.float64)
-    live = kept[rows] & kept[sources]
+    positions = graph.edges_of(np.flatnonzero(kept))
+    rows = graph.rows_of(positions)
+    sources = graph.indices[positions].astype(np.intp)
+    weights = graph.weights[positions].astype(np.float64)
+    live = kept[sources]
     rows, sources, weights = rows[live], sources[live], weights[live]
     activation = graph.activation.astype(np.float64)
     per_unit = np.divide(effects, activation, out=np.zeros(graph.n_nodes), where=activation != 0)

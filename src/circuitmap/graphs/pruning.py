@@ -60,11 +60,6 @@ from circuitmap.graphs.graph import Graph, NodeKind
 from circuitmap.graphs.ids import index_by_id
 from circuitmap.validation import check_number
 
-CHUNK_EDGES = 1 << 21
-"""Edges read at a time: per-edge arrays of the whole graph are never formed (about 16 MiB per array here)."""
-MAX_LAYER_RUNS = 4096
-"""Beyond this many changes of layer along the rows, rows are not listed by layer: blocks are cut by size."""
-
 
 @dataclass(frozen=True)
 class PruneConfig(Settings):
@@ -111,6 +106,11 @@ class Scores:
 def normalized_weights(graph: Graph) -> np.ndarray:
     """``Â``: ``|A|`` with each row scaled to sum to 1 (zero rows stay zero), aligned with the edges."""
     return np.concatenate([np.zeros(0), *(chunk.flow for chunk in _Flow(graph).chunks())])
+
+
+def input_totals(graph: Graph) -> np.ndarray:
+    """Each node's total incoming ``|A|`` (float64 ``[n_nodes]``; zero for nodes without inputs)."""
+    return _Flow(graph).row_totals
 
 
 def node_influence(graph: Graph, edge_mask: np.ndarray | None = None) -> np.ndarray:
@@ -229,9 +229,8 @@ class _Chunk:
 
 
 class _Flow:
-    """``Â`` read from the CSR edges one block of rows at a time, so that no per-edge array of the whole graph
-    is held: a block has about ``CHUNK_EDGES`` edges at most (more only for a single larger row) and, where
-    the graph lists its rows by layer, rows of one layer.
+    """``Â`` read from the CSR edges one block of rows at a time (``Graph.row_blocks``), so that no per-edge
+    array of the whole graph is held.
 
     ``rows`` (sorted) limits the blocks to those rows; ``kept`` and ``edge_mask`` limit the edges to the live
     ones, while every row stays normalised over all of its edges (``row_totals``: each row's total ``|A|``).
@@ -247,10 +246,10 @@ class _Flow:
         self.graph, self.kept, self.edge_mask = graph, kept, edge_mask
         self.has_row = np.diff(graph.indptr) > 0
         candidates = np.flatnonzero(self.has_row) if rows is None else rows[self.has_row[rows]]
-        self.blocks = _row_blocks(graph, candidates)
+        self.blocks = graph.row_blocks(candidates)
         self.row_totals = np.zeros(graph.n_nodes)
         for block in self.blocks:
-            block_rows, positions = _edges_of(graph.indptr, block)
+            block_rows, positions = graph.block_edges(block)
             magnitude = np.abs(graph.weights[positions])
             self.row_totals[block] = np.bincount(
                 block_rows - block[0], weights=magnitude, minlength=int(block[-1] - block[0]) + 1
@@ -260,7 +259,7 @@ class _Flow:
         """The live edges block by block, in the graph's row order or (``descending``) the reverse."""
         graph = self.graph
         for block in reversed(self.blocks) if descending else self.blocks:
-            rows, positions = _edges_of(graph.indptr, block)
+            rows, positions = graph.block_edges(block)
             sources = graph.indices[positions].astype(np.intp)
             magnitude = np.abs(graph.weights[positions]).astype(np.float64)
             totals = self.row_totals[rows]
@@ -277,34 +276,6 @@ class _Flow:
             if live is not None:
                 rows, sources, flow, edge_ids = rows[live], sources[live], flow[live], edge_ids[live]
             yield _Chunk(rows, sources, flow, edge_ids, int(block[0]))
-
-
-def _row_blocks(graph: Graph, rows: np.ndarray) -> list[np.ndarray]:
-    """``rows`` (sorted, each with edges) cut into blocks: at every change of layer (unless the rows are not
-    listed by layer) and wherever a block's edges would pass ``CHUNK_EDGES``."""
-    if len(rows) == 0:
-        return []
-    counts = graph.indptr[rows + 1] - graph.indptr[rows]
-    layer_runs = np.flatnonzero(np.diff(graph.layer[rows])) + 1
-    if len(layer_runs) > MAX_LAYER_RUNS:
-        layer_runs = np.zeros(0, dtype=np.intp)
-    blocks = []
-    for run, run_counts in zip(np.split(rows, layer_runs), np.split(counts, layer_runs), strict=True):
-        window = (np.cumsum(run_counts) - run_counts) // CHUNK_EDGES
-        blocks += np.split(run, np.flatnonzero(np.diff(window)) + 1)
-    return blocks
-
-
-def _edges_of(indptr: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, slice | np.ndarray]:
-    """The row of each edge of ``block``'s rows, and where those edges lie in the edge arrays (a slice when
-    the rows are consecutive)."""
-    starts, ends = indptr[block], indptr[block + 1]
-    lengths = ends - starts
-    rows = np.repeat(block, lengths)
-    if block[-1] - block[0] + 1 == len(block):
-        return rows, slice(int(starts[0]), int(ends[-1]))
-    offsets = np.cumsum(lengths) - lengths
-    return rows, np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
 
 
 def _start(graph: Graph) -> np.ndarray:
