@@ -79,9 +79,37 @@ def test_passes_follow_prefix_then_layer(monkeypatch):
         computer = RowComputer(model, transcoders, run, ids, rows_per_pass=16)
         spec = compute.feature_rows(transcoders, features)
         passes = computer.passes(spec)
-    order = torch.cat(passes)
+    order = torch.cat([row_pass.members for row_pass in passes])
     assert sorted(order.tolist()) == list(range(len(spec)))
     prefixes = torch.tensor([computer.prefix_of(p) for p in spec.position[order].tolist()])
     assert bool((prefixes[1:] >= prefixes[:-1]).all())
-    assert all(len(members) <= 16 for members in passes)
+    assert all(len(row_pass.members) <= row_pass.copies <= 16 for row_pass in passes)
+    assert all(int(spec.position[row_pass.members].max()) < row_pass.length for row_pass in passes)
     assert len(set(prefixes.tolist())) > 2
+
+
+def test_rows_of_many_layers_go_in_shallower_smaller_passes(monkeypatch):
+    """Rows of one prefix spread over every layer: cutting them by layer costs less than one deep pass."""
+    model = tiny_model("llama", torch.float64)
+    transcoders = random_transcoders("plt-topk-skip", model.n_layers, model.d_model)
+    transcoders.follow(model.layer_devices(), model.dtype)
+    ids = model.encode(PROMPT)
+    with replacement_run(model, transcoders, ids) as run:
+        computer = RowComputer(model, transcoders, run, ids, rows_per_pass=64)
+        n_rows = 64
+        layers = torch.arange(n_rows) % model.n_layers
+        spec = rows.RowSpec(
+            ["mlp_in"] * n_rows,
+            layers,
+            torch.full((n_rows,), ids.shape[1] - 1),
+            torch.randn(n_rows, model.d_model, dtype=torch.float64),
+        )
+        passes = computer.passes(spec)
+        assert len(passes) > 1
+        assert {row_pass.copies for row_pass in passes} <= {64, 16}
+        for row_pass in passes:
+            assert bool((spec.layer[row_pass.members].diff() >= 0).all())
+        sources = build_sources(run, transcoders, compute.collect_features(run), None, compute.FIRST_POSITION)
+        computed = computer.compute(sources, spec)
+        expected = direct_rows(run, sources, spec)
+    torch.testing.assert_close(computed, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))

@@ -5,9 +5,10 @@ and the edges each row keeps follow from that exactly (up to which features a ca
 backward passes the run will make: they are laid out as ``attribute`` lays them out (under a cap, for a
 random sample of the active features standing for the visited ones); one pass (the faster of two tries,
 the first paying for warm-up) and one graph build are timed at the shortest, the median and the longest
-prefix among them, the rest are interpolated by prefix and scaled by how many layers the pass goes down
-(rows recomputed after a selection that missed are not foreseen); memory adds the model, the transcoders, the
-edge arrays, the row graphs and a pass's gradients and, under a cap, the rows kept while selecting.
+prefix among them, the rest are interpolated by prefix and scaled by how many layers the pass goes down and
+by its graph's copies (rows recomputed after a selection that missed are not foreseen); memory adds the
+model, the transcoders, the edge arrays, the row graphs and a pass's gradients and, under a cap, the rows
+kept while selecting.
 """
 
 from __future__ import annotations
@@ -199,33 +200,37 @@ def _predicted_seconds(
     passes = []
     for start in range(0, len(order), batch_size):
         visit = spec.subset(order[start : start + batch_size])
-        for members in computer.passes(visit):
-            passes.append((computer.prefix_of(int(visit.position[members].max())), visit.subset(members)))
-    lengths = sorted({length for length, _ in passes})
+        passes += [(row_pass, visit.subset(row_pass.members)) for row_pass in computer.passes(visit)]
+    lengths = sorted({row_pass.length for row_pass, _ in passes})
     timed_lengths = sorted({lengths[0], lengths[len(lengths) // 2], lengths[-1]})
-    pass_seconds, build_seconds, sampled_depth = {}, {}, {}
+    per_copy_layer, build_per_copy = {}, {}
     for length in timed_lengths:
-        sample = max((part for other, part in passes if other == length), key=len)
-        sampled_depth[length] = _depth(sample)
+        sampled, sample = max(
+            ((row_pass, part) for row_pass, part in passes if row_pass.length == length),
+            key=lambda item: (item[0].copies, len(item[1])),
+        )
         started = time.perf_counter()
-        graph = computer.graph(length)
-        build_seconds[length] = time.perf_counter() - started
+        graph = computer.graph(length, sampled.copies)
+        build_per_copy[length] = (time.perf_counter() - started) / sampled.copies
         timings = []
         for _ in range(2):
             started = time.perf_counter()
             graph.compute(sources, sample)
             timings.append(time.perf_counter() - started)
-        pass_seconds[length] = min(timings)
-        del computer.graphs[length]
+        per_copy_layer[length] = min(timings) / (_depth(sample) * sampled.copies)
+        del computer.graphs[length, sampled.copies]
     known = torch.tensor(timed_lengths, dtype=torch.float64)
 
     def interpolate(table: dict[int, float], length: int) -> float:
         values = torch.tensor([table[other] for other in timed_lengths], dtype=torch.float64)
         return float(_interpolate(torch.tensor(float(length)), known, values))
 
-    per_layer = {length: pass_seconds[length] / sampled_depth[length] for length in timed_lengths}
-    total = sum(interpolate(per_layer, length) * _depth(part) for length, part in passes)
-    return total + sum(interpolate(build_seconds, length) for length in lengths)
+    total = sum(
+        interpolate(per_copy_layer, row_pass.length) * _depth(part) * row_pass.copies
+        for row_pass, part in passes
+    )
+    graphs = {(row_pass.length, row_pass.copies) for row_pass, _ in passes}
+    return total + sum(interpolate(build_per_copy, length) * copies for length, copies in graphs)
 
 
 def _depth(spec) -> int:

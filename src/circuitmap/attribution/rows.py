@@ -10,8 +10,9 @@ row at position p depends on positions ≤ p only. So rows are computed on *row 
 rebuilt over a prefix of the prompt as a batch of copies, one copy per row, keeping only the linear path
 (the MLPs, queries, keys and unembedding are bypassed: their values play no part in a gradient). Then:
 
-1. sort the rows by position, cut them into batches, and give each batch the graph of the shortest prefix
-   (a multiple of ``prefix_step``) that holds its last position;
+1. sort the rows by prefix (the shortest multiple of ``prefix_step`` that holds a row's position), then by
+   layer, and cut each prefix's rows into passes where that costs least: a pass goes down from its highest
+   row's layer, so rows of many layers in one pass pay for the deepest (``RowComputer.passes``);
 2. inject each row's vector into its own copy at its place (``_Seed``) and run one ordinary backward pass
    from the batch's highest injection down to the embedding;
 3. as the gradient passes each layer's output (which is the gradient at its MLP output), multiply it with
@@ -48,6 +49,10 @@ GPU_PASS_BUDGET_BYTES = 256 * 2**20
 MAX_ROWS_PER_PASS = 512
 N_PREFIXES = 16
 MIN_PREFIX_STEP = 32
+SMALL_PASS_DIVISOR = 4
+"""Besides full passes, a prefix's rows may go in passes on a graph with this many times fewer copies."""
+PASS_OVERHEAD_ROW_TOKENS = 64
+"""Fixed cost of one layer of one pass, in units of one row's cost per token of the prefix (measured)."""
 
 
 @dataclass
@@ -287,9 +292,19 @@ def _zeros(width: int):
     return zeros
 
 
+@dataclass
+class RowPass:
+    """One backward pass: the rows ``members`` of a spec, on the graph of ``length`` positions with
+    ``copies`` copies."""
+
+    members: torch.Tensor
+    length: int
+    copies: int
+
+
 class RowComputer:
     """Computes rows of any spec against any sources of one replacement run, on row graphs built as needed
-    and kept for reuse (one per prefix length)."""
+    and kept for reuse (one per prefix length and number of copies)."""
 
     def __init__(
         self,
@@ -301,38 +316,86 @@ class RowComputer:
     ):
         self.model, self.transcoders, self.run, self.ids = model, transcoders, run, ids
         self.rows_per_pass = rows_per_pass
+        self.small_pass = max(1, rows_per_pass // SMALL_PASS_DIVISOR)
         self.n_tokens = ids.shape[1]
         self.step = prefix_step(self.n_tokens)
-        self.graphs: dict[int, RowGraph] = {}
+        self.graphs: dict[tuple[int, int], RowGraph] = {}
 
     def prefix_of(self, position: int) -> int:
         """Length of the graph that serves rows at ``position``."""
         return min(self.n_tokens, (position // self.step + 1) * self.step)
 
-    def graph(self, length: int) -> RowGraph:
-        if length not in self.graphs:
-            self.graphs[length] = RowGraph(
-                self.model, self.transcoders, self.run, self.ids, length, self.rows_per_pass
+    def graph(self, length: int, copies: int) -> RowGraph:
+        if (length, copies) not in self.graphs:
+            self.graphs[length, copies] = RowGraph(
+                self.model, self.transcoders, self.run, self.ids, length, copies
             )
             release_free_memory()
-        return self.graphs[length]
+        return self.graphs[length, copies]
 
-    def passes(self, spec: RowSpec) -> list[torch.Tensor]:
-        """Row indices of ``spec`` per backward pass: sorted by prefix, then layer, and cut into runs of
-        ``rows_per_pass`` (a pass that spans two prefixes takes the longer graph)."""
+    def passes(self, spec: RowSpec) -> list[RowPass]:
+        """The backward passes that compute ``spec``'s rows: sorted by prefix, then layer; each prefix's rows
+        cut at the changes of layer that make the cheapest passes (``_cheapest_segments``), each segment in
+        passes of at most ``rows_per_pass`` rows."""
         prefixes = torch.tensor([self.prefix_of(p) for p in spec.position.tolist()], dtype=torch.long)
-        order = torch.argsort(prefixes * (self.model.n_layers + 1) + spec.layer, stable=True)
-        return list(order.split(self.rows_per_pass))
+        order = torch.argsort(prefixes * (self.model.n_layers + 2) + spec.layer, stable=True)
+        lengths, counts = torch.unique_consecutive(prefixes[order], return_counts=True)
+        passes = []
+        for length, members in zip(lengths.tolist(), order.split(counts.tolist()), strict=True):
+            layers = spec.layer[members]
+            for start, stop in self._cheapest_segments(layers, length):
+                segment = members[start:stop]
+                for copies, size in self._packing(len(segment), length)[1]:
+                    passes.append(RowPass(segment[:size], length, copies))
+                    segment = segment[size:]
+        return passes
+
+    def _cheapest_segments(self, layers: torch.Tensor, length: int) -> list[tuple[int, int]]:
+        """Cut rows sorted by layer into runs of whole layers so that the summed cost of their passes is least
+        (dynamic programming over the changes of layer): a pass costs its depth (its highest layer + 1) times
+        its copies' and its fixed work."""
+        values, counts = torch.unique_consecutive(layers, return_counts=True)
+        ends = [0, *torch.cumsum(counts, 0).tolist()]
+        depths = (values + 1).tolist()
+        best, cut = [0.0] + [float("inf")] * len(depths), [0] * (len(depths) + 1)
+        for stop in range(1, len(depths) + 1):
+            for start in range(stop):
+                cost = best[start] + depths[stop - 1] * self._packing(ends[stop] - ends[start], length)[0]
+                if cost < best[stop]:
+                    best[stop], cut[stop] = cost, start
+        segments, stop = [], len(depths)
+        while stop > 0:
+            segments.append((ends[cut[stop]], ends[stop]))
+            stop = cut[stop]
+        return segments[::-1]
+
+    def _packing(self, n_rows: int, length: int) -> tuple[float, list[tuple[int, int]]]:
+        """Cost per layer and ``(copies, rows)`` of each pass for ``n_rows`` rows of one depth: full passes,
+        and the rest in one full pass or in small ones, whichever costs less."""
+        full, rest = divmod(n_rows, self.rows_per_pass)
+        passes = [(self.rows_per_pass, self.rows_per_pass)] * full
+        if rest:
+            n_small = -(-rest // self.small_pass)
+            small_cost = n_small * (self.small_pass * length + PASS_OVERHEAD_ROW_TOKENS)
+            if small_cost < self.rows_per_pass * length + PASS_OVERHEAD_ROW_TOKENS:
+                passes += [
+                    (self.small_pass, min(self.small_pass, rest - i * self.small_pass))
+                    for i in range(n_small)
+                ]
+            else:
+                passes.append((self.rows_per_pass, rest))
+        cost = sum(copies * length + PASS_OVERHEAD_ROW_TOKENS for copies, _ in passes)
+        return cost, passes
 
     def compute(self, sources: Sources, spec: RowSpec, advance=None) -> torch.Tensor:
         """Values [len(spec), n_columns] of every row of ``spec``, in its order."""
         values = torch.empty(
             len(spec), sources.n_columns, dtype=sources.embed.dtype, device=sources.embed.device
         )
-        for members in self.passes(spec):
-            part = spec.subset(members)
-            graph = self.graph(self.prefix_of(int(part.position.max())))
-            values[members.to(values.device)] = graph.compute(sources, part)
+        for row_pass in self.passes(spec):
+            members = row_pass.members
+            graph = self.graph(row_pass.length, row_pass.copies)
+            values[members.to(values.device)] = graph.compute(sources, spec.subset(members))
             if advance is not None:
                 advance(len(members))
         return values

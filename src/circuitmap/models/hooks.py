@@ -131,16 +131,16 @@ def _recorded_pattern(control: _AttentionControl, length: int) -> torch.Tensor:
 def _replayed_attention(control: _AttentionControl, value: torch.Tensor, heads: int) -> torch.Tensor:
     """Head outputs [B, n, heads, width] under a replayed pattern, without computing scores.
 
-    The pattern is the same for every batch element, so each head is one product of its [n, n] pattern with
-    the values of all batch elements side by side ([n, B·width]); neither the pattern nor the values are
-    copied per batch element, and the backward pass is the same few large products.
+    The pattern is the same for every batch element, so all heads are one batched product: per key-value head,
+    the [n, n] patterns of the query heads that share it, stacked, times the values of all batch elements side
+    by side ([n, B·width]). Neither the pattern nor the values are copied per batch element, and the backward
+    pass is one batched product too.
     """
     batch, kv_heads, length, width = value.shape
     recorded = _recorded_pattern(control, length)
-    pattern = recorded[0].to(value.dtype)
+    grouped_pattern = recorded[0].to(value.dtype).reshape(kv_heads, heads // kv_heads * length, length)
     columns = value.permute(1, 2, 0, 3).reshape(kv_heads, length, batch * width)
-    n_rep = heads // kv_heads
-    outputs = torch.stack([pattern[head] @ columns[head // n_rep] for head in range(heads)])
+    outputs = torch.bmm(grouped_pattern, columns)
     output = outputs.view(heads, length, batch, width).permute(2, 1, 0, 3).contiguous()
     return output, recorded.expand(batch, *recorded.shape[1:]).to(value.dtype)
 
