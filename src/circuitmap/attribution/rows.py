@@ -41,7 +41,7 @@ from circuitmap.attribution.sources import Sources
 from circuitmap.hardware import release_free_memory
 from circuitmap.models import Model
 from circuitmap.models.adapters import get_module
-from circuitmap.models.hooks import bypass
+from circuitmap.models.hooks import bypass, resident_tensor
 from circuitmap.transcoders import Transcoders
 
 PASS_BUDGET_BYTES = 8 * 2**20
@@ -253,17 +253,23 @@ class RowGraph:
 
 
 def _bypassed(model: Model) -> list:
-    """Modules whose values a row graph does not need: every MLP (its output is cut), the unembedding, and
-    the query and key projections where a layer has separate ones (the pattern is replayed)."""
+    """Modules whose values a row graph does not need: every MLP (its output is cut), the norms (the frozen
+    scale is applied by their hooks), the unembedding, and where a layer has separate projections, the query
+    and key ones (the pattern is replayed) and the value and output ones, which keep only their gradient."""
     points = model.points
     replaced = [(points.layer_module(i, points.adapter.mlp), _identity) for i in range(model.n_layers)]
     replaced += [(norm, _identity) for norm in points.norm_modules()]
     replaced.append((get_module(model.hf_model, points.adapter.unembed), _identity))
     for attention in points.attention_modules():
+        projections = {
+            name: getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+        }
+        if not all(isinstance(module, torch.nn.Linear) for module in projections.values()):
+            continue
         for name in ("q_proj", "k_proj"):
-            module = getattr(attention, name, None)
-            if isinstance(module, torch.nn.Linear):
-                replaced.append((module, _zeros(module.out_features)))
+            replaced.append((projections[name], _zeros(projections[name].out_features)))
+        for name in ("v_proj", "o_proj"):
+            replaced.append((projections[name], _gradient_only(projections[name])))
     return replaced
 
 
@@ -283,6 +289,29 @@ def _without_parameter_gradients(model: Model) -> Iterator[None]:
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+class _LinearGradient(torch.autograd.Function):
+    """A linear map inside a row graph, whose values nothing reads (every later operation is linear with
+    frozen coefficients): the forward pass returns zeros of the output's shape without the product, the
+    backward pass carries the gradient back through the weight [out, in]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor):
+        ctx.save_for_backward(weight)
+        return x.new_zeros(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return gradient @ weight.to(gradient), None
+
+
+def _gradient_only(module: torch.nn.Linear):
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return _LinearGradient.apply(x, resident_tensor(module, "weight").detach())
+
+    return linear
 
 
 def _zeros(width: int):
