@@ -171,6 +171,31 @@ def test_frozen_attention_replays_the_recorded_pattern():
         model.logits(model.encode("short"))
 
 
+def test_replaying_a_prefix_keeps_no_copy_of_the_pattern():
+    """On a prefix the replayed pattern is a view of the recorded one: what the backward pass keeps of it
+    shares the recorded storage (a copy per prefix graph was gigabytes at 1,000 tokens)."""
+    model = tiny_model("llama")
+    ids = model.encode(PROMPT)
+    length = ids.shape[1] - 3
+    heads = model.hf_model.config.num_attention_heads
+    kept = []
+    with model.freeze(ids) as frozen, frozen.prefix(length):
+        recorded = {
+            control.pattern.untyped_storage().data_ptr()
+            for control in frozen.controls
+            if getattr(control, "pattern", None) is not None
+        }
+        delta = torch.zeros(1, length, model.d_model, requires_grad=True)
+        with (
+            torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t),
+            model.hooks(("resid_pre", 0, lambda t: t + delta)),
+        ):
+            model.forward(ids[:, :length])
+    patterns = [t for t in kept if t.numel() == heads * length**2]
+    assert len(patterns) == model.n_layers
+    assert all(t.untyped_storage().data_ptr() in recorded for t in patterns)
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     config = transformers.BertConfig(
         vocab_size=101,

@@ -131,16 +131,19 @@ def _recorded_pattern(control: _AttentionControl, length: int) -> torch.Tensor:
 def _replayed_attention(control: _AttentionControl, value: torch.Tensor, heads: int) -> torch.Tensor:
     """Head outputs [B, n, heads, width] under a replayed pattern, without computing scores.
 
-    The pattern is the same for every batch element, so all heads are one batched product: per key-value head,
-    the [n, n] patterns of the query heads that share it, stacked, times the values of all batch elements side
-    by side ([n, B·width]). Neither the pattern nor the values are copied per batch element, and the backward
-    pass is one batched product too.
+    The pattern is the same for every batch element, so all heads are one batched product: each head's [n, n]
+    pattern times the values of all batch elements side by side ([n, B·width]). The pattern is read where it
+    was recorded, never copied: on a prefix it is a strided view of the whole prompt's pattern, which the
+    product reads in place and which the backward pass keeps at no cost (a copy would be kept by every graph
+    built on a prefix, the patterns' size each time). The values, much smaller, are repeated for the query
+    heads that share them.
     """
     batch, kv_heads, length, width = value.shape
     recorded = _recorded_pattern(control, length)
-    grouped_pattern = recorded[0].to(value.dtype).reshape(kv_heads, heads // kv_heads * length, length)
-    columns = value.permute(1, 2, 0, 3).reshape(kv_heads, length, batch * width)
-    outputs = torch.bmm(grouped_pattern, columns)
+    pattern = recorded[0].to(value.dtype)
+    columns = value.permute(1, 2, 0, 3).reshape(kv_heads, 1, length, batch * width)
+    columns = columns.expand(kv_heads, heads // kv_heads, length, batch * width).reshape(heads, length, -1)
+    outputs = torch.bmm(pattern, columns)
     output = outputs.view(heads, length, batch, width).permute(2, 1, 0, 3).contiguous()
     return output, recorded.expand(batch, *recorded.shape[1:]).to(value.dtype)
 
