@@ -19,12 +19,12 @@ rebuilt over a prefix of the prompt as a batch of copies, one copy per row, keep
    what that layer's sources write there, a few batched products per layer (``Sources.tiers``), and let it
    go; the gradient reaching the embedding gives the token columns.
 
-A graph is built once per prefix length and reused by every batch that needs it; it holds one copy of the
-embedding per row and views of the frozen constants. Its forward pass skips the norms' own computation (the
-frozen scale replaces it) and hands freed memory back to the system after every layer: otherwise the C
-allocator keeps the batch's temporaries of every layer, about a gigabyte for 512 rows of SmolLM2. On a model
-spread over several devices each product is taken where its gradient arrives and gathered on the first
-layer's device.
+A graph is built once per prefix length and number of copies and reused by every batch that needs it; it
+holds one copy of the embedding per row and views of the frozen constants (the patterns are read in place,
+never copied per prefix). Its forward pass skips the norms' own computation (the frozen scale replaces it)
+and hands freed memory back to the system after every layer: otherwise the C allocator keeps the batch's
+temporaries of every layer, about a gigabyte for 512 rows of SmolLM2. On a model spread over several devices
+each product is taken where its gradient arrives and gathered on the first layer's device.
 """
 
 from __future__ import annotations
