@@ -103,10 +103,12 @@ def node_position(page, node_id: str) -> dict:
 
 
 def show_full_graph(page) -> None:
-    """Switch to the full graph's canvas if the page opened on the grouped view."""
+    """Switch to the full graph's canvas if the page opened on the grouped view, and wait until the canvas has
+    settled (a canvas that was hidden learns its size from the resize observer, a frame or two later)."""
     if page.get_by_test_id("graph-canvas").is_hidden():
         page.get_by_test_id("mode-full").click()
         expect(page.get_by_test_id("graph-canvas")).to_be_visible()
+        page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
 
 
 def click_node(page, node_id: str) -> None:
